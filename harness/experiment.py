@@ -1,0 +1,168 @@
+"""A resolved, validated experiment: what a spec file means, ready to run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+from harness import registry
+from harness.gates import Gate, GateSyntaxError, parse_gate
+from harness.graph import StageGraph
+from harness.spec.compose import apply_profile, load_with_includes
+from harness.spec.errors import Mark, Problem, SpecError
+from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted
+from harness.spec.yamlload import Document
+from harness.stage import ParamError, StageKind
+
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    kind: StageKind
+    params: dict[str, Any]  # as written (after profile merge)
+    needs: dict[str, str]  # role -> upstream stage
+    gates: tuple[Gate, ...]
+    inputs: dict[str, Path] = field(default_factory=dict)  # "param[.key]" -> resolved path
+    mark: Mark | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    file: Path
+    profile: str | None
+    seed: int
+    stages: dict[str, StageSpec]  # in run order
+    graph: StageGraph
+    description: str = ""
+
+    @property
+    def profile_dir(self) -> str:
+        return self.profile or "default"
+
+
+def load_experiment(file: Path, profile: str | None = None) -> Experiment:
+    """Load, merge and validate a spec; every user error raises SpecError with file:line."""
+    file = Path(file).resolve()
+    doc = load_with_includes(file)
+    _validate_all_profiles(doc)
+    resolved = apply_profile(doc, profile)
+    data = resolved.data
+    problems: list[Problem] = []
+    stages: dict[str, StageSpec] = {}
+    for name, body in data["stages"].items():
+        try:
+            stages[name] = _stage(name, body, resolved, file)
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems)
+
+    def edge_mark(stage: str, role: str) -> Mark | None:
+        needs = data["stages"][stage].get("needs")
+        path = ("stages", stage, "needs", needs.index(role) if isinstance(needs, list) else role)
+        return resolved.mark(path)
+
+    graph = StageGraph({n: s.needs for n, s in stages.items()}, edge_mark)
+    return Experiment(
+        name=data.get("experiment", file.stem),
+        file=file,
+        profile=profile,
+        seed=data.get("seed", DEFAULT_SEED),
+        stages={n: stages[n] for n in graph.order},
+        graph=graph,
+        description=data.get("description", ""),
+    )
+
+
+def _validate_all_profiles(doc: Document) -> None:
+    """The base spec and every profile applied to it must be valid, so typos anywhere show."""
+    problems = check(doc.data, EXPERIMENT_SCHEMA, doc)
+    if not problems:
+        for name in doc.data.get("profiles") or {}:
+            merged = apply_profile(doc, name)
+            problems += [p for p in check(merged.data, EXPERIMENT_SCHEMA, merged) if p not in problems]
+    if problems:
+        raise SpecError(problems)
+
+
+def _stage(name: str, body: dict, doc: Document, file: Path) -> StageSpec:
+    at = ("stages", name)
+    kind = registry.get(body["kind"])
+    if kind is None:
+        known = sorted(registry.kinds())
+        hint = get_close_matches(body["kind"], known, n=1)
+        extra = f"did you mean {hint[0]!r}? " if hint else ""
+        raise SpecError.at(
+            f"unknown stage kind {body['kind']!r}; {extra}known kinds: {', '.join(known)}",
+            doc.mark(at + ("kind",)),
+            dotted(at + ("kind",)),
+        )
+    params = body.get("params", {})
+    problems = check(params, kind.params_schema, doc, at + ("params",)) if kind.params_schema else []
+    if problems:
+        raise SpecError(problems)
+    try:
+        if kind.check:
+            kind.check(params, file.parent)
+        inputs = _input_paths(kind, params, file.parent)
+    except ParamError as exc:
+        path = at + ("params",) + exc.path
+        raise SpecError.at(exc.message, doc.mark(path), dotted(path)) from None
+    needs = body.get("needs", [])
+    needs = {n: n for n in needs} if isinstance(needs, list) else dict(needs)
+    return StageSpec(
+        name=name,
+        kind=kind,
+        params=params,
+        needs=needs,
+        gates=_gates(name, body.get("gates", []), kind.produces(params), doc),
+        inputs=inputs,
+        mark=doc.mark(at),
+        description=body.get("description", ""),
+    )
+
+
+def _gates(stage: str, texts: list[str], produced: frozenset[str], doc: Document) -> tuple[Gate, ...]:
+    gates, problems = [], []
+    for index, text in enumerate(texts):
+        path = ("stages", stage, "gates", index)
+        mark = doc.mark(path)
+        try:
+            gate = parse_gate(text, mark)
+        except GateSyntaxError as exc:
+            col = Mark(mark.file, mark.line, mark.column + exc.column - 1) if mark else None
+            problems.append(Problem(f"bad gate {text!r}: {exc}", col, dotted(path)))
+            continue
+        if gate.metric not in produced:
+            known = ", ".join(sorted(produced)) or "none"
+            problems.append(
+                Problem(f"gate on metric {gate.metric!r}, which this stage kind does not produce (it produces: {known})", mark, dotted(path))
+            )
+            continue
+        gates.append(gate)
+    if problems:
+        raise SpecError(problems)
+    return tuple(gates)
+
+
+def _input_paths(kind: StageKind, params: dict, base: Path) -> dict[str, Path]:
+    """Resolve the params that name input files; a missing one is a ParamError at its line."""
+    out: dict[str, Path] = {}
+    for param in kind.input_params:
+        value = params.get(param)
+        if value is None:
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate([value] if isinstance(value, str) else value)
+        for sub, rel in items:
+            path = (param,) if isinstance(value, str) else (param, sub)
+            resolved = (base / rel).resolve()
+            if not resolved.exists():
+                raise ParamError(path, f"input not found: {rel} (looked for {resolved})")
+            out[".".join(map(str, path))] = resolved
+    return out

@@ -1,0 +1,107 @@
+"""pytest hooks: options, spec collection, stage reports, the harness summary."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path, PurePath
+
+import pytest
+
+from harness.collect import ExperimentFile, StageItem
+from harness.execution import ExperimentRun
+from harness.experiment import Experiment
+from harness.report import RunReports
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("harness", "experiment harness")
+    group.addoption("--profile", dest="harness_profile", metavar="NAME", default=None,
+                    help="apply the spec's profile NAME (e.g. tiny) over the spec")
+    group.addoption("--runs-dir", dest="harness_runs_dir", metavar="DIR", default=None,
+                    help="artifact store directory (default: ini harness_runs_dir, or runs/)")
+    group.addoption("--rerun", dest="harness_rerun", metavar="STAGE", action="append", default=[],
+                    help="run STAGE again even if its artifacts are cached; 'all' for every stage")
+    parser.addini("harness_runs_dir", "artifact store directory, relative to the ini file", default="runs")
+    parser.addini("harness_experiments", "globs of experiment specs collected from directories",
+                  type="args", default=["experiments/*.yaml", "experiments/*.yml"])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_ReportHooks(config), "harness-reports")
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector):
+    if file_path.suffix not in (".yaml", ".yml"):
+        return None
+    globs = parent.config.getini("harness_experiments")
+    if parent.session.isinitpath(file_path) or any(PurePath(file_path).match(g) for g in globs):
+        return ExperimentFile.from_parent(parent, path=file_path)
+    return None
+
+
+def runs_dir(config: pytest.Config) -> Path:
+    option = config.getoption("harness_runs_dir")
+    if option:
+        return Path(option).resolve()
+    base = config.inipath.parent if config.inipath else config.rootpath
+    return (base / config.getini("harness_runs_dir")).resolve()
+
+
+def experiment_run(config: pytest.Config, experiment: Experiment) -> ExperimentRun:
+    return ExperimentRun(
+        experiment,
+        runs_dir(config),
+        rerun=frozenset(config.getoption("harness_rerun")),
+        progress=_progress_writer(config),
+    )
+
+
+def _progress_writer(config: pytest.Config):
+    """Live progress lines on the terminal, past output capture; silent with -q."""
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if terminal is None or config.get_verbosity() < 0:
+        return lambda line: None
+
+    def write(line: str) -> None:
+        with capture.global_and_fixture_disabled() if capture else nullcontext():
+            terminal.write_line(line)
+
+    return write
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if isinstance(item, StageItem) and call.when == "call":
+        run = item.run
+        report.harness = {
+            "runs_dir": str(run.runs_dir),
+            "experiment": run.experiment.name,
+            "profile": run.experiment.profile_dir,
+            "spec_file": str(run.experiment.file),
+            "results": [r.to_json() for r in item.fresh],
+        }
+    return report
+
+
+class _ReportHooks:
+    """Gathers stage results from reports (including xdist workers') and writes run reports."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.reports = RunReports()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        payload = getattr(report, "harness", None)
+        if payload:
+            self.reports.add(payload)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if not hasattr(self.config, "workerinput"):  # xdist workers leave it to the controller
+            self.reports.write()
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.reports.runs:
+            terminalreporter.section("harness gates")
+            for line in self.reports.summary_lines():
+                terminalreporter.write_line(line)

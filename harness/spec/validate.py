@@ -1,0 +1,96 @@
+"""JSON Schema (draft 2020-12) validation whose errors point at spec lines."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from difflib import get_close_matches
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import ValidationError, best_match
+
+from harness.spec.errors import Problem
+from harness.spec.yamlload import Document, SpecPath
+
+SPECS_DIR = Path(__file__).resolve().parents[2] / "specs"
+EXPERIMENT_SCHEMA = SPECS_DIR / "experiment.schema.json"
+MAX_PROBLEMS = 10
+
+
+@lru_cache(maxsize=None)
+def _validator_for_file(path: Path) -> jsonschema.Draft202012Validator:
+    return _validator(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _validator(schema: Mapping[str, Any]) -> jsonschema.Draft202012Validator:
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+_inline_validators: dict[int, tuple[Mapping, jsonschema.Draft202012Validator]] = {}
+
+
+def validator_for(schema: Mapping[str, Any] | Path) -> jsonschema.Draft202012Validator:
+    if isinstance(schema, Path):
+        return _validator_for_file(schema.resolve())
+    cached = _inline_validators.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        cached = _inline_validators[id(schema)] = (schema, _validator(schema))
+    return cached[1]
+
+
+def dotted(path: SpecPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def check(
+    instance: Any,
+    schema: Mapping[str, Any] | Path,
+    doc: Document,
+    prefix: SpecPath = (),
+) -> list[Problem]:
+    """Problems of `instance` (found at `prefix` in `doc`) against `schema`, by line."""
+    errors = sorted(
+        validator_for(schema).iter_errors(instance),
+        key=lambda e: [str(p) for p in e.absolute_path],
+    )
+    problems: list[Problem] = []
+    for error in errors:
+        problems.extend(_problems(error, doc, prefix))
+    problems.sort(key=lambda p: (p.mark.line, p.mark.column) if p.mark else (0, 0))
+    return problems[:MAX_PROBLEMS]
+
+
+def _problems(error: ValidationError, doc: Document, prefix: SpecPath) -> list[Problem]:
+    if error.context and error.validator in ("oneOf", "anyOf"):
+        error = best_match(error.context)
+    path = prefix + tuple(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = list(error.schema.get("properties", {}))
+        patterns = list(error.schema.get("patternProperties", {}))
+        unknown = [
+            k for k in error.instance
+            if k not in allowed and not any(re.search(p, str(k)) for p in patterns)
+        ]
+        out = []
+        for key in unknown:
+            hint = get_close_matches(str(key), allowed, n=1)
+            if hint:
+                extra = f"; did you mean {hint[0]!r}?"
+            else:
+                extra = f"; allowed: {', '.join(allowed)}" if allowed else ""
+            out.append(Problem(f"unknown key {key!r}{extra}", doc.mark(path + (key,)), dotted(path)))
+        if out:
+            return out
+    return [Problem(_short(error.message), doc.mark(path), dotted(path) or "(top level)")]
+
+
+def _short(message: str, limit: int = 240) -> str:
+    return message if len(message) <= limit else message[: limit - 3] + "..."

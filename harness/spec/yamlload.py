@@ -1,0 +1,98 @@
+"""Safe YAML loading that keeps the source position of every key and list item."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.spec.errors import Mark, SpecError
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+SpecPath = tuple  # a path inside the document: ("stages", "train", "gates", 0)
+
+
+@dataclass
+class Document:
+    """Plain data (dicts, lists, scalars) plus the mark of every path in it."""
+
+    data: Any
+    marks: dict[SpecPath, Mark] = field(default_factory=dict)
+
+    def mark(self, path: SpecPath) -> Mark | None:
+        """The mark of `path`, or of its closest ancestor that has one."""
+        path = tuple(path)
+        while path not in self.marks and path:
+            path = path[:-1]
+        return self.marks.get(path)
+
+
+def load_yaml(file: Path) -> Document:
+    """Load one YAML file with safe_load semantics; errors become SpecError with file:line."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError.at(f"file not found: {file}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError.at(f"cannot read {file}: {exc}") from None
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return Document(None, {(): Mark(file, 1, 1)})
+        marks: dict[SpecPath, Mark] = {}
+        _walk(node, (), file, marks)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Mark(file, mark.line + 1, mark.column + 1) if mark else None
+        problem = " ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
+        raise SpecError.at(f"invalid YAML: {problem}", where) from None
+    except yaml.YAMLError as exc:
+        raise SpecError.at(f"invalid YAML: {exc}", Mark(file, 1, 1)) from None
+    except RecursionError:
+        raise SpecError.at("invalid YAML: nesting too deep", Mark(file, 1, 1)) from None
+    finally:
+        loader.dispose()
+    return Document(data, marks)
+
+
+def _mark(node: yaml.Node, file: Path) -> Mark:
+    return Mark(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _walk(node: yaml.Node, path: SpecPath, file: Path, marks: dict, stack: tuple = ()) -> None:
+    """Record marks and reject duplicate keys, which safe_load would silently overwrite.
+
+    Explicit keys are walked before `<<` merge keys so that their marks win.
+    """
+    if id(node) in stack:
+        raise SpecError.at("recursive YAML alias", _mark(node, file))
+    stack += (id(node),)
+    marks.setdefault(path, _mark(node, file))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, Mark] = {}
+        merged: list[yaml.Node] = []
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError.at("mapping keys must be plain scalars", _mark(key_node, file))
+            key = key_node.value
+            if key == "<<":
+                merged.extend(value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node])
+                continue
+            if key in seen:
+                raise SpecError.at(
+                    f"duplicate key {key!r} (first defined at line {seen[key].line})",
+                    _mark(key_node, file),
+                )
+            seen[key] = _mark(key_node, file)
+            marks.setdefault(path + (key,), seen[key])
+            _walk(value_node, path + (key,), file, marks, stack)
+        for value_node in merged:
+            _walk(value_node, path, file, marks, stack)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(item, path + (index,), file, marks, stack)

@@ -1,0 +1,91 @@
+"""The stage contract: what a stage kind declares and what its run function receives.
+
+A stage kind is one module under `harness/stages/` (or a third-party module exposed
+through the `harness.stages` entry-point group) that defines `KIND = StageKind(...)`.
+Kind modules are imported at collection, so they import heavy libraries (torch,
+transformers, ...) inside their run function, not at module level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Metrics = Mapping[str, Any]
+
+
+class ParamError(Exception):
+    """A problem in a stage's params found by a kind's `check`; `path` is inside `params`."""
+
+    def __init__(self, path: Iterable[str | int], message: str):
+        self.path = tuple(path)
+        self.message = message
+        super().__init__(message)
+
+
+class StageError(Exception):
+    """A failure a user can fix (missing model, bad data row): shown as its message alone."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What a stage sees of a stage it needs: its artifacts directory and metrics."""
+
+    name: str
+    kind: str
+    dir: Path
+    metrics: Metrics
+
+
+@dataclass
+class StageContext:
+    experiment: str
+    stage: str
+    params: dict[str, Any]  # resolved; input params hold absolute paths
+    seed: int
+    out_dir: Path  # write artifacts here; renamed into the store on success
+    scratch_dir: Path  # survives a crashed attempt of the same key, for resuming
+    upstream: Mapping[str, Upstream]  # by role (the stage name when `needs` is a list)
+    spec_file: Path
+    profile: str | None
+    log: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """A registered stage kind.
+
+    name:             the `kind:` written in specs.
+    run:              run(ctx) -> metrics, a flat mapping of JSON values; a metric that
+                      carries a confidence interval is {"value": v, "ci_low": l, "ci_high": h}.
+    params_schema:    JSON Schema (draft 2020-12) for `params`, as a dict or a file path.
+    metrics:          the metric names it produces, or a function of params returning them.
+    version:          bump when the kind's outputs change for the same inputs.
+    input_params:     top-level params naming input files or directories (a string, a
+                      list or a mapping of strings), resolved relative to the spec file,
+                      checked at collection and hashed into the cache key.
+    transport_params: dotted params that cannot change results (concurrency, timeouts,
+                      inference batch size); left out of the cache key.
+    check:            extra collection-time checks, check(params, spec_dir), raising ParamError.
+    code_version:     overrides `version`: code_version(params, spec_dir), e.g. a source hash.
+    """
+
+    name: str
+    run: Callable[[StageContext], Metrics]
+    params_schema: Mapping[str, Any] | Path | None = None
+    metrics: tuple[str, ...] | Callable[[Mapping[str, Any]], Iterable[str]] = ()
+    version: str = "1"
+    input_params: tuple[str, ...] = ()
+    transport_params: tuple[str, ...] = ()
+    check: Callable[[Mapping[str, Any], Path], None] | None = None
+    code_version: Callable[[Mapping[str, Any], Path], str] | None = None
+    description: str = field(default="", compare=False)
+
+    def produces(self, params: Mapping[str, Any]) -> frozenset[str]:
+        names = self.metrics(params) if callable(self.metrics) else self.metrics
+        return frozenset(names)
+
+    def version_for(self, params: Mapping[str, Any], spec_dir: Path) -> str:
+        return self.code_version(params, spec_dir) if self.code_version else self.version

@@ -1,0 +1,1 @@
+"""Built-in stage kinds: each module defines `KIND = StageKind(...)` (see harness.stage)."""

@@ -1,0 +1,160 @@
+"""The artifact store: `<runs>/<experiment>/<profile>/<stage>/<key>/`.
+
+A stage writes into a temporary directory that is renamed into place only after
+`metrics.json` and a complete `manifest.json` are written, so a directory under a key
+is either complete or absent. A lock per (stage, key) makes concurrent workers safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+LATEST = "LATEST"
+NOT_OUTPUTS = {MANIFEST, "stage.log"}  # left out of the output digest
+
+
+@dataclass(frozen=True)
+class Record:
+    """A complete stage run in the store."""
+
+    dir: Path
+    manifest: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["output_digest"]
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+_digests: dict[tuple[str, int, int], str] = {}  # per process, by (path, size, mtime)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, or of a directory's relative paths and contents."""
+    stat = path.stat()
+    memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo_key in _digests:
+        return _digests[memo_key]
+    h = hashlib.sha256()
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(child.relative_to(path).as_posix().encode() + b"\0")
+            h.update(file_digest(child).encode())
+        digest = h.hexdigest()
+    else:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+        _digests[memo_key] = digest
+    return digest
+
+
+def output_digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for child in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = child.relative_to(directory).as_posix()
+        if rel in NOT_OUTPUTS:
+            continue
+        h.update(rel.encode() + b"\0" + file_digest(child).encode())
+    return h.hexdigest()[:16]
+
+
+class StageStore:
+    """The store directory of one stage of one experiment and profile."""
+
+    def __init__(self, root: Path, experiment: str, profile: str, stage: str):
+        self.dir = Path(root) / experiment / profile / stage
+
+    def key_dir(self, key: str) -> Path:
+        return self.dir / key
+
+    def scratch_dir(self, key: str) -> Path:
+        return self.dir / f".scratch-{key}"
+
+    def lookup(self, key: str) -> Record | None:
+        """The complete run under `key`, or None. Incomplete directories never count."""
+        directory = self.key_dir(key)
+        manifest = read_json(directory / MANIFEST)
+        if not isinstance(manifest, dict) or not manifest.get("complete") or manifest.get("key") != key:
+            return None
+        metrics = read_json(directory / METRICS)
+        if not isinstance(metrics, dict) or "output_digest" not in manifest:
+            return None
+        return Record(directory, manifest, metrics)
+
+    def latest(self) -> dict[str, Any] | None:
+        """The manifest of the last complete run of this stage, whatever its key."""
+        try:
+            key = (self.dir / LATEST).read_text().strip()
+        except OSError:
+            return None
+        record = self.lookup(key) if key else None
+        return record.manifest if record else None
+
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.dir / f".{key}.lock"):
+            yield
+
+    def begin(self, key: str) -> Path:
+        """A fresh temporary output directory; call with the lock held.
+
+        Leftovers of attempts that died half-way (same key) are removed first.
+        """
+        for stale in self.dir.glob(f".tmp-{key}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, tmp: Path, key: str, manifest: Mapping[str, Any], metrics: Mapping[str, Any]) -> Record:
+        """Write metrics and manifest into `tmp`, then rename it to the key directory."""
+        write_json(tmp / METRICS, metrics)
+        manifest = {**manifest, "key": key, "output_digest": output_digest(tmp), "complete": True}
+        write_json(tmp / MANIFEST, manifest)
+        final = self.key_dir(key)
+        if final.exists():  # forced rerun, or a damaged directory: move it out of the way
+            old = self.dir / f".old-{key}-{uuid.uuid4().hex[:6]}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        (self.dir / f".{LATEST}.tmp").write_text(key)
+        os.replace(self.dir / f".{LATEST}.tmp", self.dir / LATEST)
+        shutil.rmtree(self.scratch_dir(key), ignore_errors=True)
+        return Record(final, dict(manifest), dict(metrics))
+
+    def abandon(self, tmp: Path, key: str) -> Path:
+        """Keep a failed attempt's outputs for inspection at `.failed-<key>`."""
+        failed = self.dir / f".failed-{key}"
+        shutil.rmtree(failed, ignore_errors=True)
+        os.replace(tmp, failed)
+        return failed
