@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest.outcomes import Skipped
 
 from harness.execution import FAILED, SKIPPED, ExperimentRun, StageResult
 from harness.experiment import StageSpec, load_experiment
@@ -59,8 +60,8 @@ class StageItem(pytest.Item):
         for name, value in _scalar_metrics(result.metrics):
             self.user_properties.append((name, value))
         self.user_properties.append(("harness.status", result.status))
-        if result.status == SKIPPED:
-            pytest.skip(result.reason)
+        if result.status == SKIPPED:  # reported at the stage's line, like a skip marker
+            raise Skipped(result.reason, _use_item_location=True)
         if result.status == FAILED:
             raise result.error
         if result.failed_gates:
