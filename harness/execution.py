@@ -114,7 +114,9 @@ class ExperimentRun:
                 if blocked
                 else self._resolve(spec)
             )
-            result.gates = [evaluate(g, result.metrics) for g in spec.gates] if result.status in (RAN, REUSED) else []
+            result.gates = (
+                [evaluate(g, result.metrics) for g in spec.gates] if result.status in (RAN, REUSED) else []
+            )
             self.results[name] = result
             self._fresh.append(result)
         return self.results[name]
@@ -159,11 +161,20 @@ class ExperimentRun:
         ran_at = record.manifest.get("finished_at", "?")
         return self._result(spec, REUSED, f"cache hit, ran {ran_at}", record)
 
-    def _result(self, spec: StageSpec, status: str, reason: str, record: Any, duration: float = 0.0) -> StageResult:
+    def _result(
+        self, spec: StageSpec, status: str, reason: str, record: Any, duration: float = 0.0
+    ) -> StageResult:
         return StageResult(
-            self.experiment.name, spec.name, spec.kind.name, status, reason,
-            key=record.manifest["key"], dir=record.dir, digest=record.digest,
-            metrics=record.metrics, duration_s=duration,
+            self.experiment.name,
+            spec.name,
+            spec.kind.name,
+            status,
+            reason,
+            key=record.manifest["key"],
+            dir=record.dir,
+            digest=record.digest,
+            metrics=record.metrics,
+            duration_s=duration,
         )
 
     def _run(self, spec: StageSpec, store: StageStore, key: str, material: dict, forced: bool) -> StageResult:
@@ -186,7 +197,9 @@ class ExperimentRun:
             out_dir=out,
             scratch_dir=scratch,
             upstream={
-                role: Upstream(name, self.results[name].kind, self.results[name].dir, self.results[name].metrics)
+                role: Upstream(
+                    name, self.results[name].kind, self.results[name].dir, self.results[name].metrics
+                )
                 for role, name in spec.needs.items()
             },
             spec_file=self.experiment.file,
@@ -203,9 +216,14 @@ class ExperimentRun:
             kept = store.abandon(out, key)
             summary = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return StageResult(
-                self.experiment.name, spec.name, spec.kind.name, FAILED,
+                self.experiment.name,
+                spec.name,
+                spec.kind.name,
+                FAILED,
                 f"{type(exc).__name__}: {summary} (partial outputs kept in {kept})",
-                key=key, duration_s=time.perf_counter() - clock, error=exc,
+                key=key,
+                duration_s=time.perf_counter() - clock,
+                error=exc,
             )
         except BaseException:
             store.abandon(out, key)
@@ -288,8 +306,11 @@ def why_run(latest: Mapping[str, Any] | None, material: Mapping[str, Any], key: 
     if before.get("seed") != material["seed"]:
         changes.append("seed changed")
     upstream = sorted(
-        {r for r in set(before.get("upstream", {})) | set(material["upstream"])
-         if before.get("upstream", {}).get(r) != material["upstream"].get(r)}
+        {
+            r
+            for r in set(before.get("upstream", {})) | set(material["upstream"])
+            if before.get("upstream", {}).get(r) != material["upstream"].get(r)
+        }
     )
     if upstream:
         changes.append("upstream changed: " + ", ".join(upstream))

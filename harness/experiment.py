@@ -142,7 +142,12 @@ def _gates(stage: str, texts: list[str], produced: frozenset[str], doc: Document
         if gate.metric not in produced:
             known = ", ".join(sorted(produced)) or "none"
             problems.append(
-                Problem(f"gate on metric {gate.metric!r}, which this stage kind does not produce (it produces: {known})", mark, dotted(path))
+                Problem(
+                    f"gate on metric {gate.metric!r}, which this stage kind does not produce "
+                    f"(it produces: {known})",
+                    mark,
+                    dotted(path),
+                )
             )
             continue
         gates.append(gate)
@@ -158,7 +163,11 @@ def _input_paths(kind: StageKind, params: dict, base: Path) -> dict[str, Path]:
         value = params.get(param)
         if value is None:
             continue
-        items = value.items() if isinstance(value, dict) else enumerate([value] if isinstance(value, str) else value)
+        items = (
+            value.items()
+            if isinstance(value, dict)
+            else enumerate([value] if isinstance(value, str) else value)
+        )
         for sub, rel in items:
             path = (param,) if isinstance(value, str) else (param, sub)
             resolved = (base / rel).resolve()

@@ -69,7 +69,8 @@ class GateResult:
         if self.problem:
             return f"gate `{g.text}` at {g.where}: {self.problem}"
         verdict = "passed" if self.passed else "ABORTED" if self.aborted else "failed"
-        line = f"gate `{g.text}` {verdict}: measured {g.subject} = {_fmt(self.value)}, threshold {g.op} {_fmt(g.threshold)}"
+        line = f"gate `{g.text}` {verdict}: measured {g.subject} = {_fmt(self.value)}"
+        line += f", threshold {g.op} {_fmt(g.threshold)}"
         if self.aborted:
             line += f", abort bound {g.abort_op} {_fmt(g.abort_threshold)}"
         return f"{line}  ({g.where})"
@@ -148,9 +149,7 @@ def _check_abort(op: str, threshold: float, abort_op: str, abort: float, column:
     """An abort bound must lie beyond the threshold: every aborting value also fails."""
     below, above = ("<", "<="), (">", ">=")
     if not (op in above and abort_op in below or op in below and abort_op in above):
-        raise GateSyntaxError(
-            f"abort bound `{abort_op}` must point away from the threshold `{op}`", column
-        )
+        raise GateSyntaxError(f"abort bound `{abort_op}` must point away from the threshold `{op}`", column)
     if abort_op in ("<=", ">="):
         inside = not OPS[op](abort, threshold)
     else:

@@ -21,11 +21,21 @@ class StageGraph:
         for name, edges in self.parents.items():
             for role, upstream in edges.items():
                 if upstream == name:
-                    problems.append(Problem(f"stage {name!r} needs itself", mark(name, role), f"stages.{name}.needs"))
+                    problems.append(
+                        Problem(f"stage {name!r} needs itself", mark(name, role), f"stages.{name}.needs")
+                    )
                 elif upstream not in self.parents:
                     hint = get_close_matches(upstream, list(self.parents), n=1)
-                    extra = f"; did you mean {hint[0]!r}?" if hint else f"; stages are: {', '.join(self.parents)}"
-                    problems.append(Problem(f"unknown stage {upstream!r} in needs{extra}", mark(name, role), f"stages.{name}.needs"))
+                    extra = (
+                        f"; did you mean {hint[0]!r}?" if hint else f"; stages are: {', '.join(self.parents)}"
+                    )
+                    problems.append(
+                        Problem(
+                            f"unknown stage {upstream!r} in needs{extra}",
+                            mark(name, role),
+                            f"stages.{name}.needs",
+                        )
+                    )
         if problems:
             raise SpecError(problems)
         self.order = self._topological(mark)
@@ -55,7 +65,7 @@ class StageGraph:
         while node not in path:
             path.append(node)
             node = sorted(u for u in self.parents[node].values() if u in pending)[0]
-        return path[path.index(node):] + [node]
+        return path[path.index(node) :] + [node]
 
     def ancestors(self, name: str) -> list[str]:
         """Every stage `name` depends on, in topological order."""

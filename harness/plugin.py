@@ -12,17 +12,38 @@ from harness.execution import ExperimentRun
 from harness.experiment import Experiment
 from harness.report import RunReports
 
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "experiment harness")
-    group.addoption("--profile", dest="harness_profile", metavar="NAME", default=None,
-                    help="apply the spec's profile NAME (e.g. tiny) over the spec")
-    group.addoption("--runs-dir", dest="harness_runs_dir", metavar="DIR", default=None,
-                    help="artifact store directory (default: ini harness_runs_dir, or runs/)")
-    group.addoption("--rerun", dest="harness_rerun", metavar="STAGE", action="append", default=[],
-                    help="run STAGE again even if its artifacts are cached; 'all' for every stage")
+    group.addoption(
+        "--profile",
+        dest="harness_profile",
+        metavar="NAME",
+        default=None,
+        help="apply the spec's profile NAME (e.g. tiny) over the spec",
+    )
+    group.addoption(
+        "--runs-dir",
+        dest="harness_runs_dir",
+        metavar="DIR",
+        default=None,
+        help="artifact store directory (default: ini harness_runs_dir, or runs/)",
+    )
+    group.addoption(
+        "--rerun",
+        dest="harness_rerun",
+        metavar="STAGE",
+        action="append",
+        default=[],
+        help="run STAGE again even if its artifacts are cached; 'all' for every stage",
+    )
     parser.addini("harness_runs_dir", "artifact store directory, relative to the ini file", default="runs")
-    parser.addini("harness_experiments", "globs of experiment specs collected from directories",
-                  type="args", default=["experiments/*.yaml", "experiments/*.yml"])
+    parser.addini(
+        "harness_experiments",
+        "globs of experiment specs collected from directories",
+        type="args",
+        default=["experiments/*.yaml", "experiments/*.yml"],
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

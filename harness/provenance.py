@@ -35,6 +35,7 @@ def package_versions() -> dict[str, str]:
 @lru_cache(maxsize=16)
 def git_commit(directory: Path) -> dict[str, object] | None:
     """The commit checked out around `directory`, and whether the tree has local changes."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=directory, capture_output=True, text=True, timeout=10, check=True

@@ -63,9 +63,7 @@ class RunReports:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(run.counts().items()))
             lines.append(f"{run.experiment} [{run.profile}]: {counts} -> {run.dir / 'report.md'}")
             for stage in run.stages.values():
-                lines.append(
-                    f"  {stage['outcome'].upper():<8} {stage['stage']:<20} {_how(stage)}"
-                )
+                lines.append(f"  {stage['outcome'].upper():<8} {stage['stage']:<20} {_how(stage)}")
                 for gate in stage["gates"]:
                     mark = "ok  " if gate["passed"] else "FAIL"
                     lines.append(f"           {mark} {gate['gate']:<40} measured {_num(gate['value'])}")
@@ -108,13 +106,20 @@ def markdown(run: Run) -> str:
         )
     gates = [(s["stage"], g) for s in run.stages.values() for g in s["gates"]]
     if gates:
-        out += ["", "## Gates", "", "| stage | gate | measured | threshold | result | where |", "|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## Gates",
+            "",
+            "| stage | gate | measured | threshold | result | where |",
+            "|---|---|---|---|---|---|",
+        ]
         for stage, g in gates:
             result = "passed" if g["passed"] else "ABORT" if g["aborted"] else "FAILED"
             if g["problem"]:
                 result += f": {g['problem']}"
             threshold = f"{g['op']} {g['threshold']:g}" + (f" (abort {g['abort']})" if g["abort"] else "")
-            out.append(f"| {stage} | `{_cell(g['gate'])}` | {_num(g['value'])} | {threshold} | {_cell(result)} | {g['where']} |")
+            cells = [stage, f"`{_cell(g['gate'])}`", _num(g["value"]), threshold, _cell(result), g["where"]]
+            out.append("| " + " | ".join(cells) + " |")
     metrics = [(s["stage"], s["metrics"]) for s in run.stages.values() if s["metrics"]]
     if metrics:
         out += ["", "## Metrics", ""]

@@ -10,7 +10,7 @@ import pytest
 
 # Each stage appends "<experiment> <stage> <worker>" to calls.log: an independent witness
 # of which stages really ran, in which order and on which xdist worker.
-STEPS = '''
+STEPS = """
 import os, pathlib, random
 
 LOG = pathlib.Path(__file__).with_name("calls.log")
@@ -28,7 +28,7 @@ def step(ctx):
     value += sum(up.metrics["value"] for up in ctx.upstream.values())
     (ctx.out_dir / "value.txt").write_text(str(value))
     return {"value": value, "draw": random.random()}
-'''
+"""
 
 SPEC = """\
 seed: 1
@@ -94,10 +94,12 @@ def test_failing_gate_fails_item_with_metric_value_threshold_and_location(world)
     result = world.runpytest("exp.yaml")
     result.assert_outcomes(passed=2, failed=1)
     gate_line = spec(c_gate=500).splitlines().index("      - value > 500") + 1
-    result.stdout.fnmatch_lines([
-        "*stage 'c'*1 of 1 gates failed*",
-        f"*gate `value > 500` failed: measured value = 111, threshold > 500*exp.yaml:{gate_line}*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*stage 'c'*1 of 1 gates failed*",
+            f"*gate `value > 500` failed: measured value = 111, threshold > 500*exp.yaml:{gate_line}*",
+        ]
+    )
     assert "Traceback" not in result.stdout.str()
 
 
@@ -119,7 +121,9 @@ def test_failed_stage_skips_downstream(world, monkeypatch):
     monkeypatch.setenv("FAIL_IN", "b")
     result = world.runpytest("exp.yaml", "-rs")
     result.assert_outcomes(passed=1, failed=1, skipped=1)
-    result.stdout.fnmatch_lines(["*RuntimeError: boom in b*", "*upstream stage 'b' failed: RuntimeError: boom in b*"])
+    result.stdout.fnmatch_lines(
+        ["*RuntimeError: boom in b*", "*upstream stage 'b' failed: RuntimeError: boom in b*"]
+    )
     assert not list((world.path / "runs/exp/default/b").glob("[0-9a-f]*"))  # nothing stored under a key
     assert (world.path / "runs/exp/default/b").glob(".failed-*")
 
@@ -189,7 +193,8 @@ def test_two_experiments_run_on_two_xdist_workers(world):
     for experiment, stage, worker in lines:
         by_experiment.setdefault(experiment, []).append((stage, worker))
     assert {e: [s for s, _ in rows] for e, rows in by_experiment.items()} == {
-        "exp": ["a", "b", "c"], "other": ["a", "b", "c"]
+        "exp": ["a", "b", "c"],
+        "other": ["a", "b", "c"],
     }
     workers = {e: {w for _, w in rows} for e, rows in by_experiment.items()}
     assert all(len(w) == 1 for w in workers.values())  # one experiment stays on one worker
@@ -252,14 +257,17 @@ def test_seed_feeds_random_and_is_recorded(world):
     stages = report(world)
     assert stages["a"]["metrics"]["draw"] != draws["a"]
     assert stages["a"]["reason"] == "seed changed"
-    manifest = json.loads((world.path / "runs/exp/default/a" / stages["a"]["key"] / "manifest.json").read_text())
+    manifest = json.loads(
+        (world.path / "runs/exp/default/a" / stages["a"]["key"] / "manifest.json").read_text()
+    )
     assert manifest["seed"] == 2
 
 
 def test_manifest_records_provenance(world):
     world.makefile(".txt", corpus="some words here")
-    world.makefile(".yaml", exp=spec().replace(
-        'args: {value: 10}}', 'args: {value: 10}, inputs: {corpus: corpus.txt}}'))
+    world.makefile(
+        ".yaml", exp=spec().replace("args: {value: 10}}", "args: {value: 10}, inputs: {corpus: corpus.txt}}")
+    )
     world.runpytest("exp.yaml").assert_outcomes(passed=3)
     stages = report(world)
     b = json.loads((world.path / "runs/exp/default/b" / stages["b"]["key"] / "manifest.json").read_text())
@@ -271,7 +279,9 @@ def test_manifest_records_provenance(world):
     assert "python" in b["packages"] and "pytest" not in b["packages"]
     assert b["duration_s"] >= 0 and b["started_at"] <= b["finished_at"]
     assert b["reason"] == "new"
-    metrics = json.loads((world.path / "runs/exp/default/b" / stages["b"]["key"] / "metrics.json").read_text())
+    metrics = json.loads(
+        (world.path / "runs/exp/default/b" / stages["b"]["key"] / "metrics.json").read_text()
+    )
     assert metrics["value"] == 11
     # editing an input file reruns the stage that reads it, and says why
     calls(world)
@@ -315,10 +325,12 @@ def test_bad_spec_is_a_collection_error_with_location_and_no_traceback(world):
     result = world.runpytest("exp.yaml")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     line = spec().splitlines().index("    needs: [a]") + 1
-    result.stdout.fnmatch_lines([
-        f"*exp.yaml:{line}:5: stages.b: unknown key 'nedds'; did you mean 'needs'?",
-        f"*> {line} |     nedds: ?a?",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            f"*exp.yaml:{line}:5: stages.b: unknown key 'nedds'; did you mean 'needs'?",
+            f"*> {line} |     nedds: ?a?",
+        ]
+    )
     assert "Traceback" not in result.stdout.str()
     assert "harness/" not in result.stdout.str()
 
@@ -352,7 +364,8 @@ def test_only_experiment_yaml_is_collected_from_directories(world):
 
 
 def test_third_party_stage_kind_from_an_entry_point(pytester):
-    pytester.makepyfile(mykind=textwrap.dedent('''
+    pytester.makepyfile(
+        mykind=textwrap.dedent("""
         from harness import StageKind
 
         def run(ctx):
@@ -365,12 +378,15 @@ def test_third_party_stage_kind_from_an_entry_point(pytester):
                            "required": ["x"], "additionalProperties": False},
             metrics=("doubled",),
         )
-    '''))
+    """)
+    )
     info = pytester.path / "mykind-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mykind\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[harness.stages]\ndoubler = mykind:KIND\n")
-    pytester.makefile(".yaml", exp="stages:\n  d:\n    kind: doubler\n    params: {x: 21}\n    gates: [doubled == 42]\n")
+    pytester.makefile(
+        ".yaml", exp="stages:\n  d:\n    kind: doubler\n    params: {x: 21}\n    gates: [doubled == 42]\n"
+    )
     pytester.makefile(".yaml", bad="stages:\n  d:\n    kind: doubler\n    params: {x: 1, y: 2}\n")
     result = pytester.runpytest_subprocess("exp.yaml", "bad.yaml", "--continue-on-collection-errors")
     result.stdout.fnmatch_lines(["*bad.yaml:4:20: stages.d.params: unknown key 'y'; allowed: x"])

@@ -41,8 +41,11 @@ def fit_probe(ctx: StageContext) -> dict:
     (ctx.out_dir / "probe_results.json").write_text(json.dumps(results, indent=2))
     ctx.log(f"probe AUC {auc.mean():.3f} +- {auc.std():.3f}, shuffled-label AUC {dummy.mean():.3f}")
     return {
-        "auc": {"value": float(auc.mean()), "ci_low": float(auc.mean() - half_width),
-                "ci_high": float(auc.mean() + half_width)},
+        "auc": {
+            "value": float(auc.mean()),
+            "ci_low": float(auc.mean() - half_width),
+            "ci_high": float(auc.mean() + half_width),
+        },
         "dummy_auc": float(dummy.mean()),
         "auc_minus_dummy": float(auc.mean() - dummy.mean()),
     }

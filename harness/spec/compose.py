@@ -45,9 +45,7 @@ def load_with_includes(file: Path, _stack: tuple[Path, ...] = ()) -> Document:
     file = file.resolve()
     doc = load_yaml(file)
     if not isinstance(doc.data, dict):
-        raise SpecError.at(
-            "a spec must be a YAML mapping with at least `stages:`", doc.mark(())
-        )
+        raise SpecError.at("a spec must be a YAML mapping with at least `stages:`", doc.mark(()))
     includes = doc.data.pop("include", None)
     if includes is None:
         return doc
@@ -67,9 +65,7 @@ def load_with_includes(file: Path, _stack: tuple[Path, ...] = ()) -> Document:
             chain = " -> ".join(p.name for p in (*_stack, file, path))
             raise SpecError.at(f"include cycle: {chain}", where, "include")
         if not path.is_file():
-            raise SpecError.at(
-                f"included file not found: {name} (looked for {path})", where, "include"
-            )
+            raise SpecError.at(f"included file not found: {name} (looked for {path})", where, "include")
         merged = deep_merge(merged, load_with_includes(path, (*_stack, file)))
     doc.marks = {p: m for p, m in doc.marks.items() if p[:1] != ("include",)}
     return deep_merge(merged, doc)

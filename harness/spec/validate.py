@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Mapping
 from difflib import get_close_matches
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ EXPERIMENT_SCHEMA = SPECS_DIR / "experiment.schema.json"
 MAX_PROBLEMS = 10
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator_for_file(path: Path) -> jsonschema.Draft202012Validator:
     return _validator(json.loads(path.read_text(encoding="utf-8")))
 
@@ -76,8 +76,7 @@ def _problems(error: ValidationError, doc: Document, prefix: SpecPath) -> list[P
         allowed = list(error.schema.get("properties", {}))
         patterns = list(error.schema.get("patternProperties", {}))
         unknown = [
-            k for k in error.instance
-            if k not in allowed and not any(re.search(p, str(k)) for p in patterns)
+            k for k in error.instance if k not in allowed and not any(re.search(p, str(k)) for p in patterns)
         ]
         out = []
         for key in unknown:

@@ -1,24 +1,22 @@
 """`python`: call `module:function(ctx) -> metrics` named in the spec, for ad-hoc steps.
 
-The module is looked up on sys.path and in the spec's directory. Its source is hashed
-into the cache key, so editing it reruns the stage.
+The module is looked up in the spec's directory first, then on sys.path. Its source is
+hashed into the cache key, so editing it reruns the stage.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from importlib.machinery import PathFinder
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from harness.spec.validate import SPECS_DIR
 from harness.stage import ParamError, StageContext, StageError, StageKind
-
-_loaded_sources: dict[str, str] = {}  # module -> source hash it was imported with
 
 
 def _split(params: Mapping[str, Any]) -> tuple[str, str]:
@@ -26,54 +24,63 @@ def _split(params: Mapping[str, Any]) -> tuple[str, str]:
     return module, function
 
 
-@contextmanager
-def _importable_from(spec_dir: Path) -> Iterator[None]:
-    added = str(spec_dir) not in sys.path
-    if added:
-        sys.path.append(str(spec_dir))
-    try:
-        yield
-    finally:
-        if added:
-            sys.path.remove(str(spec_dir))
-
-
-def _module_file(module: str, spec_dir: Path) -> Path:
-    with _importable_from(spec_dir):
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            spec = None
-    if spec is None or not spec.origin or not Path(spec.origin).is_file():
+def _locate(module: str, spec_dir: Path) -> Path:
+    """The file `module` resolves to, the spec's directory first, ignoring sys.modules
+    (two specs may each have their own `steps.py`)."""
+    search: list[str] | None = [str(spec_dir), *sys.path]
+    found = None
+    name = ""
+    for part in module.split("."):
+        name = f"{name}.{part}" if name else part
+        found = PathFinder.find_spec(name, search)
+        if found is None:
+            break
+        search = found.submodule_search_locations
+    if found is None or not found.origin or not Path(found.origin).is_file():
         raise ParamError(
-            ("function",),
-            f"cannot find module {module!r} (looked on sys.path and in {spec_dir})",
+            ("function",), f"cannot find module {module!r} (looked in {spec_dir} and on sys.path)"
         )
-    return Path(spec.origin)
+    return Path(found.origin).resolve()
 
 
-def _source_hash(module: str, spec_dir: Path) -> str:
-    return hashlib.sha256(_module_file(module, spec_dir).read_bytes()).hexdigest()[:16]
+def _import(module: str, spec_dir: Path) -> ModuleType:
+    """Import `module` from the file `_locate` finds, re-importing it if the copy in
+    sys.modules came from elsewhere or was edited since."""
+    file = _locate(module, spec_dir)
+    loaded = sys.modules.get(module)
+    stale = (
+        loaded is None
+        or Path(getattr(loaded, "__file__", "") or "").resolve() != file
+        or (_mtimes.get(module) != file.stat().st_mtime_ns)
+    )
+    if stale:
+        top = module.split(".")[0]
+        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+            del sys.modules[name]
+        sys.path.insert(0, str(spec_dir))
+        try:
+            loaded = importlib.import_module(module)
+        finally:
+            sys.path.remove(str(spec_dir))
+        _mtimes[module] = file.stat().st_mtime_ns
+    return loaded
+
+
+_mtimes: dict[str, int] = {}
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    _module_file(_split(params)[0], spec_dir)
+    _locate(_split(params)[0], spec_dir)
 
 
 def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
-    return "src-" + _source_hash(_split(params)[0], spec_dir)
+    source = _locate(_split(params)[0], spec_dir).read_bytes()
+    return "src-" + hashlib.sha256(source).hexdigest()[:16]
 
 
 def run(ctx: StageContext) -> Mapping[str, Any]:
     module_name, name = _split(ctx.params)
-    spec_dir = ctx.spec_file.parent
-    source = _source_hash(module_name, spec_dir)
-    with _importable_from(spec_dir):
-        module = importlib.import_module(module_name)
-        if _loaded_sources.setdefault(module_name, source) != source:
-            module = importlib.reload(module)  # edited since this process imported it
-            _loaded_sources[module_name] = source
-    function = getattr(module, name, None)
+    function = getattr(_import(module_name, ctx.spec_file.parent), name, None)
     if not callable(function):
         raise StageError(f"module {module_name!r} has no function {name!r}")
     return function(ctx)
