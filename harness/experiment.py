@@ -50,7 +50,7 @@ def load_experiment(file: Path, profile: str | None = None) -> Experiment:
     """Load, merge and validate a spec; every user error raises SpecError with file:line."""
     file = Path(file).resolve()
     doc = load_with_includes(file)
-    _validate_all_profiles(doc)
+    _check_every_profile(doc, profile)
     resolved = apply_profile(doc, profile)
     data = resolved.data
     problems: list[Problem] = []
@@ -80,18 +80,29 @@ def load_experiment(file: Path, profile: str | None = None) -> Experiment:
     )
 
 
-def _validate_all_profiles(doc: Document) -> None:
-    """The base spec and every profile applied to it must be valid, so typos anywhere show."""
+def _check_every_profile(doc: Document, selected: str | None) -> None:
+    """Catch typos anywhere: the schema and the static stage checks (kinds, params, gates)
+    run on the base spec and on every profile, not only the selected one. Checks that
+    depend on this machine (input files, modules) run for the selected profile only."""
     problems = check(doc.data, EXPERIMENT_SCHEMA, doc)
-    if not problems:
-        for name in doc.data.get("profiles") or {}:
-            merged = apply_profile(doc, name)
-            problems += [p for p in check(merged.data, EXPERIMENT_SCHEMA, merged) if p not in problems]
+    if problems:
+        raise SpecError(problems)
+    for name in [None, *(doc.data.get("profiles") or {})]:
+        merged = apply_profile(doc, name)
+        found = check(merged.data, EXPERIMENT_SCHEMA, merged)
+        if not found and name != selected:  # the selected one is fully checked when built
+            for stage, body in merged.data["stages"].items():
+                try:
+                    _static_checks(stage, body, merged)
+                except SpecError as exc:
+                    found += exc.problems
+        problems += [p for p in found if p not in problems]
     if problems:
         raise SpecError(problems)
 
 
-def _stage(name: str, body: dict, doc: Document, file: Path) -> StageSpec:
+def _static_checks(name: str, body: dict, doc: Document) -> tuple[StageKind, tuple[Gate, ...]]:
+    """The stage's kind, params and gates, checked without touching the file system."""
     at = ("stages", name)
     kind = registry.get(body["kind"])
     if kind is None:
@@ -107,6 +118,13 @@ def _stage(name: str, body: dict, doc: Document, file: Path) -> StageSpec:
     problems = check(params, kind.params_schema, doc, at + ("params",)) if kind.params_schema else []
     if problems:
         raise SpecError(problems)
+    return kind, _gates(name, body.get("gates", []), kind.produces(params), doc)
+
+
+def _stage(name: str, body: dict, doc: Document, file: Path) -> StageSpec:
+    kind, gates = _static_checks(name, body, doc)
+    params = body.get("params", {})
+    at = ("stages", name)
     try:
         if kind.check:
             kind.check(params, file.parent)
@@ -121,7 +139,7 @@ def _stage(name: str, body: dict, doc: Document, file: Path) -> StageSpec:
         kind=kind,
         params=params,
         needs=needs,
-        gates=_gates(name, body.get("gates", []), kind.produces(params), doc),
+        gates=gates,
         inputs=inputs,
         mark=doc.mark(at),
         description=body.get("description", ""),
@@ -170,8 +188,12 @@ def _input_paths(kind: StageKind, params: dict, base: Path) -> dict[str, Path]:
         )
         for sub, rel in items:
             path = (param,) if isinstance(value, str) else (param, sub)
-            resolved = (base / rel).resolve()
-            if not resolved.exists():
+            try:
+                resolved = (base / rel).resolve()
+                found = resolved.exists()
+            except (OSError, ValueError) as exc:  # NUL bytes, names too long, ...
+                raise ParamError(path, f"unusable input path {rel!r}: {exc}") from None
+            if not found:
                 raise ParamError(path, f"input not found: {rel} (looked for {resolved})")
             out[".".join(map(str, path))] = resolved
     return out

@@ -180,9 +180,12 @@ def metric_value(metrics: Mapping[str, Any], name: str, bound: str | None) -> fl
         value = float(value)
     if not isinstance(value, (int, float)):
         raise TypeError(f"metric {name!r} is not a number: {value!r}")
-    if math.isnan(value):
+    if isinstance(value, float) and math.isnan(value):
         raise TypeError(f"metric {name!r} is NaN")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range compares as infinity
+        return math.copysign(math.inf, value)
 
 
 def evaluate(gate: Gate, metrics: Mapping[str, Any]) -> GateResult:

@@ -59,12 +59,16 @@ def load_with_includes(file: Path, _stack: tuple[Path, ...] = ()) -> Document:
         )
     merged = Document({}, {})
     for index, name in enumerate(includes):
-        path = (file.parent / name).resolve()
         where = doc.mark(("include", index)) or doc.mark(("include",))
+        try:
+            path = (file.parent / name).resolve()
+            found = path.is_file()
+        except (OSError, ValueError) as exc:  # NUL bytes, names too long, ...
+            raise SpecError.at(f"unusable include path {name!r}: {exc}", where, "include") from None
         if path in _stack or path == file:
             chain = " -> ".join(p.name for p in (*_stack, file, path))
             raise SpecError.at(f"include cycle: {chain}", where, "include")
-        if not path.is_file():
+        if not found:
             raise SpecError.at(f"included file not found: {name} (looked for {path})", where, "include")
         merged = deep_merge(merged, load_with_includes(path, (*_stack, file)))
     doc.marks = {p: m for p, m in doc.marks.items() if p[:1] != ("include",)}

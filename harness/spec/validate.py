@@ -70,8 +70,12 @@ def check(
 
 def _problems(error: ValidationError, doc: Document, prefix: SpecPath) -> list[Problem]:
     if error.context and error.validator in ("oneOf", "anyOf"):
-        error = best_match(error.context)
+        # prefer the branch whose type matched: its error says what is really wrong
+        deeper = [e for e in error.context if e.validator != "type"]
+        error = best_match(deeper or error.context)
     path = prefix + tuple(error.absolute_path)
+    if "propertyNames" in error.absolute_schema_path:  # the bad name itself, not its parent
+        path += (error.instance,)
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = list(error.schema.get("properties", {}))
         patterns = list(error.schema.get("patternProperties", {}))

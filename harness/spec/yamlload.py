@@ -39,15 +39,18 @@ def load_yaml(file: Path) -> Document:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError.at(f"cannot read {file}: {exc}") from None
     loader = _Loader(text)
+    node = None
     try:
         node = loader.get_single_node()
         if node is None:
             return Document(None, {(): Mark(file, 1, 1)})
         marks: dict[SpecPath, Mark] = {}
-        _walk(node, (), file, marks)
+        _walk(loader, node, (), file, marks)
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        if exc.context_mark and mark.line >= len(text.splitlines()):
+            mark = exc.context_mark  # e.g. an unclosed quote: point at where it opened
         where = Mark(file, mark.line + 1, mark.column + 1) if mark else None
         problem = " ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
         raise SpecError.at(f"invalid YAML: {problem}", where) from None
@@ -55,34 +58,54 @@ def load_yaml(file: Path) -> Document:
         raise SpecError.at(f"invalid YAML: {exc}", Mark(file, 1, 1)) from None
     except RecursionError:
         raise SpecError.at("invalid YAML: nesting too deep", Mark(file, 1, 1)) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. `2024-02-30`, `!!int seven`
+        raise SpecError.at(f"invalid YAML value: {exc}", _unconstructible(node, file)) from None
     finally:
         loader.dispose()
     return Document(data, marks)
+
+
+def _unconstructible(root: yaml.Node | None, file: Path) -> Mark | None:
+    """The first scalar that YAML parses but cannot turn into a value."""
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                _Loader("").construct_object(node)
+            except (ValueError, TypeError, OverflowError, yaml.YAMLError):
+                return _mark(node, file)
+        elif isinstance(node, yaml.MappingNode):
+            stack[:0] = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            stack[:0] = list(node.value)
+    return Mark(file, 1, 1)
 
 
 def _mark(node: yaml.Node, file: Path) -> Mark:
     return Mark(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _walk(node: yaml.Node, path: SpecPath, file: Path, marks: dict, stack: tuple = ()) -> None:
+def _walk(loader: Any, node: yaml.Node, path: SpecPath, file: Path, marks: dict, stack: tuple = ()) -> None:
     """Record marks and reject duplicate keys, which safe_load would silently overwrite.
 
-    Explicit keys are walked before `<<` merge keys so that their marks win.
+    Keys are compared as the values YAML builds (`true` and `True` are one key), and
+    explicit keys are walked before `<<` merge keys so that their marks win.
     """
     if id(node) in stack:
         raise SpecError.at("recursive YAML alias", _mark(node, file))
     stack += (id(node),)
     marks.setdefault(path, _mark(node, file))
     if isinstance(node, yaml.MappingNode):
-        seen: dict[str, Mark] = {}
+        seen: dict[Any, Mark] = {}
         merged: list[yaml.Node] = []
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise SpecError.at("mapping keys must be plain scalars", _mark(key_node, file))
-            key = key_node.value
-            if key == "<<":
+            if key_node.tag == "tag:yaml.org,2002:merge":
                 merged.extend(value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node])
                 continue
+            key = loader.construct_object(key_node)
             if key in seen:
                 raise SpecError.at(
                     f"duplicate key {key!r} (first defined at line {seen[key].line})",
@@ -90,9 +113,9 @@ def _walk(node: yaml.Node, path: SpecPath, file: Path, marks: dict, stack: tuple
                 )
             seen[key] = _mark(key_node, file)
             marks.setdefault(path + (key,), seen[key])
-            _walk(value_node, path + (key,), file, marks, stack)
+            _walk(loader, value_node, path + (key,), file, marks, stack)
         for value_node in merged:
-            _walk(value_node, path, file, marks, stack)
+            _walk(loader, value_node, path, file, marks, stack)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _walk(item, path + (index,), file, marks, stack)
+            _walk(loader, item, path + (index,), file, marks, stack)

@@ -32,7 +32,8 @@ def _locate(module: str, spec_dir: Path) -> Path:
     name = ""
     for part in module.split("."):
         name = f"{name}.{part}" if name else part
-        found = PathFinder.find_spec(name, search)
+        # a plain module has no submodules: None would make PathFinder search sys.path
+        found = PathFinder.find_spec(name, search) if search is not None else None
         if found is None:
             break
         search = found.submodule_search_locations
