@@ -185,7 +185,7 @@ def metric_value(metrics: Mapping[str, Any], name: str, bound: str | None) -> fl
     try:
         return float(value)
     except OverflowError:  # an int beyond float range compares as infinity
-        return math.copysign(math.inf, value)
+        return math.inf if value > 0 else -math.inf
 
 
 def evaluate(gate: Gate, metrics: Mapping[str, Any]) -> GateResult:

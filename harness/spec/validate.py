@@ -70,9 +70,12 @@ def check(
 
 def _problems(error: ValidationError, doc: Document, prefix: SpecPath) -> list[Problem]:
     if error.context and error.validator in ("oneOf", "anyOf"):
-        # prefer the branch whose type matched: its error says what is really wrong
-        deeper = [e for e in error.context if e.validator != "type"]
-        error = best_match(deeper or error.context)
+        # leave out the branches whose own type did not match: the rest says what is wrong
+        wrong_type = {
+            e.relative_schema_path[0] for e in error.context if list(e.relative_schema_path)[1:] == ["type"]
+        }
+        matching = [e for e in error.context if e.relative_schema_path[0] not in wrong_type]
+        error = best_match(matching or error.context)
     path = prefix + tuple(error.absolute_path)
     if "propertyNames" in error.absolute_schema_path:  # the bad name itself, not its parent
         path += (error.instance,)

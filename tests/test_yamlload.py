@@ -1,0 +1,210 @@
+"""harness.spec.yamlload: safe YAML with 1-based marks; every YAML problem is a SpecError."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.spec.errors import Mark, SpecError
+from harness.spec.yamlload import load_yaml
+
+
+@pytest.fixture
+def write(tmp_path):
+    def write(text: str, name: str = "spec.yaml"):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def spec_error(path) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        load_yaml(path)
+    # No chained exception: the user sees the message alone, no "During handling of ..." traceback.
+    error = info.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    assert str(info.value) and "Traceback" not in str(info.value)
+    return info.value
+
+
+def caret_column(message: str) -> int:
+    """1-based column of the caret in a rendered snippet."""
+    caret_line = next(line for line in message.splitlines() if line.rstrip().endswith("^"))
+    gutter = caret_line.index("|") + 2
+    return caret_line.index("^") - gutter + 1
+
+
+def test_marks_are_one_based_lines_and_columns_of_keys_and_items(write):
+    path = write("experiment: x\nstages:\n  train:\n    gates:\n      - acc > 0.5\n      - loss < 1\n")
+    doc = load_yaml(path)
+    assert doc.data == {"experiment": "x", "stages": {"train": {"gates": ["acc > 0.5", "loss < 1"]}}}
+    expected = {
+        (): (1, 1),
+        ("experiment",): (1, 1),
+        ("stages",): (2, 1),
+        ("stages", "train"): (3, 3),
+        ("stages", "train", "gates"): (4, 5),
+        ("stages", "train", "gates", 0): (5, 9),
+        ("stages", "train", "gates", 1): (6, 9),
+    }
+    assert {p: (m.line, m.column) for p, m in doc.marks.items()} == expected
+    assert all(m.file == path for m in doc.marks.values())
+
+
+def test_flow_style_marks_point_inside_the_line(write):
+    doc = load_yaml(write("args: {n: 1, dim: 64}\nmetrics: [a, b]\n"))
+    assert doc.mark(("args", "dim")) == Mark(doc.mark(()).file, 1, 14)
+    assert (doc.mark(("metrics", 1)).line, doc.mark(("metrics", 1)).column) == (2, 14)
+
+
+def test_mark_falls_back_to_the_closest_ancestor(write):
+    doc = load_yaml(write("a:\n  b: 1\n"))
+    assert doc.mark(("a", "b", "c", 0)) == doc.marks[("a", "b")]
+    assert doc.mark(("nope",)) == doc.marks[()]
+
+
+def test_duplicate_key_names_both_lines(write):
+    path = write("stages:\n  a:\n    kind: python\n  b:\n    kind: python\n  a:\n    kind: x\n")
+    error = spec_error(path)
+    assert "duplicate key 'a'" in str(error)
+    assert "line 2" in str(error)  # the first definition
+    assert error.problems[0].mark == Mark(path, 6, 3)  # the second one
+    assert "> 6 |   a:" in str(error)
+
+
+def test_same_key_in_different_mappings_is_not_a_duplicate(write):
+    assert load_yaml(write("a: {x: 1}\nb: {x: 2}\n")).data == {"a": {"x": 1}, "b": {"x": 2}}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["true: 1\nTrue: 2\n", "~: 1\nnull: 2\n", "1: a\n0x1: b\n"],
+    ids=["bool", "null", "int"],
+)
+def test_keys_that_load_as_the_same_value_are_duplicates(write, text):
+    error = spec_error(write(text))
+    assert "duplicate key" in str(error) and "(first defined at line 1)" in str(error)
+    assert error.problems[0].mark.line == 2
+
+
+def test_int_and_string_keys_with_the_same_text_are_distinct(write):
+    assert load_yaml(write('1: a\n"1": b\n')).data == {1: "a", "1": "b"}
+
+
+MALFORMED = {
+    "bad-indentation": ("stages:\n  a: 1\n b: 2\n", 3),
+    "unclosed-bracket": ("stages: [a, b\nseed: 1\n", 2),
+    "tab-indentation": ("stages:\n\ta: 1\n", 2),
+    "two-documents": ("a: 1\n---\nb: 2\n", 2),
+    "unknown-tag": ("a: !python/object:os.system x\n", 1),
+    "non-scalar-key": ("? [1, 2]\n: 3\n", 1),
+    "control-character": ("a: \x07\n", 1),
+}
+
+
+@pytest.mark.parametrize(("text", "line"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_yaml_points_at_the_offending_line_with_a_caret(write, text, line):
+    path = write(text)
+    error = spec_error(path)
+    mark = error.problems[0].mark
+    assert mark is not None and mark.file == path and mark.line == line
+    assert f"spec.yaml:{line}:{mark.column}" in str(error)
+    offending = text.splitlines()[line - 1]
+    assert f"> {line} | {offending}" in str(error)
+    assert caret_column(str(error)) == mark.column
+
+
+@pytest.mark.parametrize("quote", ['"', "'"])
+def test_unclosed_quote_points_at_the_quote(write, quote):
+    text = f"stages:\n  a: {quote}oops\nseed: 1\nexperiment: x\n"
+    error = spec_error(write(text))
+    mark = error.problems[0].mark
+    assert (mark.line, mark.column) == (2, 6), str(error)  # the opening quote
+    assert f"> 2 |   a: {quote}oops" in str(error)
+    assert caret_column(str(error)) == 6
+
+
+def test_unclosed_quote_is_a_spec_error(write):
+    error = spec_error(write('a: "oops\nb: 1\n'))
+    assert "quoted scalar" in str(error) and "spec.yaml:" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("seed: 1\ndescription: 2024-02-30\n", 2),
+        ("seed: !!int seven\n", 1),
+        ("seed: 1\nat: 2024-01-01 25:00:00\n", 2),
+        ("stages:\n  2024-13-01: x\n", 2),  # as a key
+    ],
+)
+def test_values_yaml_cannot_construct_are_spec_errors(write, text, line):
+    error = spec_error(write(text))
+    assert error.problems[0].mark.line == line
+    assert f"> {line} | {text.splitlines()[line - 1]}" in str(error)
+
+
+def test_deep_nesting_is_a_spec_error(write):
+    error = spec_error(write("a: " + "[" * 3000 + "]" * 3000 + "\n"))
+    assert "nesting too deep" in str(error)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_empty_file_is_a_document_of_none(write, text):
+    path = write(text)
+    doc = load_yaml(path)
+    assert doc.data is None
+    assert doc.mark(()) == Mark(path, 1, 1)
+
+
+def test_merge_keys_and_anchors(write):
+    text = (
+        "defaults: &defaults\n"
+        "  lr: 0.1\n"
+        "  epochs: 3\n"
+        "more: &more {warmup: 5, epochs: 9}\n"
+        "train:\n"
+        "  <<: [*defaults, *more]\n"
+        "  lr: 0.5\n"
+        "list: &items [a, b]\n"
+        "copy: *items\n"
+    )
+    doc = load_yaml(write(text))
+    # explicit keys beat merged ones; among merged mappings the first wins
+    assert doc.data["train"] == {"lr": 0.5, "epochs": 3, "warmup": 5}
+    assert doc.data["copy"] == ["a", "b"]
+    assert doc.marks[("train", "lr")].line == 7  # the explicit key, not the anchor's
+    assert doc.marks[("train", "epochs")].line == 3  # where the merged value was written
+    assert doc.marks[("train", "warmup")].line == 4
+
+
+def test_explicit_key_after_merge_is_not_a_duplicate(write):
+    doc = load_yaml(write("base: &b {x: 1}\nd:\n  <<: *b\n  x: 2\n"))
+    assert doc.data["d"] == {"x": 2}
+    assert doc.marks[("d", "x")].line == 4
+
+
+@pytest.mark.parametrize("text", ["a: &a [1, *a]\n", "a: &a\n  b: *a\n", "a: &a\n  <<: *a\n"])
+def test_recursive_alias_is_rejected(write, text):
+    error = spec_error(write(text))
+    assert "recursive YAML alias" in str(error)
+    assert error.problems[0].mark.line == 1
+
+
+def test_missing_file(tmp_path):
+    error = spec_error(tmp_path / "nope.yaml")
+    assert "file not found" in str(error) and "nope.yaml" in str(error)
+
+
+def test_undecodable_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"a: \xff\xfe\n")
+    assert "cannot read" in str(spec_error(path))
+
+
+def test_python_tags_are_not_constructed(write, tmp_path):
+    marker = tmp_path / "pwned"
+    error = spec_error(write(f"a: !!python/object/apply:os.system ['touch {marker}']\n"))
+    assert "could not determine a constructor" in str(error)
+    assert not marker.exists()
