@@ -17,7 +17,7 @@ from harness.graph import stage_key, without
 from harness.provenance import git_commit, package_versions
 from harness.seeding import seed_everything
 from harness.stage import StageContext, StageError, Upstream
-from harness.store import StageStore, file_digest
+from harness.store import Record, StageStore, file_digest
 
 RAN, REUSED, FAILED, SKIPPED = "ran", "reused", "failed", "skipped"
 
@@ -109,11 +109,16 @@ class ExperimentRun:
         if name not in self.results:
             spec = self.experiment.stages[name]
             blocked = self._blocked(spec)
-            result = (
-                StageResult(self.experiment.name, name, spec.kind.name, SKIPPED, blocked)
-                if blocked
-                else self._resolve(spec)
-            )
+            if blocked:
+                result = StageResult(self.experiment.name, name, spec.kind.name, SKIPPED, blocked)
+            else:
+                try:
+                    result = self._resolve(spec)
+                except Exception as exc:  # computing the key failed, e.g. an input vanished
+                    reason = f"{type(exc).__name__}: {exc}"
+                    result = StageResult(
+                        self.experiment.name, name, spec.kind.name, FAILED, reason, error=exc
+                    )
             result.gates = (
                 [evaluate(g, result.metrics) for g in spec.gates] if result.status in (RAN, REUSED) else []
             )
@@ -162,7 +167,7 @@ class ExperimentRun:
         return self._result(spec, REUSED, f"cache hit, ran {ran_at}", record)
 
     def _result(
-        self, spec: StageSpec, status: str, reason: str, record: Any, duration: float = 0.0
+        self, spec: StageSpec, status: str, reason: str, record: Record, duration: float = 0.0
     ) -> StageResult:
         return StageResult(
             self.experiment.name,

@@ -38,7 +38,6 @@ class Experiment:
     profile: str | None
     seed: int
     stages: dict[str, StageSpec]  # in run order
-    graph: StageGraph
     description: str = ""
 
     @property
@@ -75,7 +74,6 @@ def load_experiment(file: Path, profile: str | None = None) -> Experiment:
         profile=profile,
         seed=data.get("seed", DEFAULT_SEED),
         stages={n: stages[n] for n in graph.order},
-        graph=graph,
         description=data.get("description", ""),
     )
 

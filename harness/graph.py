@@ -67,20 +67,6 @@ class StageGraph:
             node = sorted(u for u in self.parents[node].values() if u in pending)[0]
         return path[path.index(node) :] + [node]
 
-    def ancestors(self, name: str) -> list[str]:
-        """Every stage `name` depends on, in topological order."""
-        seen: set[str] = set()
-        stack = list(self.parents[name].values())
-        while stack:
-            node = stack.pop()
-            if node not in seen:
-                seen.add(node)
-                stack.extend(self.parents[node].values())
-        return [n for n in self.order if n in seen]
-
-    def descendants(self, name: str) -> list[str]:
-        return [n for n in self.order if name in self.ancestors(n)]
-
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
