@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 from _pytest.outcomes import Skipped
 
 from harness.execution import FAILED, SKIPPED, ExperimentRun, StageResult
-from harness.experiment import StageSpec, load_experiment
+from harness.experiment import Experiment, StageSpec, load_experiment
 from harness.spec.errors import SpecError
 from harness.stage import StageError
 
@@ -30,8 +31,6 @@ class ExperimentFile(pytest.File):
     """A YAML spec; collecting it loads, merges and validates the experiment."""
 
     def collect(self):
-        from harness.plugin import experiment_run  # the plugin owns session-wide options
-
         experiment = load_experiment(self.path, self.config.getoption("harness_profile"))
         run = experiment_run(self.config, experiment)
         for name, spec in experiment.stages.items():
@@ -41,6 +40,37 @@ class ExperimentFile(pytest.File):
         if isinstance(excinfo.value, SpecError):
             return str(excinfo.value)
         return super().repr_failure(excinfo)
+
+
+def runs_dir(config: pytest.Config) -> Path:
+    option = config.getoption("harness_runs_dir")
+    if option:
+        return Path(option).resolve()
+    base = config.inipath.parent if config.inipath else config.rootpath
+    return (base / config.getini("harness_runs_dir")).resolve()
+
+
+def experiment_run(config: pytest.Config, experiment: Experiment) -> ExperimentRun:
+    return ExperimentRun(
+        experiment,
+        runs_dir(config),
+        rerun=frozenset(config.getoption("harness_rerun")),
+        progress=_progress_writer(config),
+    )
+
+
+def _progress_writer(config: pytest.Config):
+    """Live progress lines on the terminal, past output capture; silent with -q."""
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if terminal is None or config.get_verbosity() < 0:
+        return lambda line: None
+
+    def write(line: str) -> None:
+        with capture.global_and_fixture_disabled() if capture else nullcontext():
+            terminal.write_line(line)
+
+    return write
 
 
 class StageItem(pytest.Item):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path, PurePath
 
 import pytest
 
 from harness.collect import ExperimentFile, StageItem
-from harness.execution import ExperimentRun
-from harness.experiment import Experiment
 from harness.report import RunReports
 
 
@@ -57,37 +54,6 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     if parent.session.isinitpath(file_path) or any(PurePath(file_path).match(g) for g in globs):
         return ExperimentFile.from_parent(parent, path=file_path)
     return None
-
-
-def runs_dir(config: pytest.Config) -> Path:
-    option = config.getoption("harness_runs_dir")
-    if option:
-        return Path(option).resolve()
-    base = config.inipath.parent if config.inipath else config.rootpath
-    return (base / config.getini("harness_runs_dir")).resolve()
-
-
-def experiment_run(config: pytest.Config, experiment: Experiment) -> ExperimentRun:
-    return ExperimentRun(
-        experiment,
-        runs_dir(config),
-        rerun=frozenset(config.getoption("harness_rerun")),
-        progress=_progress_writer(config),
-    )
-
-
-def _progress_writer(config: pytest.Config):
-    """Live progress lines on the terminal, past output capture; silent with -q."""
-    terminal = config.pluginmanager.get_plugin("terminalreporter")
-    capture = config.pluginmanager.get_plugin("capturemanager")
-    if terminal is None or config.get_verbosity() < 0:
-        return lambda line: None
-
-    def write(line: str) -> None:
-        with capture.global_and_fixture_disabled() if capture else nullcontext():
-            terminal.write_line(line)
-
-    return write
 
 
 @pytest.hookimpl(wrapper=True)
