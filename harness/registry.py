@@ -23,10 +23,6 @@ def register(kind: StageKind) -> StageKind:
     return kind
 
 
-def unregister(name: str) -> None:
-    _kinds.pop(name, None)
-
-
 def kinds() -> dict[str, StageKind]:
     _load()
     return dict(_kinds)

@@ -9,7 +9,7 @@ transformers, ...) inside their run function, not at module level.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,6 @@ class StageKind:
     transport_params: tuple[str, ...] = ()
     check: Callable[[Mapping[str, Any], Path], None] | None = None
     code_version: Callable[[Mapping[str, Any], Path], str] | None = None
-    description: str = field(default="", compare=False)
 
     def produces(self, params: Mapping[str, Any]) -> frozenset[str]:
         names = self.metrics(params) if callable(self.metrics) else self.metrics

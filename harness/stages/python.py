@@ -95,5 +95,4 @@ KIND = StageKind(
     input_params=("inputs",),
     check=check,
     code_version=code_version,
-    description="Call a Python function named in the spec: function(ctx) -> metrics.",
 )
