@@ -11,7 +11,7 @@ from harness import registry
 from harness.gates import Gate, GateSyntaxError, parse_gate
 from harness.graph import StageGraph
 from harness.spec.compose import apply_profile, load_with_includes
-from harness.spec.errors import Mark, Problem, SpecError
+from harness.spec.errors import Mark, Problem, SpecError, source_line
 from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted
 from harness.spec.yamlload import Document
 from harness.stage import ParamError, StageKind
@@ -152,7 +152,10 @@ def _gates(stage: str, texts: list[str], produced: frozenset[str], doc: Document
         try:
             gate = parse_gate(text, mark)
         except GateSyntaxError as exc:
-            col = Mark(mark.file, mark.line, mark.column + exc.column - 1) if mark else None
+            col = None
+            if mark:  # the column inside the gate text, past an opening quote if written quoted
+                quoted = source_line(mark)[mark.column - 1 : mark.column] in ("'", '"')
+                col = Mark(mark.file, mark.line, mark.column + exc.column - 1 + quoted)
             problems.append(Problem(f"bad gate {text!r}: {exc}", col, dotted(path)))
             continue
         if gate.metric not in produced:

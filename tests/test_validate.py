@@ -223,15 +223,17 @@ def test_gates_need_declared_metrics(spec):
 @pytest.mark.parametrize(
     ("gate", "column"),
     [
-        ("m >> 1", 12),  # the second '>': column of the gate (9) + 4 - 1
-        ("m > 1 (abort > 2)", 22),
-        ("m > 1 (abort < 2)", 22),
-        ("m ~ 1", 11),
-        ("ci_low(m > 1", 18),
+        ("m >> 1", 13),  # the second '>': the quote is at column 9, the gate text starts at 10
+        ("m > 1 (abort > 2)", 23),
+        ("m > 1 (abort < 2)", 23),
+        ("m ~ 1", 12),
+        ("ci_low(m > 1", 19),
     ],
 )
-def test_bad_gate_syntax_points_at_the_gate_line_and_column(spec, gate, column):
-    error = load_error(spec(GATED.format(gate=f"'{gate}'")))
+@pytest.mark.parametrize("quote", ["'", '"', ""], ids=["single", "double", "plain"])
+def test_bad_gate_syntax_points_at_the_gate_line_and_column(spec, gate, column, quote):
+    error = load_error(spec(GATED.format(gate=f"{quote}{gate}{quote}")))
+    column -= 0 if quote else 1
     assert f"bad gate {gate!r}" in str(error)
     problem = error.problems[0]
     assert (problem.mark.line, problem.mark.column) == (10, column)

@@ -64,6 +64,11 @@ def _lines(file: Path) -> tuple[str, ...]:
         return ()
 
 
+def source_line(mark: Mark) -> str:
+    lines = _lines(mark.file)
+    return lines[mark.line - 1] if 0 < mark.line <= len(lines) else ""
+
+
 def snippet(mark: Mark, context: int = 1) -> str:
     """The lines around `mark`, numbered, with a caret under the column."""
     lines = _lines(mark.file)
