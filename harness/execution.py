@@ -47,8 +47,10 @@ class StageResult:
 
     @property
     def outcome(self) -> str:
-        if self.status in (FAILED, SKIPPED):
-            return "error" if self.status == FAILED else SKIPPED
+        if self.status == FAILED:
+            return "error"
+        if self.status == SKIPPED:
+            return SKIPPED
         if self.abort:
             return "aborted"
         return "failed" if self.failed_gates else "passed"
@@ -110,15 +112,12 @@ class ExperimentRun:
             spec = self.experiment.stages[name]
             blocked = self._blocked(spec)
             if blocked:
-                result = StageResult(self.experiment.name, name, spec.kind.name, SKIPPED, blocked)
+                result = self._unfinished(spec, SKIPPED, blocked)
             else:
                 try:
                     result = self._resolve(spec)
                 except Exception as exc:  # computing the key failed, e.g. an input vanished
-                    reason = f"{type(exc).__name__}: {exc}"
-                    result = StageResult(
-                        self.experiment.name, name, spec.kind.name, FAILED, reason, error=exc
-                    )
+                    result = self._unfinished(spec, FAILED, f"{type(exc).__name__}: {exc}", error=exc)
             result.gates = (
                 [evaluate(g, result.metrics) for g in spec.gates] if result.status in (RAN, REUSED) else []
             )
@@ -165,6 +164,10 @@ class ExperimentRun:
                     return self._run(spec, store, key, material, forced)
         ran_at = record.manifest.get("finished_at", "?")
         return self._result(spec, REUSED, f"cache hit, ran {ran_at}", record)
+
+    def _unfinished(self, spec: StageSpec, status: str, reason: str, **extra: Any) -> StageResult:
+        """A skipped or failed stage: no record in the store."""
+        return StageResult(self.experiment.name, spec.name, spec.kind.name, status, reason, **extra)
 
     def _result(
         self, spec: StageSpec, status: str, reason: str, record: Record, duration: float = 0.0
@@ -220,15 +223,9 @@ class ExperimentRun:
         except Exception as exc:
             kept = store.abandon(out, key)
             summary = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return StageResult(
-                self.experiment.name,
-                spec.name,
-                spec.kind.name,
-                FAILED,
-                f"{type(exc).__name__}: {summary} (partial outputs kept in {kept})",
-                key=key,
-                duration_s=time.perf_counter() - clock,
-                error=exc,
+            reason = f"{type(exc).__name__}: {summary} (partial outputs kept in {kept})"
+            return self._unfinished(
+                spec, FAILED, reason, key=key, duration_s=time.perf_counter() - clock, error=exc
             )
         except BaseException:
             store.abandon(out, key)
@@ -311,11 +308,7 @@ def why_run(latest: Mapping[str, Any] | None, material: Mapping[str, Any], key: 
     if before.get("seed") != material["seed"]:
         changes.append("seed changed")
     upstream = sorted(
-        {
-            r
-            for r in set(before.get("upstream", {})) | set(material["upstream"])
-            if before.get("upstream", {}).get(r) != material["upstream"].get(r)
-        }
+        {path.split(".")[0] for path in _diff(before.get("upstream", {}), material["upstream"])}
     )
     if upstream:
         changes.append("upstream changed: " + ", ".join(upstream))

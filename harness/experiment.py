@@ -49,8 +49,7 @@ def load_experiment(file: Path, profile: str | None = None) -> Experiment:
     """Load, merge and validate a spec; every user error raises SpecError with file:line."""
     file = Path(file).resolve()
     doc = load_with_includes(file)
-    _check_every_profile(doc, profile)
-    resolved = apply_profile(doc, profile)
+    resolved = _check_every_profile(doc, profile)
     data = resolved.data
     problems: list[Problem] = []
     stages: dict[str, StageSpec] = {}
@@ -78,17 +77,21 @@ def load_experiment(file: Path, profile: str | None = None) -> Experiment:
     )
 
 
-def _check_every_profile(doc: Document, selected: str | None) -> None:
-    """Catch typos anywhere: the schema and the static stage checks (kinds, params, gates)
-    run on the base spec and on every profile, not only the selected one. Checks that
-    depend on this machine (input files, modules) run for the selected profile only."""
-    problems = check(doc.data, EXPERIMENT_SCHEMA, doc)
+def _check_every_profile(doc: Document, selected: str | None) -> Document:
+    """The selected profile applied to the spec, once typos anywhere are ruled out: the
+    schema and the static stage checks (kinds, params, gates) run on the base spec and
+    on every profile. Checks that depend on this machine (input files, modules) run for
+    the selected profile only, when its stages are built."""
+    problems = check(doc.data, EXPERIMENT_SCHEMA, doc)  # the base spec, and profiles' shape
     if problems:
         raise SpecError(problems)
+    resolved = None
     for name in [None, *(doc.data.get("profiles") or {})]:
         merged = apply_profile(doc, name)
-        found = check(merged.data, EXPERIMENT_SCHEMA, merged)
-        if not found and name != selected:  # the selected one is fully checked when built
+        found = check(merged.data, EXPERIMENT_SCHEMA, merged) if name is not None else []
+        if name == selected:
+            resolved = merged
+        elif not found:
             for stage, body in merged.data["stages"].items():
                 try:
                     _static_checks(stage, body, merged)
@@ -97,6 +100,7 @@ def _check_every_profile(doc: Document, selected: str | None) -> None:
         problems += [p for p in found if p not in problems]
     if problems:
         raise SpecError(problems)
+    return resolved or apply_profile(doc, selected)  # an unknown profile raises here
 
 
 def _static_checks(name: str, body: dict, doc: Document) -> tuple[StageKind, tuple[Gate, ...]]:

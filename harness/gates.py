@@ -86,8 +86,8 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
         if text[pos:].strip() == "":
             break
         match = _TOKEN.match(text, pos)
-        if match is None or match.end() == pos:
-            column = pos + len(text[pos:]) - len(text[pos:].lstrip()) + 1
+        if match is None:
+            column = len(text) - len(text[pos:].lstrip()) + 1  # past leading blanks
             raise GateSyntaxError(f"unexpected character {text[column - 1]!r}", column)
         kind = match.lastgroup
         out.append((kind, match.group(kind), match.start(kind) + 1))

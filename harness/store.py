@@ -39,11 +39,15 @@ class Record:
         return self.manifest["output_digest"]
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a part."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any | None:
@@ -147,8 +151,7 @@ class StageStore:
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        (self.dir / f".{LATEST}.tmp").write_text(key)
-        os.replace(self.dir / f".{LATEST}.tmp", self.dir / LATEST)
+        write_text_atomic(self.dir / LATEST, key)
         shutil.rmtree(self.scratch_dir(key), ignore_errors=True)
         return Record(final, dict(manifest), dict(metrics))
 
