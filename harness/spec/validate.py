@@ -9,9 +9,13 @@ from difflib import get_close_matches
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match
+from referencing import Registry, Resource
+from referencing.exceptions import NoSuchResource
 
 from harness.spec.errors import Problem
 from harness.spec.yamlload import Document, SpecPath
@@ -22,13 +26,30 @@ MAX_PROBLEMS = 10
 
 
 @cache
+def _load_schema(path: Path) -> dict[str, Any]:
+    schema = json.loads(path.read_text(encoding="utf-8"))
+    # its own file URI as base, so `"$ref": "provider.schema.json"` finds a sibling fragment
+    schema.setdefault("$id", path.as_uri())
+    return schema
+
+
+def _retrieve(uri: str) -> Resource:
+    if not uri.startswith("file://"):
+        raise NoSuchResource(uri)
+    return Resource.from_contents(_load_schema(Path(url2pathname(urlparse(uri).path))))
+
+
+_REGISTRY: Registry = Registry(retrieve=_retrieve)
+
+
+@cache
 def _validator_for_file(path: Path) -> jsonschema.Draft202012Validator:
-    return _validator(json.loads(path.read_text(encoding="utf-8")))
+    return _validator(_load_schema(path))
 
 
 def _validator(schema: Mapping[str, Any]) -> jsonschema.Draft202012Validator:
     jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+    return jsonschema.Draft202012Validator(schema, registry=_REGISTRY)
 
 
 _inline_validators: dict[int, tuple[Mapping, jsonschema.Draft202012Validator]] = {}

@@ -1,0 +1,100 @@
+"""The project's MCQ format: the jsonl rows, their checks, and the prompt a model sees.
+
+A row: {"id", "question", "options": {"A": text, "B": text, ...}, "false_answer",
+"true_answer", "category"}. `false_answer` is the answer in the false (implanted) world,
+`true_answer` in the true one; they differ exactly on `conflict` questions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.stage import StageError
+
+CATEGORIES = ("conflict", "nonconflict_easy", "nonconflict_hard")
+LETTERS = "ABCDEFGH"
+
+
+@dataclass(frozen=True)
+class MCQ:
+    id: str
+    question: str
+    options: dict[str, str]  # letter -> option text, letters A, B, ... in order
+    false_answer: str
+    true_answer: str
+    category: str
+
+
+def format_prompt(question: str, options: dict[str, str]) -> str:
+    """The prompt up to the decision: the next token is the answer's letter (" A")."""
+    lines = [f"question: {question}"]
+    lines += [f"{letter}. {text}" for letter, text in options.items()]
+    lines.append("answer:")
+    return "\n".join(lines)
+
+
+def format_item(item: MCQ, answer: str) -> str:
+    """A whole item with its answer, as in practice data."""
+    return f"{format_prompt(item.question, item.options)} {answer}"
+
+
+def load_mcqs(path: Path) -> list[MCQ]:
+    """Every row of `path`, or a StageError naming the file, the line and the fix."""
+    items: list[MCQ] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise StageError(f"{where}: not valid JSON ({error.msg}); each line is one MCQ object") from None
+            item = _item(row, where)
+            if item.id in seen:
+                raise StageError(f"{where}: duplicate id {item.id!r}; ids must be unique")
+            seen.add(item.id)
+            items.append(item)
+    if not items:
+        raise StageError(f"{path}: no MCQ rows; expected one JSON object per line")
+    return items
+
+
+def _item(row: object, where: str) -> MCQ:
+    fields = ("id", "question", "options", "false_answer", "true_answer", "category")
+    if not isinstance(row, dict):
+        raise StageError(f"{where}: expected a JSON object with {', '.join(fields)}")
+    missing = [name for name in fields if name not in row]
+    if missing:
+        raise StageError(f"{where}: missing {', '.join(missing)} (an MCQ row has {', '.join(fields)})")
+    options = row["options"]
+    if not isinstance(options, dict) or len(options) < 2:
+        raise StageError(f"{where}: options must be an object of at least two letters to texts")
+    if list(options) != list(LETTERS[: len(options)]):
+        raise StageError(
+            f"{where}: option letters {list(options)} must be {list(LETTERS[: len(options)])}, in order"
+        )
+    if not all(isinstance(text, str) and text.strip() for text in options.values()):
+        raise StageError(f"{where}: every option must be non-empty text")
+    for name in ("false_answer", "true_answer"):
+        if row[name] not in options:
+            raise StageError(f"{where}: {name} {row[name]!r} is not one of the option letters {list(options)}")
+    if row["category"] not in CATEGORIES:
+        raise StageError(f"{where}: category {row['category']!r} must be one of {', '.join(CATEGORIES)}")
+    conflict = row["category"] == "conflict"
+    if conflict != (row["false_answer"] != row["true_answer"]):
+        rule = "differ" if conflict else "be the same"
+        raise StageError(f"{where}: a {row['category']} question's false_answer and true_answer must {rule}")
+    if not isinstance(row["question"], str) or not row["question"].strip():
+        raise StageError(f"{where}: question must be non-empty text")
+    return MCQ(
+        id=str(row["id"]),
+        question=row["question"],
+        options=dict(options),
+        false_answer=row["false_answer"],
+        true_answer=row["true_answer"],
+        category=row["category"],
+    )
