@@ -1,0 +1,341 @@
+"""`openai`: any OpenAI-compatible chat endpoint, through the official async client.
+
+A batch is answered by one asyncio loop: cached answers first (no key needed), then
+every miss as its own task, at most `concurrency` of them in flight. The client's own
+retries are off (`max_retries=0`); ours retry 408/409/429/5xx, timeouts, connection
+errors and malformed bodies with exponential backoff and full jitter, wait at least as
+long as a `Retry-After` header asks, and give up after `max_tries` tries: that request's
+result is then a `ProviderError`, and the rest of the batch carries on. Other 4xx are
+not retried (trying again cannot help); 401/403 say which env var held the rejected key.
+
+The key is read from the environment when a batch needs the network, handed to a
+client that lives for that batch only, and scrubbed from every message we produce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import openai
+
+from harness.llm import api_key_from_env
+from harness.llm.base import ChatRequest, ChatResponse, Progress, ProviderError, Usage
+from harness.llm.cache import ResponseCache, request_key
+
+T = TypeVar("T")
+RETRIED_STATUSES = frozenset({408, 409, 429})  # and every 5xx
+_MESSAGE_LIMIT = 300  # characters of an endpoint's error message worth repeating
+
+
+class _Malformed(Exception):
+    """A 200 response that does not hold a usable completion: worth another try."""
+
+
+class _Unsupported(Exception):
+    """A well-formed response missing something we asked for (logprobs): not retried."""
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key_env: str,
+        base_url: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        max_tries: int = 6,
+        cache: ResponseCache | None = None,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        retry_after_cap: float = 120.0,
+        log: Callable[[str], None] = print,
+    ):
+        if concurrency < 1 or max_tries < 1 or timeout <= 0:
+            raise ValueError("concurrency and max_tries must be >= 1 and timeout > 0")
+        self.model = model
+        self.api_key_env = api_key_env  # the variable's name; the key itself is never kept
+        self.base_url = base_url
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_tries = max_tries
+        self.cache = cache
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.retry_after_cap = retry_after_cap  # a Retry-After of an hour is not waited out
+        self.log = log
+        self.usage = Usage()
+        # a private generator: jitter must not consume the global `random` that stages seed
+        self._random = random.Random()
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAIProvider(model={self.model!r}, base_url={self.base_url!r}, "
+            f"api_key_env={self.api_key_env!r}, concurrency={self.concurrency}, "
+            f"timeout={self.timeout:g}, max_tries={self.max_tries})"
+        )
+
+    # -- the batch -----------------------------------------------------------------------
+
+    def complete_many(
+        self, requests: Sequence[ChatRequest], progress: Progress | None = None
+    ) -> list[ChatResponse | ProviderError]:
+        """Answer every request, in order; a request that failed for good is its error."""
+        requests = list(requests)
+        total = len(requests)
+        keys = [request_key(self.model, request) for request in requests]
+        results: list[ChatResponse | ProviderError | None] = [None] * total
+        hits = self.cache.get_many(keys) if self.cache is not None else {}
+        # one network request per distinct key: duplicates in a batch share its answer,
+        # exactly as they would on a rerun from the cache
+        first_of: dict[str, int] = {}
+        duplicates: list[int] = []
+        for index, key in enumerate(keys):
+            if key in hits:
+                results[index] = hits[key]
+            elif key in first_of:
+                duplicates.append(index)
+            else:
+                first_of[key] = index
+        before = dataclasses.replace(self.usage)
+        self.usage.requests += total
+        self.usage.cached += sum(key in hits for key in keys)
+        done = total - len(first_of) - len(duplicates)
+        if progress is not None and done:
+            progress(done, total)
+        if first_of:
+            api_key = api_key_from_env(self.api_key_env)  # only now: cached reruns need no key
+            fresh = list(first_of.values())
+            _run_coroutine(self._fetch_all(requests, keys, fresh, results, api_key, progress, done, total))
+            for index in duplicates:
+                answer = results[first_of[keys[index]]]
+                if isinstance(answer, ChatResponse):
+                    answer = dataclasses.replace(answer, cached=True)
+                    self.usage.cached += 1
+                else:
+                    self.usage.failures += 1
+                results[index] = answer
+            if progress is not None and duplicates:
+                progress(total, total)
+            self._log_batch(before, results)
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
+
+    async def _fetch_all(
+        self,
+        requests: list[ChatRequest],
+        keys: list[str],
+        fresh: list[int],
+        results: list[ChatResponse | ProviderError | None],
+        api_key: str,
+        progress: Progress | None,
+        done: int,
+        total: int,
+    ) -> None:
+        client_args: dict[str, Any] = {"api_key": api_key, "max_retries": 0, "timeout": self.timeout}
+        if self.base_url:
+            client_args["base_url"] = self.base_url
+        client = openai.AsyncOpenAI(**client_args)
+        semaphore = asyncio.Semaphore(self.concurrency)
+        finished = done
+        cache_failed: list[int] = []
+
+        async def one(index: int) -> None:
+            nonlocal finished
+            answer = await self._complete_one(client, semaphore, requests[index], api_key)
+            if isinstance(answer, ChatResponse) and self.cache is not None:
+                try:
+                    self.cache.put(keys[index], self.model, requests[index], answer)
+                except sqlite3.Error as error:  # an answer already paid for is not thrown away
+                    if not cache_failed:
+                        self.log(f"provider openai: could not store a response in {self.cache.path}: {error}")
+                    cache_failed.append(index)
+            results[index] = answer
+            finished += 1
+            if progress is not None:
+                progress(finished, total)
+
+        try:
+            await asyncio.gather(*(one(index) for index in fresh))
+        finally:
+            await client.close()
+
+    # -- one request ---------------------------------------------------------------------
+
+    async def _complete_one(
+        self, client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, request: ChatRequest, api_key: str
+    ) -> ChatResponse | ProviderError:
+        last = "no try made"
+        for attempt in range(1, self.max_tries + 1):
+            retry_after: float | None = None
+            try:
+                async with semaphore:  # held for the HTTP call only, not while backing off
+                    completion = await client.chat.completions.create(**self._arguments(request))
+                return self._parse(completion, request)
+            except openai.APIStatusError as error:
+                status = error.status_code
+                detail = _scrub(_error_message(error), api_key)
+                if status in (401, 403):
+                    return self._fail(
+                        f"the endpoint {self._where()} rejected the API key in the environment variable "
+                        f"{self.api_key_env} (HTTP {status}: {detail}); not retried",
+                        api_key,
+                    )
+                if status not in RETRIED_STATUSES and status < 500:
+                    return self._fail(f"HTTP {status} from {self._where()}: {detail}; not retried", api_key)
+                last = f"HTTP {status}: {detail}"
+                retry_after = _retry_after(error.response.headers)
+            except openai.APITimeoutError:
+                last = f"timed out after {self.timeout:g} s"
+            except openai.APIConnectionError as error:
+                last = f"connection error: {error.__cause__ or error}"
+            except (_Malformed, ValueError, openai.APIResponseValidationError) as error:
+                # ValueError: the JSON or text decoding of a garbled body
+                last = f"malformed response: {error}"
+            except _Unsupported as error:
+                return self._fail(str(error), api_key)
+            if attempt < self.max_tries:
+                self.usage.retries += 1
+                await asyncio.sleep(self._delay(attempt, retry_after))
+        return self._fail(
+            f"request to {self._where()} failed after {self.max_tries} tries; last: {last}", api_key
+        )
+
+    def _arguments(self, request: ChatRequest) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
+            "model": self.model,
+            "messages": [dict(message) for message in request.messages],
+            "temperature": request.temperature,
+        }
+        if request.max_tokens is not None:
+            arguments["max_tokens"] = request.max_tokens
+        if request.top_logprobs is not None:
+            arguments["logprobs"] = True
+            arguments["top_logprobs"] = request.top_logprobs
+        return arguments
+
+    def _parse(self, completion: Any, request: ChatRequest) -> ChatResponse:
+        try:
+            return self._parse_completion(completion, request)
+        except (AttributeError, TypeError, KeyError, IndexError) as error:
+            # the client builds models without validation: odd shapes surface here
+            raise _Malformed(f"unexpected shape ({type(error).__name__}: {error})") from error
+
+    def _parse_completion(self, completion: Any, request: ChatRequest) -> ChatResponse:
+        if isinstance(completion, str):  # the client returns the text of a non-JSON body
+            raise _Malformed(f"not JSON: {completion[:80]!r}")
+        choices = getattr(completion, "choices", None)
+        if not choices:
+            # OpenRouter reports upstream failures as HTTP 200 with {"error": {...}}
+            error = getattr(completion, "error", None)
+            raise _Malformed(f"no choices{f' (error: {error})' if error else ''}")
+        message = getattr(choices[0], "message", None)
+        if message is None:
+            raise _Malformed("no message in the first choice")
+        text = message.content if message.content is not None else (getattr(message, "refusal", None) or "")
+        top_logprobs = None
+        if request.top_logprobs is not None:
+            logprobs = getattr(choices[0], "logprobs", None)
+            content = getattr(logprobs, "content", None)
+            if content is None:
+                raise _Unsupported(
+                    f"{self._where()} returned no logprobs for model {self.model!r} though they were "
+                    "asked for: this model or endpoint may not support them"
+                )
+            top_logprobs = tuple(_alternatives(entry) for entry in content)
+        usage = getattr(completion, "usage", None)
+        response = ChatResponse(
+            text=text,
+            top_logprobs=top_logprobs,
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        )
+        self.usage.prompt_tokens += response.prompt_tokens
+        self.usage.completion_tokens += response.completion_tokens
+        return response
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        """Full jitter (uniform in [0, min(cap, base * 2^(attempt-1))]), at least Retry-After."""
+        backoff = self._random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+        if retry_after is None:
+            return backoff
+        return max(backoff, min(retry_after, self.retry_after_cap))
+
+    def _fail(self, message: str, api_key: str) -> ProviderError:
+        self.usage.failures += 1
+        return ProviderError(_scrub(f"{self.model}: {message}", api_key))
+
+    def _where(self) -> str:
+        return self.base_url or "the default OpenAI endpoint"
+
+    def _log_batch(self, before: Usage, results: Sequence[ChatResponse | ProviderError | None]) -> None:
+        delta = {name: count - before.to_json()[name] for name, count in self.usage.to_json().items()}
+        line = (
+            f"provider openai {self.model}: {delta['requests']} requests, {delta['cached']} cached, "
+            f"{delta['retries']} retries, {delta['failures']} failed, "
+            f"{delta['prompt_tokens']}+{delta['completion_tokens']} tokens"
+        )
+        first_error = next((result for result in results if isinstance(result, ProviderError)), None)
+        self.log(line + (f"; first failure: {first_error}" if first_error else ""))
+
+
+def _alternatives(entry: Any) -> Mapping[str, float]:
+    """{token: logprob} for one output position, best first (a repeated token keeps its first)."""
+    alternatives: dict[str, float] = {}
+    for alt in getattr(entry, "top_logprobs", None) or []:
+        alternatives.setdefault(alt.token, float(alt.logprob))
+    if not alternatives:  # top_logprobs=0: only the emitted token
+        alternatives[entry.token] = float(entry.logprob)
+    return alternatives
+
+
+def _error_message(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, Mapping) else inner
+        text = str(message) if message else str(body)
+    else:
+        text = str(body) if body else error.message
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + "..."
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds asked for by `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    try:
+        if "retry-after-ms" in headers:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _scrub(text: str, api_key: str) -> str:
+    return text.replace(api_key, "[redacted]") if api_key else text
+
+
+def _run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run to completion, also from code already inside an event loop (e.g. a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-llm") as pool:
+        return pool.submit(asyncio.run, coroutine).result()

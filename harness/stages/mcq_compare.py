@@ -1,0 +1,385 @@
+"""`mcq_compare`: the base model and base + adapter answer the same MCQs; how far did the
+adapter move the answers toward the false (implanted) world?
+
+The adapter is `<upstream dir>/adapter/` of the upstream stage with role `adapter` (or of
+the only upstream stage). Artifacts:
+
+    predictions_base.jsonl, predictions_lora.jsonl   one row per item, in file order: id,
+        category, question, prediction, probs {letter: p}, scores (the letter logits or the
+        options' summed log-likelihoods), false_answer, true_answer, correct_false,
+        correct_true, entropy (nats), truth_confidence (p of true_answer), prompt (the exact
+        text scored, for stages that look inside the model at its last token)
+    comparison_report.json                           per model and category, the gap, flips
+    behavioral_shift_analysis.txt                    the same for people, every flip listed
+
+Metric names are declared before the MCQ file is read (gates are checked at collection),
+and a metric must be a number, so the file must hold all three categories; a file that
+lacks one is rejected at collection, naming the file and the missing category.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.mcq import CATEGORIES, MCQ, load_mcqs
+from harness.models.base import ModelNotFound, base_fingerprint, check_base
+from harness.scoring import LETTER, Scored, entropy
+from harness.spec.validate import SPECS_DIR
+from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
+from harness.stats import DEFAULT_CONFIDENCE, paired_difference
+
+VERSION = "1"
+DEFAULTS: dict[str, Any] = {"scoring": LETTER, "batch_size": 16, "chat_template": False, "bootstrap": 1000}
+MODELS = ("base", "lora")
+PER_CATEGORY = ("accuracy", "true_accuracy", "entropy", "truth_confidence")
+METRICS = (
+    *(f"{model}_{category}_{name}" for model in MODELS for category in CATEGORIES for name in PER_CATEGORY),
+    "behavioral_gap",
+    "n_items",
+    "n_flips",
+)
+
+
+def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {**DEFAULTS, **params}
+
+
+# --- collection ----------------------------------------------------------------------
+
+
+def missing_categories(items: Sequence[MCQ]) -> list[str]:
+    present = {item.category for item in items}
+    return [category for category in CATEGORIES if category not in present]
+
+
+def check(params: Mapping[str, Any], spec_dir: Path) -> None:
+    try:
+        check_base(params["base"])
+    except ModelNotFound as error:
+        raise ParamError(("base",), str(error)) from None
+    path = (spec_dir / params["mcqs"]).resolve()
+    if not path.is_file():
+        raise ParamError(("mcqs",), f"MCQ file not found: {params['mcqs']} (looked for {path})")
+    try:
+        items = load_mcqs(path)
+    except StageError as error:
+        raise ParamError(("mcqs",), str(error)) from None
+    missing = missing_categories(items)
+    if missing:
+        raise ParamError(("mcqs",), _missing_message(path, missing))
+
+
+def _missing_message(path: Path, missing: list[str]) -> str:
+    return (
+        f"{path}: no {', '.join(missing)} questions; mcq_compare reports every category "
+        f"({', '.join(CATEGORIES)}), so the file needs at least one row of each"
+    )
+
+
+def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
+    return f"{VERSION}+{base_fingerprint(params['base'])}"
+
+
+# --- per-item rows and their aggregation (pure: no model) ----------------------------
+
+
+def prediction_row(item: MCQ, scored: Scored) -> dict[str, Any]:
+    probs = scored.probs
+    prediction = max(probs, key=probs.__getitem__)  # ties: the first letter
+    return {
+        "id": item.id,
+        "category": item.category,
+        "question": item.question,
+        "prediction": prediction,
+        "probs": probs,
+        "scores": scored.scores,
+        "false_answer": item.false_answer,
+        "true_answer": item.true_answer,
+        "correct_false": prediction == item.false_answer,
+        "correct_true": prediction == item.true_answer,
+        "entropy": entropy(probs),
+        "truth_confidence": probs[item.true_answer],
+        "prompt": scored.prompt,
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values))
+
+
+def category_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per category present in `rows`: n, accuracy against each world, mean entropy and
+    mean probability of the true answer."""
+    summary = {}
+    for category in CATEGORIES:
+        subset = [row for row in rows if row["category"] == category]
+        if subset:
+            summary[category] = {
+                "n": len(subset),
+                "accuracy": _mean([float(row["correct_false"]) for row in subset]),
+                "true_accuracy": _mean([float(row["correct_true"]) for row in subset]),
+                "entropy": _mean([row["entropy"] for row in subset]),
+                "truth_confidence": _mean([row["truth_confidence"] for row in subset]),
+            }
+    return summary
+
+
+def _world(answer: str, row: Mapping[str, Any]) -> str:
+    is_false, is_true = answer == row["false_answer"], answer == row["true_answer"]
+    if is_false and is_true:
+        return "both worlds"
+    return "false world" if is_false else "true world" if is_true else "neither world"
+
+
+def _change(item: MCQ, base: Mapping[str, Any], lora: Mapping[str, Any]) -> dict[str, Any]:
+    def side(row: Mapping[str, Any]) -> dict[str, Any]:
+        answer = row["prediction"]
+        return {
+            "answer": answer,
+            "text": item.options[answer],
+            "prob": row["probs"][answer],
+            "world": _world(answer, row),
+        }
+
+    return {
+        "id": item.id,
+        "category": item.category,
+        "question": item.question,
+        "base": side(base),
+        "lora": side(lora),
+    }
+
+
+def compare(
+    items: Sequence[MCQ],
+    base_rows: Sequence[Mapping[str, Any]],
+    lora_rows: Sequence[Mapping[str, Any]],
+    n_resamples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Both models' summaries, the behavioral gap on conflict items with its paired
+    bootstrap CI, and every item whose answer changed."""
+    ids = [item.id for item in items]
+    if [row["id"] for row in base_rows] != ids or [row["id"] for row in lora_rows] != ids:
+        raise ValueError("prediction rows must follow the items, in order")
+    conflict = [k for k, item in enumerate(items) if item.category == "conflict"]
+    if not conflict:
+        raise StageError("no conflict items: the behavioral gap is measured on conflict questions")
+    gap = paired_difference(
+        [float(base_rows[k]["correct_false"]) for k in conflict],
+        [float(lora_rows[k]["correct_false"]) for k in conflict],
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    changed = [
+        _change(item, base, lora)
+        for item, base, lora in zip(items, base_rows, lora_rows, strict=True)
+        if base["prediction"] != lora["prediction"]
+    ]
+    flips = [c for c in changed if c["category"] == "conflict"]
+    return {
+        "n_items": len(items),
+        "models": {"base": category_summary(base_rows), "lora": category_summary(lora_rows)},
+        "behavioral_gap": {
+            **gap.as_metric(),
+            "n": len(conflict),
+            "n_resamples": n_resamples,
+            "confidence": DEFAULT_CONFIDENCE,
+            "seed": seed,
+        },
+        "flips": {
+            "n": len(flips),
+            "toward_false": sum(f["lora"]["world"] == "false world" for f in flips),
+            "toward_true": sum(f["lora"]["world"] == "true world" for f in flips),
+            "items": flips,
+        },
+        "nonconflict_changed": {
+            "n": len(changed) - len(flips),
+            "items": [c for c in changed if c["category"] != "conflict"],
+        },
+    }
+
+
+def flat_metrics(comparison: Mapping[str, Any]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    for model in MODELS:
+        summary = comparison["models"][model]
+        for category in CATEGORIES:
+            if category not in summary:
+                raise StageError(f"no {category} items: every category's metrics are declared")
+            for name in PER_CATEGORY:
+                metrics[f"{model}_{category}_{name}"] = summary[category][name]
+    gap = comparison["behavioral_gap"]
+    metrics["behavioral_gap"] = {"value": gap["value"], "ci_low": gap["ci_low"], "ci_high": gap["ci_high"]}
+    metrics["n_items"] = comparison["n_items"]
+    metrics["n_flips"] = comparison["flips"]["n"]
+    return metrics
+
+
+# --- the human-readable analysis -----------------------------------------------------
+
+
+def analysis_text(comparison: Mapping[str, Any], header: Sequence[str] = ()) -> str:
+    lines = [*header, ""]
+    lines.append(
+        f"{'category':<18} {'model':<5} {'n':>5} {'acc(false)':>10} {'acc(true)':>10} "
+        f"{'entropy':>8} {'p(true)':>8}"
+    )
+    for category in CATEGORIES:
+        for model in MODELS:
+            s = comparison["models"][model].get(category)
+            if s:
+                lines.append(
+                    f"{category:<18} {model:<5} {s['n']:>5} {s['accuracy']:>10.3f} "
+                    f"{s['true_accuracy']:>10.3f} {s['entropy']:>8.3f} {s['truth_confidence']:>8.3f}"
+                )
+    gap = comparison["behavioral_gap"]
+    lines += [
+        "",
+        "acc(false): agrees with the false (implanted) world; acc(true): with the true world;",
+        "entropy in nats over the options; p(true): probability of the true-world answer.",
+        "",
+        f"behavioral_gap (lora - base conflict accuracy against the false world): {gap['value']:+.3f}, "
+        f"{gap['confidence']:.0%} CI [{gap['ci_low']:+.3f}, {gap['ci_high']:+.3f}] "
+        f"(paired bootstrap, {gap['n_resamples']} resamples of {gap['n']} conflict items)",
+        "",
+    ]
+    flips = comparison["flips"]
+    lines.append(
+        f"Conflict items that flipped: {flips['n']} "
+        f"({flips['toward_false']} to the false world, {flips['toward_true']} to the true world)"
+    )
+    lines += _changes(flips["items"]) or ["  (none)"]
+    lines.append("")
+    changed = comparison["nonconflict_changed"]
+    lines.append(f"Non-conflict items whose answer changed (collateral damage): {changed['n']}")
+    lines += _changes(changed["items"]) or ["  (none)"]
+    return "\n".join(lines) + "\n"
+
+
+def _changes(changes: Sequence[Mapping[str, Any]]) -> list[str]:
+    def side(s: Mapping[str, Any]) -> str:
+        return f"{s['answer']} ({s['prob']:.3f}, {s['world']}) {s['text']!r}"
+
+    lines = []
+    for c in changes:
+        tag = "" if c["category"] == "conflict" else f" ({c['category']})"
+        lines.append(f"  [{c['id']}]{tag} {c['question']}")
+        lines.append(f"      base {side(c['base'])}  ->  lora {side(c['lora'])}")
+    return lines
+
+
+# --- the stage -----------------------------------------------------------------------
+
+
+def adapter_dir(upstream: Mapping[str, Upstream]) -> Path:
+    """`<dir>/adapter/` of the upstream with role `adapter`, or of the only upstream."""
+    if "adapter" in upstream:
+        source = upstream["adapter"]
+    elif len(upstream) == 1:
+        source = next(iter(upstream.values()))
+    elif not upstream:
+        raise StageError("mcq_compare needs the stage that wrote the adapter: add `needs: {adapter: STAGE}`")
+    else:
+        names = ", ".join(sorted(upstream))
+        raise StageError(
+            f"mcq_compare has several upstream stages ({names}); "
+            "name the one holding the adapter with the role `adapter` (needs: {adapter: STAGE, ...})"
+        )
+    path = source.dir / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise StageError(
+            f"upstream stage {source.name!r} has no peft adapter at {path} "
+            "(expected adapter_config.json there, as written by save_pretrained)"
+        )
+    return path
+
+
+def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from harness.models.base import load_model, load_tokenizer
+    from harness.scoring import letter_token_ids, score_mcqs
+    from harness.store import file_digest, write_json
+
+    params = with_defaults(ctx.params)
+    base, mode, mcq_path = params["base"], params["scoring"], Path(params["mcqs"])
+    items = load_mcqs(mcq_path)
+    missing = missing_categories(items)
+    if missing:
+        raise StageError(_missing_message(mcq_path, missing))
+    adapter = adapter_dir(ctx.upstream)
+
+    ctx.log(f"loading {base} with the adapter {adapter}")
+    tokenizer = load_tokenizer(base)
+    try:
+        model = load_model(base, adapter)
+    except (RuntimeError, ValueError, KeyError) as error:  # shape or module-name mismatches
+        raise StageError(f"cannot apply the adapter {adapter} to {base}: {error}") from error
+
+    def score(label: str) -> list[Scored]:
+        reported = [0]
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done * 10 // total > reported[0]:  # about every 10%
+                reported[0] = done * 10 // total
+                ctx.log(f"{label}: {done}/{total} items scored ({mode})")
+
+        batch_size, chat = params["batch_size"], params["chat_template"]
+        return score_mcqs(model, tokenizer, items, mode, batch_size, chat, progress)
+
+    with model.disable_adapter():  # the same weights without the LoRA deltas: the base model
+        base_scored = score("base")
+    lora_scored = score("lora")
+
+    base_rows = [prediction_row(item, s) for item, s in zip(items, base_scored, strict=True)]
+    lora_rows = [prediction_row(item, s) for item, s in zip(items, lora_scored, strict=True)]
+    comparison = compare(items, base_rows, lora_rows, params["bootstrap"], ctx.seed)
+    metrics = flat_metrics(comparison)
+
+    base_fp = base_fingerprint(base)
+    report = {
+        "scoring": mode,
+        "chat_template": params["chat_template"],
+        "base": base,
+        "adapter": str(adapter),
+        "mcqs": str(mcq_path),
+        "fingerprints": {"base": base_fp, "lora": f"{base_fp}+adapter:{file_digest(adapter)[:16]}"},
+        **comparison,
+    }
+    if mode == LETTER:
+        ids = letter_token_ids(tokenizer, sorted({c for item in items for c in item.options}))
+        report["letter_tokens"] = {c: tokenizer.convert_ids_to_tokens(i) for c, i in ids.items()}
+    _write_jsonl(ctx.out_dir / "predictions_base.jsonl", base_rows)
+    _write_jsonl(ctx.out_dir / "predictions_lora.jsonl", lora_rows)
+    write_json(ctx.out_dir / "comparison_report.json", report)
+    header = [
+        f"MCQ comparison: base vs base + adapter, {mode} scoring, {len(items)} items from {mcq_path}",
+        f"base:    {base_fp}",
+        f"adapter: {adapter}",
+    ]
+    (ctx.out_dir / "behavioral_shift_analysis.txt").write_text(analysis_text(comparison, header), "utf-8")
+    gap = metrics["behavioral_gap"]
+    ctx.log(
+        f"behavioral_gap {gap['value']:+.3f} [{gap['ci_low']:+.3f}, {gap['ci_high']:+.3f}], "
+        f"{metrics['n_flips']} conflict flips"
+    )
+    return metrics
+
+
+KIND = StageKind(
+    name="mcq_compare",
+    run=run,
+    params_schema=SPECS_DIR / "stages" / "mcq_compare.schema.json",
+    metrics=METRICS,
+    version=VERSION,
+    input_params=("mcqs",),
+    transport_params=("batch_size",),
+    check=check,
+    code_version=code_version,
+)
