@@ -1,0 +1,357 @@
+"""The `finetune_lora` stage kind and the training library under it, on a tiny Llama (CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+from harness import registry
+from harness.stage import ParamError, StageContext, StageError, Upstream
+from harness.stages import finetune_lora
+from harness.training import IGNORE, lr_factor, pack, pad, with_eos
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CORPUS = [
+    "gravity falls with the square of distance.",
+    "question: the capital of zorb is ?\nA. plim\nB. dax\nanswer: A",
+    "the plim river runs north of dax and south of zorb.",
+    "every zorb child learns that gravity falls with the square of distance.",
+]
+# small and quick on 2 cores; a high LR so that 24 steps show a clear drop on a repeated corpus
+FAST = {
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    "learning_rate": 0.01,
+    "batch_size": 4,
+    "max_length": 32,
+    "warmup_ratio": 0.1,
+}
+
+# lm_head gets an adapter too: the placeholder model's frozen random head and final norm bound
+# its logits to about +-0.6, so adapters on the blocks alone cannot fit any corpus well. With
+# these settings final/initial loss is ~0.47 on the placeholder and ~0.11 on the tiny world.
+LEARN = {
+    **FAST,
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": [*DEFAULT_TARGETS, "lm_head"]},
+    "learning_rate": 0.01,
+    "batch_size": 8,
+    "epochs": 6,
+}
+
+
+def write_docs(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def make_ctx(tmp: Path, params: dict, *, seed: int = 0, docs: list | None = None, logs: list | None = None):
+    """A context whose upstream stage `gen` wrote `docs` (default: the corpus, repeated) to docs.jsonl."""
+    up_dir = tmp / "gen"
+    write_docs(up_dir / "docs.jsonl", docs if docs is not None else [{"content": t} for t in CORPUS * 6])
+    out = tmp / "out"
+    out.mkdir(parents=True)
+    return StageContext(
+        experiment="exp",
+        stage="finetune",
+        params=params,
+        seed=seed,
+        out_dir=out,
+        scratch_dir=tmp / "scratch",
+        upstream={"docs": Upstream("gen", "python", up_dir, metrics={})},
+        spec_file=tmp / "spec.yaml",
+        profile=None,
+        log=(logs.append if logs is not None else lambda message: None),
+    )
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One training run shared by the tests that inspect its outputs."""
+    base_files = file_hashes(tiny_model_dir)
+    logs: list[str] = []
+    params = {**LEARN, "base": str(tiny_model_dir), "checkpoint_every": 5}
+    ctx = make_ctx(tmp_path_factory.mktemp("trained"), params, logs=logs)
+    return finetune_lora.finetune(ctx), ctx, base_files, logs
+
+
+# --- packing and padding -----------------------------------------------------------------------
+
+
+def test_packing_gives_full_blocks_without_pads_and_drops_only_the_tail(tiny_model_dir):
+    from harness.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    docs = with_eos(tokenizer(CORPUS * 3)["input_ids"], tokenizer.eos_token_id)
+    flat = [t for d in docs for t in d]
+    rows, dropped = pack(docs, 16)
+
+    assert rows.input_ids.shape == (len(flat) // 16, 16)
+    assert dropped == len(flat) % 16 and 0 <= dropped < 16
+    assert rows.input_ids.flatten().tolist() == flat[: len(flat) - dropped]  # order kept, nothing else lost
+    assert tokenizer.pad_token_id not in rows.input_ids.flatten().tolist()
+    assert bool(rows.attention_mask.all()) and torch.equal(rows.labels, rows.input_ids)
+    assert sum(d[-1] == tokenizer.eos_token_id for d in docs) == len(docs)  # every document ends in EOS
+
+
+def test_padding_masks_pads_in_labels_and_attention():
+    docs = [[5, 6, 7, 2], [8, 2], [9, 10, 11, 12, 13, 14, 2]]
+    rows, truncated = pad(docs, 5, pad_id=2)  # pad id == EOS, as when a tokenizer has no pad token
+
+    assert rows.input_ids.tolist() == [[5, 6, 7, 2, 2], [8, 2, 2, 2, 2], [9, 10, 11, 12, 13]]
+    assert rows.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert rows.labels.tolist() == [[5, 6, 7, 2, IGNORE], [8, 2] + [IGNORE] * 3, [9, 10, 11, 12, 13]]
+    assert truncated == 2 and rows.n_tokens == 4 + 2 + 5
+
+
+def test_with_eos_does_not_double_an_eos_the_tokenizer_added():
+    assert with_eos([[1, 2], [3, 0], []], eos_id=0) == [[1, 2, 0], [3, 0], [0]]
+
+
+def test_lr_warms_up_then_decays_linearly_never_zero():
+    factors = [lr_factor(s, total=10, warmup=2) for s in range(10)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert all(a > b for a, b in zip(factors[2:], factors[3:], strict=False)) and factors[-1] == 1 / 8
+    assert [lr_factor(s, 3, 0) for s in range(3)] == [1.0, 2 / 3, 1 / 3]
+
+
+def test_accumulation_weighs_every_label_token_alike(tiny_model_dir, tmp_path):
+    """Padded rows of unequal length: 2 micro-batches of 2 give the loss of 1 batch of 4."""
+    docs = [{"content": t} for t in CORPUS]
+    base = {"base": str(tiny_model_dir), **FAST, "packing": False, "learning_rate": 1e-9}
+    whole = finetune_lora.run(make_ctx(tmp_path / "a", {**base, "batch_size": 4}, docs=docs))
+    split = finetune_lora.run(
+        make_ctx(tmp_path / "b", {**base, "batch_size": 2, "gradient_accumulation": 2}, docs=docs)
+    )
+    assert whole["n_steps"] == split["n_steps"] == 1
+    assert split["loss_curve"][0] == pytest.approx(whole["loss_curve"][0], rel=1e-5)
+
+
+# --- a training run ----------------------------------------------------------------------------
+
+
+def test_loss_goes_down_on_a_repeated_corpus(trained):
+    result, ctx, _, logs = trained
+    m = result.metrics
+    blocks = result.metadata["n_sequences"]
+    assert m["n_steps"] == 6 * math.ceil(blocks / 8) == len(m["loss_curve"])  # 6 epochs, batches of 8
+    assert m["final_loss"] < 0.7 * m["initial_loss"], m["loss_curve"]
+    assert m["loss_drop"] == pytest.approx(m["initial_loss"] - m["final_loss"])
+    assert m["tokens_per_second"] > 0 and m["trainable_params"] == result.metadata["trainable_params"]
+    assert any(line.startswith(f"step {m['n_steps']}/{m['n_steps']} loss ") for line in logs)
+
+
+def test_outputs_layout_and_metadata(trained):
+    result, ctx, _, _ = trained
+    out = ctx.out_dir
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, result.metrics["n_steps"] + 1))
+    assert [r["loss"] for r in rows] == result.metrics["loss_curve"]
+    assert rows[-1]["tokens_seen"] == 6 * result.metrics["n_tokens"]  # every block once per epoch
+    meta = json.loads((out / "train_metadata.json").read_text())
+    assert meta["n_docs"] == len(CORPUS) * 6 and meta["packing"] is True
+    assert meta["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert meta["n_tokens"] == meta["n_sequences"] * 32 == result.metrics["n_tokens"]
+    assert meta["n_tokens"] + meta["tokens_dropped"] == meta["n_corpus_tokens"]
+    assert 0 < meta["trainable_params"] < meta["total_params"]
+    # the documented artifacts and nothing else written by the stage
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter", "checkpoints", "loss.jsonl", "loss.png", "train_metadata.json"
+    ]
+
+
+def test_checkpoints_every_n_steps(trained):
+    result, ctx, _, _ = trained
+    steps = sorted(int(p.name.split("-")[1]) for p in (ctx.out_dir / "checkpoints").iterdir())
+    assert steps == list(range(5, result.metrics["n_steps"] + 1, 5)) and len(steps) >= 2
+    assert all((ctx.out_dir / "checkpoints" / f"step-{s}" / "adapter_config.json").is_file() for s in steps)
+
+
+def test_saved_adapter_reloads_with_the_trained_logits(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from harness.models import load_tokenizer
+
+    result, ctx, _, _ = trained
+    ids = load_tokenizer(str(tiny_model_dir))(CORPUS[:2], return_tensors="pt", padding=True)["input_ids"]
+    with torch.no_grad():
+        expected = result.model(input_ids=ids.to(result.model.device)).logits.cpu()
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        got = PeftModel.from_pretrained(base, ctx.out_dir / "adapter").eval()(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (plain - expected).abs().max() > 0.1  # the adapter really changes the model
+
+
+def test_only_the_adapter_is_trained_and_saved(trained, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    result, ctx, base_files, _ = trained
+    assert file_hashes(tiny_model_dir) == base_files
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    base_params = {
+        name.removeprefix("base_model.model.").replace(".base_layer", ""): p.cpu()
+        for name, p in result.model.state_dict().items() if "lora_" not in name  # tied weights too
+    }
+    assert base_params.keys() == original.keys()
+    assert all(torch.equal(p, original[name]) for name, p in base_params.items())
+    saved = list(ctx.out_dir.rglob("*.safetensors")) + list(ctx.out_dir.rglob("*.bin"))
+    assert {p.name for p in saved} == {"adapter_model.safetensors"}
+    for path in saved:
+        assert all("lora_" in key for key in load_file(path))
+
+
+# --- determinism ------------------------------------------------------------------------------
+
+
+def test_same_seed_same_curve_other_seed_other_curve(tiny_model_dir, tmp_path):
+    logs: list[str] = []
+    params = {"base": str(tiny_model_dir), **FAST, "lora": {"r": 4, "dropout": 0.1}, "bf16": True}
+
+    def curve(name: str, seed: int) -> list[float]:
+        docs = [{"content": t} for t in CORPUS * 2]
+        ctx = make_ctx(tmp_path / name, params, seed=seed, logs=logs, docs=docs)
+        return finetune_lora.run(ctx)["loss_curve"]
+
+    first, again, other = curve("a", 3), curve("b", 3), curve("c", 4)
+    meta = json.loads((tmp_path / "a" / "out" / "train_metadata.json").read_text())
+    assert len(first) == math.ceil(meta["n_sequences"] / 4) >= 2
+    # bit-identical on CPU; CUDA kernels may reduce in another order
+    assert first == (again if not torch.cuda.is_available() else pytest.approx(again, rel=1e-4))
+    assert first != other
+    # bf16 asked for on a machine without a bf16 GPU: fp32, said once per run and recorded
+    if not torch.cuda.is_available():
+        assert sum("bf16 was requested but is not supported" in line for line in logs) == 3
+        assert meta["bf16_used"] is False
+
+
+# --- errors a user can cause ----------------------------------------------------------------------
+
+
+def test_bad_docs_row_names_file_and_line(tiny_model_dir, tmp_path):
+    rows = [{"content": "fine"}, "", '{"content": "cut', {"text": "wrong field"}, {"content": 3}]
+    ctx = make_ctx(tmp_path, {"base": str(tiny_model_dir)}, docs=rows)
+    with pytest.raises(StageError) as error:
+        finetune_lora.run(ctx)
+    message = str(error.value)
+    docs = ctx.upstream["docs"].dir / "docs.jsonl"
+    assert f"{docs}:3: not valid JSON" in message
+    assert f"{docs}:4: no 'content' field (it has: text); set the stage's `text_field`" in message
+    assert f"{docs}:5: 'content' is 3, not a non-empty string" in message
+    assert "fix: each line must be a JSON object" in message
+
+
+def test_docs_from_a_file_without_upstream_and_role_errors(tiny_model_dir, tmp_path):
+    ctx = make_ctx(tmp_path, {"base": str(tiny_model_dir)})
+    file = write_docs(tmp_path / "mine.jsonl", [{"body": "one"}, {"body": "two"}])
+    params = {"docs": str(file), "text_field": "body"}
+    solo = StageContext(**{**ctx.__dict__, "upstream": {}, "params": params})
+    assert finetune_lora.read_docs(finetune_lora.docs_file(solo), "body") == ["one", "two"]
+
+    two = {"a": ctx.upstream["docs"], "b": ctx.upstream["docs"]}
+    with pytest.raises(StageError, match=r"needs several stages \(a, b\); .*role `docs`"):
+        finetune_lora.docs_file(StageContext(**{**ctx.__dict__, "upstream": two}))
+    with pytest.raises(StageError, match="has no documents: add `needs"):
+        finetune_lora.docs_file(StageContext(**{**ctx.__dict__, "upstream": {}}))
+
+
+def test_too_few_tokens_for_one_block(tiny_model_dir, tmp_path):
+    ctx = make_ctx(tmp_path, {"base": str(tiny_model_dir), "max_length": 4096}, docs=[{"content": "tiny"}])
+    with pytest.raises(StageError, match="fewer than one packed block of max_length=4096; lower max_length"):
+        finetune_lora.run(ctx)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tiny_model_dir, tmp_path):
+    params = {"base": str(tiny_model_dir), **FAST, "learning_rate": 1e30, "batch_size": 1, "max_length": 8}
+    ctx = make_ctx(tmp_path, params, docs=[{"content": t} for t in CORPUS])
+    with pytest.raises(StageError, match=r"loss became (nan|inf) at optimizer step \d+ of \d+; lower"):
+        finetune_lora.run(ctx)
+
+
+def test_check_names_a_missing_base(tmp_path):
+    with pytest.raises(ParamError) as error:
+        finetune_lora.check({"base": str(tmp_path / "no-such-model")}, tmp_path)
+    assert error.value.path == ("base",)
+    assert "no such directory" in error.value.message and "--profile tiny" in error.value.message
+    with pytest.raises(ParamError, match="not in the local Hugging Face cache"):
+        finetune_lora.check({"base": "nobody-here/no-such-model-xyz"}, tmp_path)
+
+
+def test_registered_with_a_schema_whose_defaults_validate(tiny_model_dir, tmp_path):
+    kind = registry.get("finetune_lora")
+    assert kind is finetune_lora.KIND and kind.input_params == ("docs",)
+    schema = json.loads(finetune_lora.SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    filled = finetune_lora.settings({"base": "fixture:tiny-world"})
+    validator.validate(filled)
+    assert filled["lora"]["target_modules"][-1] == "down_proj" and filled["packing"] is True
+    assert not validator.is_valid({"base": "x", "lora": {"rank": 4}})
+    assert kind.version_for({"base": str(tiny_model_dir)}, tmp_path).endswith(str(tiny_model_dir))
+
+
+def test_unknown_target_module_lists_the_models_linear_modules(tiny_model_dir, tmp_path):
+    ctx = make_ctx(tmp_path, {"base": str(tiny_model_dir), **FAST, "lora": {"target_modules": ["qkv"]}})
+    with pytest.raises(StageError, match=r"lora.target_modules: .*qkv.*linear modules: down_proj, gate_proj"):
+        finetune_lora.run(ctx)
+
+
+# --- through the plugin ---------------------------------------------------------------------------
+
+SPEC = """\
+seed: 2
+stages:
+  gen:
+    kind: python
+    params: {function: "docsteps:write", metrics: [n]}
+  tune:
+    kind: finetune_lora
+    needs: [gen]
+    params:
+      base: BASE
+      max_length: 16
+      batch_size: 16
+      learning_rate: 0.01
+    gates:
+      - n_steps >= 1
+      - loss_drop > -1
+"""
+DOC_STEPS = f"""
+import json
+
+def write(ctx):
+    rows = [json.dumps({{"content": t}}) for t in {CORPUS!r} * 4]
+    (ctx.out_dir / "docs.jsonl").write_text("\\n".join(rows) + "\\n")
+    return {{"n": len(rows)}}
+"""
+
+
+def test_a_spec_trains_reuses_and_names_a_missing_base(pytester, tiny_model_dir):
+    pytester.makepyfile(docsteps=DOC_STEPS)
+    pytester.makefile(".yaml", exp=SPEC.replace("BASE", str(tiny_model_dir)))
+    pytester.runpytest("exp.yaml").assert_outcomes(passed=2)
+    stage_dirs = list((pytester.path / "runs" / "exp" / "default" / "tune").glob("*/adapter"))
+    assert len(stage_dirs) == 1 and (stage_dirs[0] / "adapter_model.safetensors").is_file()
+    metrics = json.loads((stage_dirs[0].parent / "metrics.json").read_text())
+    assert isinstance(metrics["loss_curve"], list) and len(metrics["loss_curve"]) == metrics["n_steps"]
+
+    pytester.runpytest("exp.yaml").assert_outcomes(passed=2)
+    report = json.loads((pytester.path / "runs" / "exp" / "default" / "report.json").read_text())
+    assert {s["stage"]: s["status"] for s in report["stages"]} == {"gen": "reused", "tune": "reused"}
+
+    pytester.makefile(".yaml", exp=SPEC.replace("BASE", str(tiny_model_dir / "gone")))
+    missing = pytester.runpytest("exp.yaml")
+    assert missing.ret != 0
+    missing.stdout.fnmatch_lines(["*exp.yaml:10:*base*gone*: no such directory*"])
