@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path, PurePath
 
 import pytest
@@ -45,6 +47,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_ReportHooks(config), "harness-reports")
+    _share_cores()
+
+
+def _share_cores() -> None:
+    """Under xdist, give each worker its share of the cores: torch's default of one thread
+    per core in every worker oversubscribes them, and small models then run many times
+    slower as threads wait for each other."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // int(workers))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.llm_server import Fault, LLMServer, llm_server_fixture  # noqa: F401
+from fixtures.llm_server import Fault, LLMServer
 from harness.llm import (
     TRANSPORT_KEYS,
     ChatRequest,

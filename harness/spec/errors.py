@@ -43,11 +43,27 @@ class SpecError(Exception):
 
     def __init__(self, problems: list[Problem] | Problem):
         self.problems = [problems] if isinstance(problems, Problem) else list(problems)
-        super().__init__("\n\n".join(p.render() for p in self.problems))
+        super().__init__("\n\n".join(_render_grouped(self.problems)))
 
     @classmethod
     def at(cls, message: str, mark: Mark | None = None, where: str = "") -> SpecError:
         return cls(Problem(message, mark, where))
+
+
+def _render_grouped(problems: list[Problem]) -> list[str]:
+    """One block per distinct message: a missing API key named by three stages is one
+    problem to fix, so it is shown once with the other places listed."""
+    groups: dict[str, list[Problem]] = {}
+    for problem in problems:
+        groups.setdefault(problem.message, []).append(problem)
+    blocks = []
+    for first, *same in groups.values():
+        text = first.render()
+        if same:
+            places = ", ".join(f"{p.mark.short if p.mark else '?'} ({p.where})" for p in same)
+            text += f"\n(the same at {places})"
+        blocks.append(text)
+    return blocks
 
 
 def _display(path: Path) -> str:
