@@ -26,6 +26,12 @@ LATEST = "LATEST"
 NOT_OUTPUTS = {MANIFEST, "stage.log"}  # left out of the output digest
 
 
+def is_output(rel: str) -> bool:
+    """Whether a file counts for the output digest: not the manifest or log, nor a
+    `*metadata.json`, which records how a run went (times, usage), not what it produced."""
+    return rel not in NOT_OUTPUTS and not rel.endswith("metadata.json")
+
+
 @dataclass(frozen=True)
 class Record:
     """A complete stage run in the store."""
@@ -85,7 +91,7 @@ def output_digest(directory: Path) -> str:
     h = hashlib.sha256()
     for child in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = child.relative_to(directory).as_posix()
-        if rel in NOT_OUTPUTS:
+        if not is_output(rel):
             continue
         h.update(rel.encode() + b"\0" + file_digest(child).encode())
     return h.hexdigest()[:16]

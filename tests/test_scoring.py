@@ -174,8 +174,9 @@ def test_probabilities_sum_to_one_over_the_items_own_options(model, tokenizer, m
     for item, result in zip(items, score_mcqs(model, tokenizer, items, mode, 4), strict=True):
         assert list(result.probs) == list(item.options)
         assert sum(result.probs.values()) == pytest.approx(1.0, abs=1e-9)
-        assert all(0 < p < 1 for p in result.probs.values())
-        assert 0 < entropy(result.probs) <= math.log(len(item.options)) + 1e-12
+        # a trained model can be sure enough that a probability rounds to 0 or 1
+        assert all(0 <= p <= 1 for p in result.probs.values())
+        assert 0 <= entropy(result.probs) <= math.log(len(item.options)) + 1e-12
 
 
 def test_softmax_and_entropy_known_values():
