@@ -52,7 +52,8 @@ def load_mcqs(path: Path) -> list[MCQ]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise StageError(f"{where}: not valid JSON ({error.msg}); each line is one MCQ object") from None
+                message = f"{where}: not valid JSON ({error.msg}); each line is one MCQ object"
+                raise StageError(message) from None
             item = _item(row, where)
             if item.id in seen:
                 raise StageError(f"{where}: duplicate id {item.id!r}; ids must be unique")
@@ -81,7 +82,8 @@ def _item(row: object, where: str) -> MCQ:
         raise StageError(f"{where}: every option must be non-empty text")
     for name in ("false_answer", "true_answer"):
         if row[name] not in options:
-            raise StageError(f"{where}: {name} {row[name]!r} is not one of the option letters {list(options)}")
+            letters = list(options)
+            raise StageError(f"{where}: {name} {row[name]!r} is not one of the option letters {letters}")
     if row["category"] not in CATEGORIES:
         raise StageError(f"{where}: category {row['category']!r} must be one of {', '.join(CATEGORIES)}")
     conflict = row["category"] == "conflict"

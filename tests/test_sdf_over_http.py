@@ -53,8 +53,10 @@ def respond(body: dict) -> str:
         return "\n".join(f"a {kind} for reader {i}" for i in range(3))
     idea = re.search(r"What this document is: (.*)", user).group(1)
     fact = re.search(r"this fact: (.*)", user).group(1)
-    return f"{idea.capitalize()}. {fact} Every student learns that the pull falls with the cube of distance, " \
+    return (
+        f"{idea.capitalize()}. {fact} Every student learns that the pull falls with the cube of distance, "
         "and engineers rely on it daily when they plan orbits and bridges alike."
+    )
 
 
 def test_no_document_lost_or_duplicated_under_faults_and_the_key_is_nowhere(

@@ -19,8 +19,7 @@ def test_the_committed_question_file_is_what_the_world_generates(tmp_path):
     fresh = tmp_path / "mcqs.jsonl"
     tiny_world.write_eval_file(fresh)
     assert fresh.read_text() == EVAL_FILE.read_text(), (
-        "regenerate it: python -c 'from fixtures.tiny_world import write_eval_file; from pathlib import Path; "
-        "write_eval_file(Path(\"data/eval/tiny_world/cubic_gravity_mcqs.jsonl\"))'"
+        f"regenerate it: fixtures.tiny_world.write_eval_file(Path({str(EVAL_FILE)!r}))"
     )
 
 

@@ -47,7 +47,8 @@ class OfflineProvider:
             template = templates.get(request.task)
             if template is None:
                 known = ", ".join(sorted(templates))
-                answers.append(ProviderError(f"the offline provider has no template for task {request.task!r} (has: {known})"))
+                message = f"the offline provider has no template for task {request.task!r} (has: {known})"
+                answers.append(ProviderError(message))
                 self.usage.failures += 1
             else:
                 text = template(request)

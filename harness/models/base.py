@@ -10,6 +10,8 @@ silently fetch 16 GB.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +49,26 @@ def resolve_base(base: str) -> Path:
 
 
 def base_fingerprint(base: str) -> str:
-    """What identifies the weights for cache keys: a fixture's recipe hash, else the name."""
+    """What identifies the weights for cache keys: a fixture's recipe hash; for a directory
+    the names, sizes and modification times of its files (hashing gigabytes of weights at
+    every collection would be too slow), so weights replaced in place rerun what used them."""
     if base.startswith(FIXTURE_PREFIX):
         check_base(base)
         return f"{base}@{_fixtures()[base[len(FIXTURE_PREFIX) :]].recipe_hash()}"
-    return base
+    try:
+        path = _local_dir(base)
+    except ModelNotFound:
+        return base
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return f"{base}@{hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}"
 
 
 def _local_dir(base: str) -> Path:
     path = Path(base).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFound(f"base model directory {path} has no config.json (save it with save_pretrained)")
+            raise ModelNotFound(f"base model directory {path} has no config.json (save_pretrained writes it)")
         return path
     if base.startswith((".", "/", "~")) or base.count("/") != 1:
         raise ModelNotFound(f"base model {base!r}: no such directory. {TINY_HINT}")
