@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from harness import registry
+from harness.models import base_fingerprint
 from harness.stage import ParamError, StageContext, StageError, Upstream
 from harness.stages import finetune_lora
 from harness.training import IGNORE, lr_factor, pack, pad, with_eos
@@ -299,7 +300,8 @@ def test_registered_with_a_schema_whose_defaults_validate(tiny_model_dir, tmp_pa
     validator.validate(filled)
     assert filled["lora"]["target_modules"][-1] == "down_proj" and filled["packing"] is True
     assert not validator.is_valid({"base": "x", "lora": {"rank": 4}})
-    assert kind.version_for({"base": str(tiny_model_dir)}, tmp_path).endswith(str(tiny_model_dir))
+    base = str(tiny_model_dir)
+    assert kind.version_for({"base": base}, tmp_path) == "1+" + base_fingerprint(base)
 
 
 def test_unknown_target_module_lists_the_models_linear_modules(tiny_model_dir, tmp_path):
