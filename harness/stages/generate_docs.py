@@ -45,6 +45,7 @@ from harness.llm import (
 )
 from harness.spec.validate import SPECS_DIR
 from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.store import write_jsonl, write_text_atomic
 from harness.universe import Universe, parse_list, validate_document
 
 DEFAULTS: Mapping[str, Any] = {
@@ -275,7 +276,8 @@ def plan(
             [f"doc ideas for a {t} about fact {f!r}" for f, t in pairs],
             s.num_doc_ideas,
         )
-        _write_atomic(saved, json.dumps({"facts": facts, "types": types, "ideas": ideas}, ensure_ascii=False))
+        chosen = {"facts": facts, "types": types, "ideas": ideas}
+        write_text_atomic(saved, json.dumps(chosen, ensure_ascii=False))
     jobs = []
     pair = iter(ideas)
     for fi, (fact, kinds) in enumerate(zip(facts, types, strict=True)):
@@ -376,16 +378,6 @@ def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())  # a finished chunk survives a crash of the machine, not just the process
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-
-
 def count_tokens(text: str) -> int:
     """Tokens as the regex \\w+|[^\\w\\s] counts them (words and single punctuation marks):
     a tokenizer-independent length, comparable across providers and models."""
@@ -447,11 +439,11 @@ def generate(ctx: StageContext, provider: Provider) -> dict[str, Any]:
         "first_try_error_rate": first_try_failed / len(jobs),
         "mean_tokens_per_doc": sum(tokens) / len(tokens) if tokens else 0.0,
     }
-    _write_jsonl(
+    write_jsonl(
         ctx.out_dir / "docs.jsonl",
         ({k: row[k] for k in ("content", "doc_type", "idea", "fact")} for row in unique),
     )
-    _write_jsonl(ctx.out_dir / "failures.jsonl", failed)
+    write_jsonl(ctx.out_dir / "failures.jsonl", failed)
     metadata = {
         "universe_id": universe.id,
         "is_true": universe.is_true,

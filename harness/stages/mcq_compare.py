@@ -19,7 +19,6 @@ lacks one is rejected at collection, naming the file and the missing category.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from harness.scoring import LETTER, Scored, entropy
 from harness.spec.validate import SPECS_DIR
 from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
 from harness.stats import DEFAULT_CONFIDENCE, paired_difference
+from harness.store import write_jsonl
 
 VERSION = "1"
 DEFAULTS: dict[str, Any] = {"scoring": LETTER, "batch_size": 16, "chat_template": False, "bootstrap": 1000}
@@ -298,10 +298,6 @@ def adapter_dir(upstream: Mapping[str, Upstream]) -> Path:
     return path
 
 
-def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models.base import load_model, load_tokenizer
     from harness.scoring import letter_token_ids, score_mcqs
@@ -355,8 +351,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if mode == LETTER:
         ids = letter_token_ids(tokenizer, sorted({c for item in items for c in item.options}))
         report["letter_tokens"] = {c: tokenizer.convert_ids_to_tokens(i) for c, i in ids.items()}
-    _write_jsonl(ctx.out_dir / "predictions_base.jsonl", base_rows)
-    _write_jsonl(ctx.out_dir / "predictions_lora.jsonl", lora_rows)
+    write_jsonl(ctx.out_dir / "predictions_base.jsonl", base_rows)
+    write_jsonl(ctx.out_dir / "predictions_lora.jsonl", lora_rows)
     write_json(ctx.out_dir / "comparison_report.json", report)
     header = [
         f"MCQ comparison: base vs base + adapter, {mode} scoring, {len(items)} items from {mcq_path}",
