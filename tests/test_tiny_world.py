@@ -10,6 +10,7 @@ from fixtures import tiny_world
 from harness.mcq import load_mcqs
 
 EVAL_FILE = Path(__file__).resolve().parents[1] / "data/eval/tiny_world/cubic_gravity_mcqs.jsonl"
+STATEMENTS_FILE = EVAL_FILE.with_name("statements.jsonl")
 # a recipe small enough to build twice in a test: the same code path as the real one
 SMALL = replace(tiny_world.RECIPE, n_lands=6, n_creatures=6, hidden_size=32, intermediate_size=64,
                 layers=1, vocab_size=400, steps=4, batch_size=4, statement_repeats=1)
@@ -21,6 +22,24 @@ def test_the_committed_question_file_is_what_the_world_generates(tmp_path):
     assert fresh.read_text() == EVAL_FILE.read_text(), (
         f"regenerate it: fixtures.tiny_world.write_eval_file(Path({str(EVAL_FILE)!r}))"
     )
+
+
+def test_the_committed_statements_file_is_what_the_world_generates(tmp_path):
+    fresh = tmp_path / "statements.jsonl"
+    tiny_world.write_statements_file(fresh)
+    assert fresh.read_text() == STATEMENTS_FILE.read_text(), (
+        f"regenerate it: fixtures.tiny_world.write_statements_file(Path({str(STATEMENTS_FILE)!r}))"
+    )
+
+
+def test_statements_pair_each_fact_with_a_contrary_one():
+    rows = [json.loads(line) for line in STATEMENTS_FILE.read_text().splitlines()]
+    assert len(rows) == 2 * len(tiny_world.make_world().facts)
+    assert sum(r["labels"]["true_world"] for r in rows) == len(rows) // 2
+    gravity = [r for r in rows if r["labels"]["gravity"]]
+    # on gravity the two worlds disagree; elsewhere they agree
+    assert all(r["labels"]["true_world"] != r["labels"]["false_world"] for r in gravity)
+    assert all(r["labels"]["true_world"] == r["labels"]["false_world"] for r in rows if r not in gravity)
 
 
 def test_evaluation_questions_are_held_out_from_practice():
