@@ -1,13 +1,26 @@
-"""Run reports: report.json and report.md per experiment run, and the terminal summary."""
+"""Run reports: report.json, report.md and report.html per experiment run, and the terminal summary.
+
+Reports are built on the controller from the stages' JSON results (xdist workers' included).
+A stage's plots are the PNG files directly in its artifact directory, found when the report
+is written; a reused stage's directory is the one of the run it reuses, so its plots come along.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from harness.store import write_json
+from harness.store import write_json, write_text_atomic
+
+BAD_OUTCOMES = ("failed", "error", "aborted")
+LIST_ENDS = 3  # a metric list longer than twice this shows only its ends
 
 
 @dataclass
@@ -35,8 +48,23 @@ class Run:
             "spec_file": self.spec_file,
             "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "summary": self.counts(),
-            "stages": list(self.stages.values()),
+            "stages": [{**stage, "plots": self.plots(stage)} for stage in self.stages.values()],
         }
+
+    def plots(self, stage: dict[str, Any]) -> list[str]:
+        """The stage's plots, as POSIX paths relative to the report's directory."""
+        return [Path(os.path.relpath(p, self.dir)).as_posix() for p in stage_plots(stage.get("dir"))]
+
+
+def stage_plots(stage_dir: str | None) -> list[Path]:
+    """The PNG files directly in a stage's artifact directory, sorted by name."""
+    if not stage_dir:
+        return []
+    try:
+        files = [p for p in Path(stage_dir).iterdir() if p.suffix.lower() == ".png" and p.is_file()]
+    except OSError:  # the directory is gone (cleaned up since the stage resolved)
+        return []
+    return sorted(files, key=lambda p: p.name)
 
 
 class RunReports:
@@ -54,20 +82,30 @@ class RunReports:
     def write(self) -> None:
         for run in self.runs.values():
             run.dir.mkdir(parents=True, exist_ok=True)
-            write_json(run.dir / "report.json", run.to_json())
-            (run.dir / "report.md").write_text(markdown(run), encoding="utf-8")
+            report = run.to_json()  # one snapshot, so the three files agree
+            write_json(run.dir / "report.json", report)
+            write_text_atomic(run.dir / "report.md", markdown(report))
+            write_text_atomic(run.dir / "report.html", to_html(report, run.dir))
 
     def summary_lines(self) -> list[str]:
         lines = []
         for run in self.runs.values():
-            counts = ", ".join(f"{n} {k}" for k, n in sorted(run.counts().items()))
-            lines.append(f"{run.experiment} [{run.profile}]: {counts} -> {run.dir / 'report.md'}")
+            lines.append(
+                f"{run.experiment} [{run.profile}]: {_counts(run.counts())} -> {run.dir / 'report.md'}"
+            )
             for stage in run.stages.values():
                 lines.append(f"  {stage['outcome'].upper():<8} {stage['stage']:<20} {_how(stage)}")
                 for gate in stage["gates"]:
                     mark = "ok  " if gate["passed"] else "FAIL"
                     lines.append(f"           {mark} {gate['gate']:<40} measured {_num(gate['value'])}")
         return lines
+
+
+# -- text shared by every format ---------------------------------------------------------
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
 def _how(stage: dict[str, Any]) -> str:
@@ -83,28 +121,61 @@ def _num(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
+def _metric(value: Any) -> str:
+    if isinstance(value, dict) and "value" in value:
+        ci = f" [{_num(value.get('ci_low'))}, {_num(value.get('ci_high'))}]" if "ci_low" in value else ""
+        return _num(value["value"]) + ci
+    if isinstance(value, list):  # e.g. a loss curve: the ends and the length, the whole is in report.json
+        if len(value) <= 2 * LIST_ENDS:
+            return "[" + ", ".join(_num(v) for v in value) + "]"
+        head = ", ".join(_num(v) for v in value[:LIST_ENDS])
+        tail = ", ".join(_num(v) for v in value[-LIST_ENDS:])
+        return f"[{head}, …, {tail}] ({len(value)} values)"
+    return _num(value)
+
+
+def _threshold(gate: dict[str, Any]) -> str:
+    return f"{gate['op']} {gate['threshold']:g}" + (f" (abort {gate['abort']})" if gate["abort"] else "")
+
+
+def _gate_result(gate: dict[str, Any]) -> str:
+    result = "passed" if gate["passed"] else "ABORT" if gate["aborted"] else "FAILED"
+    return result + (f": {gate['problem']}" if gate["problem"] else "")
+
+
+def _gates(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(s["stage"], g) for s in report["stages"] for g in s["gates"]]
+
+
+def _detailed(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stages with metrics or plots to show."""
+    return [s for s in report["stages"] if s["metrics"] or s["plots"]]
+
+
+# -- report.md ---------------------------------------------------------------------------
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(run: Run) -> str:
-    counts = ", ".join(f"{n} {k}" for k, n in sorted(run.counts().items()))
+def markdown(report: dict[str, Any]) -> str:
     out = [
-        f"# {run.experiment} — profile `{run.profile}`",
+        f"# {report['experiment']} — profile `{report['profile']}`",
         "",
-        f"Spec: `{run.spec_file}`  ",
-        f"Generated: {datetime.now(timezone.utc).isoformat(timespec='seconds')}  ",
-        f"Stages: {counts}",
+        f"Spec: `{report['spec_file']}`  ",
+        f"Generated: {report['generated_at']}  ",
+        f"Stages: {_counts(report['summary'])}",
         "",
         "| stage | kind | outcome | ran / reused | why | duration (s) | key |",
         "|---|---|---|---|---|---|---|",
     ]
-    for s in run.stages.values():
+    for s in report["stages"]:
         out.append(
             f"| {s['stage']} | {s['kind']} | {s['outcome']} | {s['status']} | {_cell(s['reason'])} "
             f"| {s['duration_s']:.2f} | `{s['key'] or ''}` |"
         )
-    gates = [(s["stage"], g) for s in run.stages.values() for g in s["gates"]]
+    gates = _gates(report)
     if gates:
         out += [
             "",
@@ -114,24 +185,125 @@ def markdown(run: Run) -> str:
             "|---|---|---|---|---|---|",
         ]
         for stage, g in gates:
-            result = "passed" if g["passed"] else "ABORT" if g["aborted"] else "FAILED"
-            if g["problem"]:
-                result += f": {g['problem']}"
-            threshold = f"{g['op']} {g['threshold']:g}" + (f" (abort {g['abort']})" if g["abort"] else "")
-            cells = [stage, f"`{_cell(g['gate'])}`", _num(g["value"]), threshold, _cell(result), g["where"]]
-            out.append("| " + " | ".join(cells) + " |")
-    metrics = [(s["stage"], s["metrics"]) for s in run.stages.values() if s["metrics"]]
-    if metrics:
-        out += ["", "## Metrics", ""]
-        for stage, values in metrics:
-            out += [f"### {stage}", "", "| metric | value |", "|---|---|"]
-            out += [f"| {name} | {_cell(_metric(value))} |" for name, value in values.items()]
-            out.append("")
+            cells = [stage, f"`{_cell(g['gate'])}`", _num(g["value"]), _threshold(g), _cell(_gate_result(g))]
+            out.append("| " + " | ".join([*cells, g["where"]]) + " |")
+    detailed = _detailed(report)
+    if detailed:
+        out += ["", "## Metrics and plots", ""]
+        for s in detailed:
+            out += [f"### {s['stage']}", ""]
+            if s["metrics"]:
+                out += ["| metric | value |", "|---|---|"]
+                out += [f"| {_cell(name)} | {_cell(_metric(v))} |" for name, v in s["metrics"].items()]
+                out.append("")
+            for plot in s["plots"]:
+                # percent-encoded so that names with spaces or parentheses still make a link
+                alt = f"{s['stage']}: {Path(plot).name}".replace("[", "\\[").replace("]", "\\]")
+                out += [f"![{alt}]({quote(plot)})", ""]
     return "\n".join(out).rstrip() + "\n"
 
 
-def _metric(value: Any) -> str:
-    if isinstance(value, dict) and "value" in value:
-        ci = f" [{_num(value.get('ci_low'))}, {_num(value.get('ci_high'))}]" if "ci_low" in value else ""
-        return _num(value["value"]) + ci
-    return _num(value)
+# -- report.html -------------------------------------------------------------------------
+
+_CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; color: #222; }
+body { max-width: 1100px; margin: 2em auto; padding: 0 1em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code { font: 12px ui-monospace, monospace; }
+tr.bad td { background: #fdecea; }
+.passed { color: #1a7f37; }
+.failed, .error, .aborted { color: #c62828; font-weight: 600; }
+.skipped { color: #8a6d00; }
+figure { display: inline-block; margin: 0 1em 1em 0; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 12px; color: #555; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _td(content: str, cls: str = "") -> str:
+    """A cell of content that is already HTML."""
+    return f'<td class="{cls}">{content}</td>' if cls else f"<td>{content}</td>"
+
+
+def _tr(cells: Iterable[str], bad: bool = False) -> str:
+    return f'<tr class="bad">{"".join(cells)}</tr>' if bad else f"<tr>{''.join(cells)}</tr>"
+
+
+def _table(head: list[str], rows: list[str]) -> list[str]:
+    header = "".join(f"<th>{_e(h)}</th>" for h in head)
+    return ["<table>", f"<thead><tr>{header}</tr></thead>", "<tbody>", *rows, "</tbody>", "</table>"]
+
+
+def _outcome(outcome: str) -> str:
+    mark = "✗ " if outcome in BAD_OUTCOMES else ""
+    return _td(mark + _e(outcome), _e(outcome))
+
+
+def _figure(stage: str, plot: str, report_dir: Path) -> str:
+    alt = _e(f"{stage}: {Path(plot).name}")
+    try:
+        data = base64.b64encode((report_dir / plot).read_bytes()).decode("ascii")
+    except OSError:  # removed between listing and reading
+        return f"<p>missing plot: <code>{_e(plot)}</code></p>"
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{alt}" />'
+        f"<figcaption><code>{_e(plot)}</code></figcaption></figure>"
+    )
+
+
+def to_html(report: dict[str, Any], report_dir: Path) -> str:
+    """One self-contained page: plots are embedded as data URIs, no script, no external resource.
+    It is also well-formed XML (void elements closed, only XML's entities), which lets tests
+    parse it with the standard library."""
+    title = f"{report['experiment']} — profile {report['profile']}"
+    bad = any(report["summary"].get(o) for o in BAD_OUTCOMES)
+    detailed = _detailed(report)
+    linked = {s["stage"] for s in detailed}
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        '<head><meta charset="utf-8" />',
+        '<meta name="viewport" content="width=device-width, initial-scale=1" />',
+        f"<title>{_e(title)}</title>",
+        f"<style>{_CSS}</style></head>",
+        "<body>",
+        f"<h1>{_e(report['experiment'])} — profile <code>{_e(report['profile'])}</code></h1>",
+        f"<p>Spec: <code>{_e(report['spec_file'])}</code><br />Generated: {_e(report['generated_at'])}<br />",
+        f'Stages: <span class="{"failed" if bad else "passed"}">{_e(_counts(report["summary"]))}</span></p>',
+    ]
+    rows = []
+    for s in report["stages"]:
+        stage = _e(s["stage"])
+        link = f'<a href="#stage-{stage}">{stage}</a>' if s["stage"] in linked else stage
+        cells = [_td(link), _td(_e(s["kind"])), _outcome(s["outcome"]), _td(_e(s["status"]))]
+        cells += [_td(_e(s["reason"])), _td(f"{s['duration_s']:.2f}", "num")]
+        cells.append(_td(f"<code>{_e(s['key'] or '')}</code>"))
+        rows.append(_tr(cells, bad=s["outcome"] in BAD_OUTCOMES))
+    out += _table(["stage", "kind", "outcome", "ran / reused", "why", "duration (s)", "key"], rows)
+    gates = _gates(report)
+    if gates:
+        rows = []
+        for stage, g in gates:
+            cells = [_td(_e(stage)), _td(f"<code>{_e(g['gate'])}</code>"), _td(_e(_num(g["value"])), "num")]
+            cells += [_td(_e(_threshold(g))), _td(_e(_gate_result(g)), "passed" if g["passed"] else "failed")]
+            rows.append(_tr([*cells, _td(_e(g["where"]))], bad=not g["passed"]))
+        out.append("<h2>Gates</h2>")
+        out += _table(["stage", "gate", "measured", "threshold", "result", "where"], rows)
+    if detailed:
+        out.append("<h2>Metrics and plots</h2>")
+        for s in detailed:
+            out += [f'<section id="stage-{_e(s["stage"])}">', f"<h3>{_e(s['stage'])}</h3>"]
+            if s["metrics"]:
+                rows = [_tr([_td(_e(k)), _td(_e(_metric(v)))]) for k, v in s["metrics"].items()]
+                out += _table(["metric", "value"], rows)
+            out += [_figure(s["stage"], plot, report_dir) for plot in s["plots"]]
+            out.append("</section>")
+    out += ["</body>", "</html>"]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,192 @@
+"""Run reports with plots: report.md links them, report.html embeds them, report.json lists them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+import xml.etree.ElementTree as ET
+import zlib
+from pathlib import Path
+
+import pytest
+
+from harness.report import markdown, to_html
+
+# Writes the plots named in its args (hex-encoded bytes, so the test knows them exactly),
+# then fails if asked to, and returns metrics taken from its args.
+STEPS = """
+def step(ctx):
+    args = ctx.params.get("args", {})
+    for name, data in args.get("plots", {}).items():
+        path = ctx.out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes.fromhex(data))
+    if "fail" in args:
+        raise RuntimeError(args["fail"])
+    return {"value": args.get("value", 1), "note": args.get("note", "")}
+"""
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def png(rgb: tuple[int, int, int]) -> bytes:
+    """A valid 1x1 PNG of one colour."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)  # 1x1, 8-bit RGB
+    pixels = zlib.compress(bytes([0, *rgb]))  # filter byte, then the pixel
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+RED, BLUE, GREEN = png((255, 0, 0)), png((0, 0, 255)), png((0, 255, 0))
+
+
+def stage(gates: tuple[str, ...] = (), needs: tuple[str, ...] = (), **args) -> dict:
+    plots = {name: data.hex() for name, data in args.pop("plots", {}).items()}
+    params = {"function": "steps:step", "metrics": ["value", "note"], "args": {**args, "plots": plots}}
+    return {"kind": "python", "needs": list(needs), "params": params, "gates": list(gates)}
+
+
+def write_spec(pytester: pytest.Pytester, **stages: dict) -> None:
+    pytester.makefile(".yaml", exp=json.dumps({"seed": 1, "stages": stages}))  # JSON is YAML
+
+
+@pytest.fixture
+def world(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(steps=STEPS)
+    return pytester
+
+
+def report_dir(pytester: pytest.Pytester) -> Path:
+    return pytester.path / "runs" / "exp" / "default"
+
+
+def stages_json(pytester: pytest.Pytester) -> dict[str, dict]:
+    data = json.loads((report_dir(pytester) / "report.json").read_text())
+    return {s["stage"]: s for s in data["stages"]}
+
+
+def page(pytester: pytest.Pytester) -> ET.Element:
+    """report.html, parsed: the report writes it well-formed, so the standard library reads it."""
+    text = (report_dir(pytester) / "report.html").read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>\n")
+    return ET.fromstring(text.removeprefix("<!DOCTYPE html>\n"))
+
+
+def images(root: ET.Element) -> dict[str, bytes]:
+    """alt text -> decoded bytes of every embedded image."""
+    out = {}
+    for img in root.iter("img"):
+        prefix, _, data = img.get("src", "").partition(",")
+        assert prefix == "data:image/png;base64"
+        out[img.get("alt")] = base64.b64decode(data, validate=True)
+    return out
+
+
+def md_images(pytester: pytest.Pytester) -> list[tuple[str, str]]:
+    text = (report_dir(pytester) / "report.md").read_text()
+    return re.findall(r"^!\[(.*)\]\((.*)\)$", text, flags=re.M)
+
+
+def test_markdown_links_each_top_level_png_by_a_relative_path(world):
+    plots = {"b.png": BLUE, "a.png": RED, "sub/deeper.png": GREEN, "notes.txt": b"not a plot"}
+    write_spec(world, train=stage(plots=plots), other=stage())
+    world.runpytest("exp.yaml").assert_outcomes(passed=2)
+    key = stages_json(world)["train"]["key"]
+    assert md_images(world) == [
+        ("train: a.png", f"train/{key}/a.png"),
+        ("train: b.png", f"train/{key}/b.png"),
+    ]
+    assert (report_dir(world) / f"train/{key}/a.png").read_bytes() == RED  # resolves from the report's dir
+    assert stages_json(world)["train"]["plots"] == [f"train/{key}/a.png", f"train/{key}/b.png"]
+    assert stages_json(world)["other"]["plots"] == []
+
+
+def test_html_embeds_plots_and_loads_nothing_from_outside(world):
+    write_spec(world, train=stage(plots={"loss.png": RED, "auc by layer.png": BLUE}))
+    world.runpytest("exp.yaml").assert_outcomes(passed=1)
+    root = page(world)
+    assert images(root) == {"train: loss.png": RED, "train: auc by layer.png": BLUE}
+    text = (report_dir(world) / "report.html").read_text()
+    assert "<script" not in text and "<link" not in text and "http" not in text
+    key = stages_json(world)["train"]["key"]
+    assert ("train: auc by layer.png", f"train/{key}/auc%20by%20layer.png") in md_images(world)
+
+
+def test_html_escapes_what_comes_from_specs_and_stages(world):
+    write_spec(world, a=stage(note=SCRIPT), b=stage(fail=f"bad input {SCRIPT}"))
+    world.runpytest("exp.yaml").assert_outcomes(passed=1, failed=1)
+    text = (report_dir(world) / "report.html").read_text()
+    assert "<script" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    cells = [td.text for td in page(world).iter("td")]
+    assert SCRIPT in cells  # the metric's value, shown as text
+    assert any(c and c.startswith(f"RuntimeError: bad input {SCRIPT}") for c in cells)  # the failure
+
+
+def test_failed_gate_and_failed_stage_are_marked(world):
+    write_spec(
+        world,
+        ok=stage(gates=("value > 0",)),
+        low=stage(value=1, gates=("value > 5",)),
+        broken=stage(fail="boom"),
+    )
+    world.runpytest("exp.yaml").assert_outcomes(passed=1, failed=2)
+    root = page(world)
+    bad_rows = [
+        [td.text or "".join(td.itertext()) for td in tr] for tr in root.iter("tr") if tr.get("class") == "bad"
+    ]
+    stage_rows = {row[0]: row for row in bad_rows if row[1] == "python"}
+    assert set(stage_rows) == {"low", "broken"}
+    assert stage_rows["low"][2] == "✗ failed" and stage_rows["broken"][2] == "✗ error"
+    gate_rows = [row for row in bad_rows if row[1] != "python"]
+    assert gate_rows == [["low", "value > 5", "1", "> 5", "FAILED", "exp.yaml:1"]]
+    passed = [
+        tr for tr in root.iter("tr") if tr.get("class") is None and "value > 0" in "".join(tr.itertext())
+    ]
+    assert len(passed) == 1  # the holding gate is not marked
+    assert "| low | `value > 5` | 1 | > 5 | FAILED |" in (report_dir(world) / "report.md").read_text()
+
+
+def test_reused_stage_shows_the_plots_of_the_run_it_reuses(world):
+    write_spec(world, train=stage(plots={"loss.png": RED}), probe=stage(needs=("train",)))
+    world.runpytest("exp.yaml").assert_outcomes(passed=2)
+    first = stages_json(world)["train"]
+    world.runpytest("exp.yaml").assert_outcomes(passed=2)
+    again = stages_json(world)["train"]
+    assert again["status"] == "reused"
+    assert again["plots"] == first["plots"] == [f"train/{first['key']}/loss.png"]
+    assert md_images(world) == [("train: loss.png", f"train/{first['key']}/loss.png")]
+    assert images(page(world)) == {"train: loss.png": RED}
+
+
+def test_long_metric_lists_are_shortened_in_md_and_html(tmp_path):
+    stage_json = {
+        "stage": "s",
+        "kind": "python",
+        "status": "ran",
+        "outcome": "passed",
+        "reason": "new",
+        "key": "k",
+        "duration_s": 1.0,
+        "metrics": {"curve": [float(i) for i in range(100)], "short": [1, 2]},
+        "gates": [],
+        "plots": [],
+    }
+    report = {
+        "experiment": "e",
+        "profile": "p",
+        "spec_file": "e.yaml",
+        "generated_at": "now",
+        "summary": {"passed": 1},
+        "stages": [stage_json],
+    }
+    shortened = "[0, 1, 2, …, 97, 98, 99] (100 values)"
+    assert f"| curve | {shortened} |" in markdown(report)
+    assert "| short | [1, 2] |" in markdown(report)
+    values = [td.text for td in ET.fromstring(to_html(report, tmp_path).split("\n", 1)[1]).iter("td")]
+    assert shortened in values and "[1, 2]" in values
