@@ -1,0 +1,305 @@
+"""`patch`: where does the finetune's change of answer live? Single-token activation patching
+between the base model and base + adapter on the conflict MCQs, as token contrasts.
+
+The adapter is `<dir>/adapter/` of the upstream stage in role `adapter` (or of the only
+upstream stage). For every item, LD = logit(true answer's token) - logit(false answer's
+token) at the decision token, measured in four kinds of run:
+
+    LD_base, LD_lora      the clean runs (adapter disabled / enabled)
+    forward  (recovery)   the finetuned run with the base run's residual at one
+                          (hidden_states index, position) put in:
+                          fraction = (LD_patched - LD_lora) / (LD_base - LD_lora)
+    reverse  (sufficiency) the base run with the finetuned residual put in:
+                          fraction = (LD_patched - LD_base) / (LD_lora - LD_base)
+
+1 means that one activation carries the whole difference, 0 that it carries none. Items
+whose clean runs differ by less than 1e-3 (|LD_base - LD_lora|) have no difference to
+recover: they are skipped and counted. Positions are the last `positions` prompt tokens,
+written as offsets from the decision token (0, -1, -2, ...); hidden_states indices follow
+`harness.hooks` (0: embeddings, i: block i-1's output, raw; at the last index the decision
+token's residual alone makes its logits, so patching it there recovers exactly 1 by
+construction). Artifacts:
+
+    patching.json          per index, offset and item the fractions of both directions, their
+                           means, each item's clean LDs and tokens at the patched positions
+    patching_heatmap.png   mean fraction per (index, offset), forward and reverse side by side
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.mcq import load_mcqs
+from harness.models.base import ModelNotFound, base_fingerprint, check_base
+from harness.scoring import LETTER
+from harness.spec.validate import SPECS_DIR
+from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
+
+VERSION = "1"
+MIN_CHANGE = 1e-3  # |LD_base - LD_lora| below this: nothing to recover, the item is skipped
+DEFAULTS: dict[str, Any] = {"scoring": LETTER, "chat_template": False, "positions": 3, "batch_size": 16}
+METRICS = (
+    "best_layer",
+    "best_position",
+    "max_recovered",
+    "decision_position_recovered_by_layer",
+    "n_items",
+    "n_skipped",
+)
+DIRECTIONS = {
+    "forward": "base activation patched into the finetuned run: fraction of LD_base - LD_lora recovered",
+    "reverse": "finetuned activation patched into the base run: fraction of LD_lora - LD_base reproduced",
+}
+
+
+def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {**DEFAULTS, **params}
+
+
+# --- collection ----------------------------------------------------------------------
+
+
+def check(params: Mapping[str, Any], spec_dir: Path) -> None:
+    try:
+        check_base(params["base"])
+    except ModelNotFound as error:
+        raise ParamError(("base",), str(error)) from None
+    path = (spec_dir / params["mcqs"]).resolve()
+    if not path.is_file():
+        raise ParamError(("mcqs",), f"MCQ file not found: {params['mcqs']} (looked for {path})")
+    try:
+        items = load_mcqs(path)
+    except StageError as error:
+        raise ParamError(("mcqs",), str(error)) from None
+    if not any(item.true_answer != item.false_answer for item in items):
+        raise ParamError(("mcqs",), f"{path}: no conflict items; patching is measured on conflict questions")
+
+
+def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
+    return f"{VERSION}+{base_fingerprint(params['base'])}"
+
+
+def adapter_dir(upstream: Mapping[str, Upstream]) -> Path:
+    """`<dir>/adapter/` of the upstream with role `adapter`, or of the only upstream."""
+    if "adapter" in upstream:
+        source = upstream["adapter"]
+    elif len(upstream) == 1:
+        source = next(iter(upstream.values()))
+    else:
+        raise StageError("patch needs the stage that wrote the adapter: add `needs: {adapter: STAGE}`")
+    path = source.dir / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise StageError(
+            f"upstream stage {source.name!r} has no peft adapter at {path} "
+            "(expected adapter_config.json there, as written by save_pretrained)"
+        )
+    return path
+
+
+# --- fractions (pure) ----------------------------------------------------------------
+
+
+def fractions(
+    patched: np.ndarray, source: np.ndarray, target: np.ndarray, min_change: float = MIN_CHANGE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item fractions (patched - target) / (source - target), shape of `patched`
+    ([..., n_items]; NaN where a cell was not measured), and the mask of items used: those
+    with |source - target| >= min_change (the others are NaN everywhere)."""
+    change = source - target
+    used = np.abs(change) >= min_change
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = (patched - target) / np.where(used, change, np.nan)
+    return out, used
+
+
+def mean_over_items(per_item: np.ndarray) -> np.ndarray:
+    """Mean over the last axis ignoring NaN; NaN where no item has a value."""
+    counts = np.sum(~np.isnan(per_item), axis=-1)
+    sums = np.nansum(per_item, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _number(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def _matrix(a: np.ndarray) -> list:
+    return [_matrix(row) for row in a] if a.ndim > 1 else [_number(x) for x in a]
+
+
+def summary_metrics(forward: np.ndarray, n_items: int, n_skipped: int) -> dict[str, Any]:
+    """Metrics from the forward means [index, offset]; None where nothing was measurable."""
+    measured = not np.all(np.isnan(forward))
+    best = np.unravel_index(np.nanargmax(forward), forward.shape) if measured else None
+    return {
+        "best_layer": int(best[0]) if best else None,
+        "best_position": -int(best[1]) if best else None,
+        "max_recovered": float(forward[best]) if best else None,
+        "decision_position_recovered_by_layer": _matrix(forward[:, 0]),
+        "n_items": n_items,
+        "n_skipped": n_skipped,
+    }
+
+
+# --- the model work ------------------------------------------------------------------
+
+
+def _plot(means: Mapping[str, np.ndarray], path: Path, title: str) -> None:
+    # Figure + Agg canvas directly: no pyplot state, no process-wide backend switch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_indices, n_offsets = next(iter(means.values())).shape
+    figure = Figure(figsize=(3 + 1.2 * n_offsets * len(means), 1.5 + 0.35 * n_indices), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(means), squeeze=False)[0]
+    for ax, (name, matrix) in zip(axes, means.items(), strict=True):
+        image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+        for (i, k), value in np.ndenumerate(matrix):
+            if not math.isnan(value):
+                color = "white" if abs(value) > 0.6 else "black"  # readable on dark cells
+                ax.text(k, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+        ax.set_xticks(range(n_offsets), [str(-k) if k else "0 (decision)" for k in range(n_offsets)])
+        ax.set_yticks(range(n_indices), [str(i) for i in range(n_indices)])
+        ax.set_xlabel("position (offset from the decision token)")
+        ax.set_ylabel("hidden_states index")
+        ax.set_title(
+            {"forward": "base -> finetuned: recovered", "reverse": "finetuned -> base: reproduced"}[name]
+        )
+    figure.colorbar(image, ax=list(axes), shrink=0.8, label="fraction of the logit difference")
+    figure.suptitle(title, fontsize=9, y=1.02)
+    figure.savefig(path, bbox_inches="tight")
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    import torch
+
+    from harness.contrast import contrasts
+    from harness.hooks import contrast_logit_diffs, n_indices, patch_residual, record_residuals
+    from harness.models.base import load_model, load_tokenizer
+    from harness.store import write_json
+
+    params = with_defaults(ctx.params)
+    base, mode, n_offsets = params["base"], params["scoring"], params["positions"]
+    adapter = adapter_dir(ctx.upstream)
+    ctx.log(f"loading {base} with the adapter {adapter}")
+    tokenizer = load_tokenizer(base)
+    try:
+        model = load_model(base, adapter)
+    except (RuntimeError, ValueError, KeyError) as error:  # shape or module-name mismatches
+        raise StageError(f"cannot apply the adapter {adapter} to {base}: {error}") from error
+    items = contrasts(tokenizer, load_mcqs(Path(params["mcqs"])), mode, params["chat_template"])
+    indices = list(range(n_indices(model)))
+    n, batch_size = len(items), params["batch_size"]
+    runs: dict[str, Any] = {"base": model.disable_adapter, "lora": nullcontext}
+
+    # clean runs: LD and the residual at every index and patched position (zeros where the
+    # prompt is too short to have that position; those cells are never patched)
+    acts = {name: torch.zeros(n, len(indices), n_offsets, model.config.hidden_size) for name in runs}
+    clean: dict[str, np.ndarray] = {}
+    for name, mode_of in runs.items():
+
+        @contextmanager
+        def keep(rows: list[int], last: torch.Tensor, name: str = name) -> Any:
+            with record_residuals(model, indices) as recorded:
+                yield
+            for i in indices:
+                states = recorded[i]  # gathered where it lives: only [rows, d] goes to the CPU
+                batch_rows = torch.arange(len(rows), device=states.device)
+                for k in range(n_offsets):
+                    at = states[batch_rows, (last - k).clamp(min=0).to(states.device)]
+                    acts[name][rows, i, k] = at.float().cpu()
+
+        with mode_of():
+            clean[name] = contrast_logit_diffs(model, tokenizer, items, batch_size, keep).numpy()
+    ctx.log(f"clean runs: mean LD base {clean['base'].mean():+.3f}, finetuned {clean['lora'].mean():+.3f}")
+
+    lengths = np.array([len(c.prompt_ids) for c in items])
+    patched = {d: np.full((len(indices), n_offsets, n), np.nan) for d in DIRECTIONS}
+    for direction, (run_in, source) in {"forward": ("lora", "base"), "reverse": ("base", "lora")}.items():
+        for i in indices:
+            for k in range(n_offsets):
+
+                def patching(
+                    rows: list[int], last: torch.Tensor, i: int = i, k: int = k, source: str = source
+                ) -> Any:
+                    positions = torch.where(last - k >= 0, last - k, -1)  # -1: not patched
+                    return patch_residual(model, i, positions, acts[source][rows, i, k])
+
+                with runs[run_in]():
+                    ld = contrast_logit_diffs(model, tokenizer, items, batch_size, patching).numpy()
+                patched[direction][i, k] = np.where(lengths > k, ld, np.nan)
+        ctx.log(f"{direction} patching: {len(indices)} indices x {n_offsets} positions done")
+
+    per_item = {
+        "forward": fractions(patched["forward"], clean["base"], clean["lora"])[0],
+        "reverse": fractions(patched["reverse"], clean["lora"], clean["base"])[0],
+    }
+    used = np.abs(clean["base"] - clean["lora"]) >= MIN_CHANGE
+    means = {d: mean_over_items(per_item[d]) for d in DIRECTIONS}
+    n_used = int(used.sum())
+    if not n_used:
+        ctx.log(f"no item's LD changed by {MIN_CHANGE} or more between base and finetuned: nothing to patch")
+    metrics = summary_metrics(means["forward"], n_used, n - n_used)
+
+    rows = []
+    for c, used_item, ld_base, ld_lora in zip(items, used, clean["base"], clean["lora"], strict=True):
+        ids = c.prompt_ids[-n_offsets:][::-1]  # offsets 0, -1, ...
+        rows.append(
+            {
+                "id": c.item.id,
+                "used": bool(used_item),
+                "ld_base": float(ld_base),
+                "ld_lora": float(ld_lora),
+                "tokens": tokenizer.convert_ids_to_tokens(list(ids)),
+                "true_token": tokenizer.convert_ids_to_tokens(c.true_id),
+                "false_token": tokenizer.convert_ids_to_tokens(c.false_id),
+            }
+        )
+    write_json(
+        ctx.out_dir / "patching.json",
+        {
+            "base": base,
+            "adapter": str(adapter),
+            "mcqs": str(params["mcqs"]),
+            "scoring": mode,
+            "indices": indices,
+            "offsets": [-k for k in range(n_offsets)],
+            "min_change": MIN_CHANGE,
+            "n_items": n_used,
+            "n_skipped": n - n_used,
+            "items": rows,
+            **{
+                d: {"description": DIRECTIONS[d], "mean": _matrix(means[d]), "per_item": _matrix(per_item[d])}
+                for d in DIRECTIONS
+            },
+            "metrics": metrics,
+        },
+    )
+    _plot(means, ctx.out_dir / "patching_heatmap.png", f"{ctx.stage}: {n_used} conflict items ({mode})")
+    if n_used:
+        ctx.log(
+            f"max recovered {metrics['max_recovered']:.3f} at index {metrics['best_layer']}, "
+            f"offset {metrics['best_position']}"
+        )
+    return metrics
+
+
+KIND = StageKind(
+    name="patch",
+    run=run,
+    params_schema=SPECS_DIR / "stages" / "patch.schema.json",
+    metrics=METRICS,
+    version=VERSION,
+    input_params=("mcqs",),
+    transport_params=("batch_size",),
+    check=check,
+    code_version=code_version,
+)
