@@ -18,7 +18,6 @@ from harness.stages.logit_lens import (
     KIND,
     METRICS,
     NEVER,
-    adapter_dir,
     check,
     false_preference_rate,
     first_negative_layer,
@@ -184,23 +183,6 @@ def test_a_spec_using_the_kind_is_validated_at_collection(tmp_path, tiny_model_d
         load_experiment(spec("scoring: logits", "lora_flip_layer >= 0"))
     with pytest.raises(SpecError, match="flip_layers"):
         load_experiment(spec("scoring: continuation", "lora_flip_layers >= 0"))
-
-
-def test_adapter_comes_from_the_adapter_role_or_the_only_upstream(tmp_path):
-    (tmp_path / "t" / "adapter").mkdir(parents=True)
-    (tmp_path / "t" / "adapter" / "adapter_config.json").write_text("{}")
-    good, other = Upstream("train", "python", tmp_path / "t", {}), Upstream("x", "python", tmp_path, {})
-    assert (
-        adapter_dir({"train": good})
-        == adapter_dir({"adapter": good, "docs": other})
-        == tmp_path / "t" / "adapter"
-    )
-    with pytest.raises(StageError, match="needs: {adapter: STAGE}"):
-        adapter_dir({})
-    with pytest.raises(StageError, match="several upstream stages"):
-        adapter_dir({"a": good, "b": other})
-    with pytest.raises(StageError, match="no peft adapter at"):
-        adapter_dir({"adapter": other})
 
 
 # --- the lens on the tiny world ------------------------------------------------------

@@ -20,7 +20,6 @@ from harness.stages import mcq_compare
 from harness.stages.mcq_compare import (
     KIND,
     METRICS,
-    adapter_dir,
     analysis_text,
     check,
     compare,
@@ -282,20 +281,6 @@ def test_kind_declaration():
     assert KIND.input_params == ("mcqs",)
     version = KIND.version_for({"base": "/some/model"}, Path("."))
     assert version == f"{mcq_compare.VERSION}+/some/model"
-
-
-def test_adapter_comes_from_the_adapter_role_or_the_only_upstream(tmp_path):
-    (tmp_path / "t" / "adapter").mkdir(parents=True)
-    (tmp_path / "t" / "adapter" / "adapter_config.json").write_text("{}")
-    good, other = Upstream("train", "python", tmp_path / "t", {}), Upstream("x", "python", tmp_path, {})
-    assert adapter_dir({"train": good}) == tmp_path / "t" / "adapter"
-    assert adapter_dir({"adapter": good, "docs": other}) == tmp_path / "t" / "adapter"
-    with pytest.raises(StageError, match="needs: {adapter: STAGE}"):
-        adapter_dir({})
-    with pytest.raises(StageError, match="several upstream stages"):
-        adapter_dir({"a": good, "b": other})
-    with pytest.raises(StageError, match="no peft adapter at"):
-        adapter_dir({"adapter": other})
 
 
 # --- whole runs on a tiny Llama with a planted adapter -------------------------------

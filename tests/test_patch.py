@@ -16,7 +16,7 @@ import torch
 from harness.contrast import contrasts
 from harness.hooks import contrast_logit_diffs, n_indices, patch_residual, record_residuals
 from harness.mcq import load_mcqs
-from harness.stage import ParamError, StageContext, StageError, Upstream
+from harness.stage import ParamError, StageContext, Upstream
 from harness.stages import patch
 from harness.stages.patch import KIND, METRICS, fractions, mean_over_items, summary_metrics
 
@@ -231,7 +231,7 @@ def test_gates_on_an_undefined_fraction_fail_with_a_reason():
     assert not result.passed and "None" in result.problem
 
 
-def test_check_and_adapter_errors(world, tmp_path):
+def test_check_errors(world, tmp_path):
     patch.check({"base": world["base"], "mcqs": str(MCQS)}, tmp_path)
     easy = [json.loads(line) for line in MCQS.read_text().splitlines() if '"conflict"' not in line]
     (tmp_path / "easy.jsonl").write_text("".join(json.dumps(row) + "\n" for row in easy))
@@ -239,10 +239,4 @@ def test_check_and_adapter_errors(world, tmp_path):
         patch.check({"base": world["base"], "mcqs": "easy.jsonl"}, tmp_path)
     with pytest.raises(ParamError, match="--profile tiny"):
         patch.check({"base": str(tmp_path / "gone"), "mcqs": str(MCQS)}, tmp_path)
-    only = Upstream("train", "python", world["perturbed"], {})
-    assert patch.adapter_dir({"train": only}) == world["perturbed"] / "adapter"
-    with pytest.raises(StageError, match="no peft adapter"):
-        patch.adapter_dir({"adapter": Upstream("x", "python", tmp_path, {})})
-    with pytest.raises(StageError, match="needs: {adapter: STAGE}"):
-        patch.adapter_dir({"a": only, "b": only})
     assert KIND.transport_params == ("batch_size",) and KIND.input_params == ("mcqs",)

@@ -338,9 +338,9 @@ def test_use_adapter_false_steers_the_base_model(world, tmp_path):
 
 def test_stage_errors_name_what_is_missing(world, tmp_path):
     probe = Upstream("probe", "train_probe", world["probe_dir"], {"best_layer": 1})
-    with pytest.raises(StageError, match="needs the finetune stage"):
+    with pytest.raises(StageError, match="needs the stage that provides its adapter"):
         run_stage(world, tmp_path / "a", {"probe": probe})
-    with pytest.raises(StageError, match="needs the probe stage"):
+    with pytest.raises(StageError, match="needs the stage that provides its probe"):
         run_stage(world, tmp_path / "b", {})
     with pytest.raises(StageError, match="has no tensor 'probe.9'"):
         run_stage(world, tmp_path / "c", use_adapter=False, layer=9)

@@ -43,8 +43,9 @@ from harness.mcq import MCQ, load_mcqs
 from harness.models.base import ModelNotFound, base_fingerprint, check_base
 from harness.scoring import LETTER
 from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
+from harness.stage import ParamError, StageContext, StageError, StageKind
 from harness.store import write_json, write_jsonl
+from harness.upstream import adapter_dir
 
 if TYPE_CHECKING:
     from harness.contrast import Contrast
@@ -364,28 +365,6 @@ def plot_mean(path: Path, summary: Mapping[str, Any]) -> None:
 # --- the stage -----------------------------------------------------------------------
 
 
-def adapter_dir(upstream: Mapping[str, Upstream]) -> Path:
-    """`<dir>/adapter/` of the upstream with role `adapter`, or of the only upstream."""
-    if "adapter" in upstream:
-        source = upstream["adapter"]
-    elif len(upstream) == 1:
-        source = next(iter(upstream.values()))
-    elif not upstream:
-        raise StageError("logit_lens needs the stage that wrote the adapter: add `needs: {adapter: STAGE}`")
-    else:
-        raise StageError(
-            f"logit_lens has several upstream stages ({', '.join(sorted(upstream))}); "
-            "name the one holding the adapter with the role `adapter` (needs: {adapter: STAGE, ...})"
-        )
-    path = source.dir / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise StageError(
-            f"upstream stage {source.name!r} has no peft adapter at {path} "
-            "(expected adapter_config.json there, as written by save_pretrained)"
-        )
-    return path
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     import gc
 
@@ -396,7 +375,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     params = with_defaults(ctx.params)
     base, mode, mcq_path = params["base"], params["scoring"], Path(params["mcqs"])
-    adapter = adapter_dir(ctx.upstream)
+    adapter = adapter_dir(ctx.upstream, "logit_lens")
     tokenizer = load_tokenizer(base)
     contrasts = make_contrasts(tokenizer, load_mcqs(mcq_path), mode, params["chat_template"])
 

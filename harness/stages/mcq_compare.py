@@ -27,9 +27,10 @@ from harness.mcq import CATEGORIES, MCQ, load_mcqs
 from harness.models.base import ModelNotFound, base_fingerprint, check_base
 from harness.scoring import LETTER, Scored, entropy
 from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
+from harness.stage import ParamError, StageContext, StageError, StageKind
 from harness.stats import DEFAULT_CONFIDENCE, paired_difference
 from harness.store import write_jsonl
+from harness.upstream import adapter_dir
 
 VERSION = "1"
 DEFAULTS: dict[str, Any] = {"scoring": LETTER, "batch_size": 16, "chat_template": False, "bootstrap": 1000}
@@ -275,29 +276,6 @@ def _changes(changes: Sequence[Mapping[str, Any]]) -> list[str]:
 # --- the stage -----------------------------------------------------------------------
 
 
-def adapter_dir(upstream: Mapping[str, Upstream]) -> Path:
-    """`<dir>/adapter/` of the upstream with role `adapter`, or of the only upstream."""
-    if "adapter" in upstream:
-        source = upstream["adapter"]
-    elif len(upstream) == 1:
-        source = next(iter(upstream.values()))
-    elif not upstream:
-        raise StageError("mcq_compare needs the stage that wrote the adapter: add `needs: {adapter: STAGE}`")
-    else:
-        names = ", ".join(sorted(upstream))
-        raise StageError(
-            f"mcq_compare has several upstream stages ({names}); "
-            "name the one holding the adapter with the role `adapter` (needs: {adapter: STAGE, ...})"
-        )
-    path = source.dir / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise StageError(
-            f"upstream stage {source.name!r} has no peft adapter at {path} "
-            "(expected adapter_config.json there, as written by save_pretrained)"
-        )
-    return path
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models.base import load_model, load_tokenizer
     from harness.scoring import letter_token_ids, score_mcqs
@@ -309,7 +287,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     missing = missing_categories(items)
     if missing:
         raise StageError(_missing_message(mcq_path, missing))
-    adapter = adapter_dir(ctx.upstream)
+    adapter = adapter_dir(ctx.upstream, "mcq_compare")
 
     ctx.log(f"loading {base} with the adapter {adapter}")
     tokenizer = load_tokenizer(base)

@@ -39,7 +39,8 @@ from harness.mcq import load_mcqs
 from harness.models.base import ModelNotFound, base_fingerprint, check_base
 from harness.scoring import LETTER
 from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
+from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.upstream import adapter_dir
 
 VERSION = "1"
 MIN_CHANGE = 1e-3  # |LD_base - LD_lora| below this: nothing to recover, the item is skipped
@@ -83,23 +84,6 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 
 def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
     return f"{VERSION}+{base_fingerprint(params['base'])}"
-
-
-def adapter_dir(upstream: Mapping[str, Upstream]) -> Path:
-    """`<dir>/adapter/` of the upstream with role `adapter`, or of the only upstream."""
-    if "adapter" in upstream:
-        source = upstream["adapter"]
-    elif len(upstream) == 1:
-        source = next(iter(upstream.values()))
-    else:
-        raise StageError("patch needs the stage that wrote the adapter: add `needs: {adapter: STAGE}`")
-    path = source.dir / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise StageError(
-            f"upstream stage {source.name!r} has no peft adapter at {path} "
-            "(expected adapter_config.json there, as written by save_pretrained)"
-        )
-    return path
 
 
 # --- fractions (pure) ----------------------------------------------------------------
@@ -188,7 +172,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     params = with_defaults(ctx.params)
     base, mode, n_offsets = params["base"], params["scoring"], params["positions"]
-    adapter = adapter_dir(ctx.upstream)
+    adapter = adapter_dir(ctx.upstream, "patch")
     ctx.log(f"loading {base} with the adapter {adapter}")
     tokenizer = load_tokenizer(base)
     try:

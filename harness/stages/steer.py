@@ -36,7 +36,8 @@ from harness.mcq import load_mcqs
 from harness.models.base import ModelNotFound, base_fingerprint, check_base
 from harness.scoring import LETTER
 from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
+from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.upstream import adapter_dir, find_upstream
 
 VERSION = "1"
 DIRECTIONS_FILE = "directions.safetensors"
@@ -97,22 +98,6 @@ def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
 
 
 # --- upstream ------------------------------------------------------------------------
-
-
-def upstream_role(upstream: Mapping[str, Upstream], role: str, kind: str, what: str) -> Upstream:
-    if role not in upstream:
-        raise StageError(f"{kind} needs {what}: add `needs: {{{role}: STAGE, ...}}`")
-    return upstream[role]
-
-
-def adapter_path(source: Upstream) -> Path:
-    path = source.dir / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise StageError(
-            f"upstream stage {source.name!r} has no peft adapter at {path} "
-            "(expected adapter_config.json there, as written by save_pretrained)"
-        )
-    return path
 
 
 def resolve_layer(layer: int | str, probe_metrics: Mapping[str, Any]) -> int:
@@ -305,9 +290,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     params = with_defaults(ctx.params)
     base, mode, chat = params["base"], params["scoring"], params["chat_template"]
-    probe = upstream_role(ctx.upstream, "probe", "steer", "the probe stage that wrote the directions")
+    probe = find_upstream(ctx.upstream, "probe", "steer", only=False)
     adapter = (
-        adapter_path(upstream_role(ctx.upstream, "adapter", "steer", "the finetune stage"))
+        adapter_dir(ctx.upstream, "steer", only=False)
         if params["use_adapter"]
         else None
     )
