@@ -1,0 +1,140 @@
+"""`extract_activations`: the residual stream at each statement's decision token (its last
+token), at every layer, from one forward pass per batch.
+
+The model is `base`, plus the adapter `<upstream dir>/adapter/` of the upstream stage with
+role `adapter` (or of the only upstream) when `use_adapter` is true (the default); with
+`use_adapter: false` it is the base model alone and no upstream is needed. Artifacts (the
+layout of `harness.activations`, which the stages that read them use):
+
+    layer_{i:02d}.safetensors   tensor `activations` [n_items, d_model] float32 per layer
+                                index: 0 embeddings, i the output of block i-1, all raw
+                                residual streams (the last one before the final norm)
+    metadata.jsonl              id, text, category, labels per item, in file order
+    layer_convention.json       n_layers, each index's name, the position, model, adapter
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from harness.activations import load_statements
+from harness.models.base import ModelNotFound, base_fingerprint, check_base
+from harness.spec.validate import SPECS_DIR
+from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
+
+VERSION = "1"
+DEFAULTS: dict[str, Any] = {"batch_size": 32, "use_adapter": True}
+METRICS = ("n_items", "n_layers", "d_model", "mb_written")
+ADAPTER_ROLE = "adapter"
+
+
+def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {**DEFAULTS, **params}
+
+
+def check(params: Mapping[str, Any], spec_dir: Path) -> None:
+    try:
+        check_base(params["base"])
+    except ModelNotFound as error:
+        raise ParamError(("base",), str(error)) from None
+    path = (spec_dir / params["statements"]).resolve()
+    if not path.is_file():
+        raise ParamError(
+            ("statements",), f"statements file not found: {params['statements']} (looked for {path})"
+        )
+    try:
+        load_statements(path)
+    except StageError as error:
+        raise ParamError(("statements",), str(error)) from None
+
+
+def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
+    # a rebuilt or replaced base changes every activation
+    return f"{VERSION}+{base_fingerprint(params['base'])}"
+
+
+def adapter_dir(upstream: Mapping[str, Upstream]) -> Path:
+    """`<dir>/adapter/` of the upstream with role `adapter`, or of the only upstream."""
+    if ADAPTER_ROLE in upstream:
+        source = upstream[ADAPTER_ROLE]
+    elif len(upstream) == 1:
+        source = next(iter(upstream.values()))
+    elif not upstream:
+        raise StageError(
+            "extract_activations with use_adapter: true needs the stage that wrote the adapter "
+            "(`needs: {adapter: STAGE}`); set use_adapter: false for the base model alone"
+        )
+    else:
+        names = ", ".join(sorted(upstream))
+        raise StageError(
+            f"extract_activations has several upstream stages ({names}); name the one holding "
+            "the adapter with the role `adapter` (needs: {adapter: STAGE, ...})"
+        )
+    path = source.dir / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise StageError(
+            f"upstream stage {source.name!r} has no peft adapter at {path} "
+            "(expected adapter_config.json there, as written by save_pretrained)"
+        )
+    return path
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from harness.activations import extract_to_dir, megabytes
+    from harness.models.base import load_model, load_tokenizer
+
+    params = with_defaults(ctx.params)
+    base, path = params["base"], Path(params["statements"])
+    statements = load_statements(path)
+    adapter = adapter_dir(ctx.upstream) if params["use_adapter"] else None
+
+    ctx.log(f"loading {base}" + (f" with the adapter {adapter}" if adapter else " (no adapter)"))
+    tokenizer = load_tokenizer(base)
+    try:
+        model = load_model(base, adapter)
+    except (RuntimeError, ValueError, KeyError) as error:  # shape or module-name mismatches
+        raise StageError(f"cannot apply the adapter {adapter} to {base}: {error}") from error
+
+    reported = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done * 10 // total > reported[0]:  # about every 10%
+            reported[0] = done * 10 // total
+            ctx.log(f"{done}/{total} statements extracted")
+
+    extracted = extract_to_dir(
+        model,
+        tokenizer,
+        statements,
+        ctx.out_dir,
+        params["batch_size"],
+        model_name=base_fingerprint(base),
+        adapter=adapter,
+        progress=progress,
+    )
+    metrics = {
+        "n_items": extracted.n_items,
+        "n_layers": extracted.n_layers,
+        "d_model": extracted.d_model,
+        "mb_written": megabytes(extracted.bytes_written),
+    }
+    ctx.log(
+        f"{extracted.n_items} items x {extracted.n_layers} layers x {extracted.d_model} dims, "
+        f"{metrics['mb_written']} MB"
+    )
+    return metrics
+
+
+KIND = StageKind(
+    name="extract_activations",
+    run=run,
+    params_schema=SPECS_DIR / "stages" / "extract_activations.schema.json",
+    metrics=METRICS,
+    version=VERSION,
+    input_params=("statements",),
+    transport_params=("batch_size",),
+    check=check,
+    code_version=code_version,
+)
