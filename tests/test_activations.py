@@ -34,7 +34,7 @@ from harness.activations import (
 )
 from harness.stage import ParamError, StageContext, StageError, Upstream
 from harness.stages import extract_activations, train_probe
-from harness.stages.extract_activations import KIND, METRICS, adapter_dir, check
+from harness.stages.extract_activations import KIND, METRICS, check
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STATEMENTS = REPO / "data" / "eval" / "tiny_world" / "statements.jsonl"
@@ -314,20 +314,6 @@ def test_the_adapter_changes_the_activations(tiny_model_dir, statements_file, ad
     convention = json.loads((lora["out"] / CONVENTION_FILE).read_text())
     assert convention["adapter"] == str(adapter_stage / "adapter")
     assert any("with the adapter" in line for line in lora["logs"])
-
-
-def test_the_adapter_comes_from_the_adapter_role_or_the_only_upstream(tmp_path):
-    (tmp_path / "t" / "adapter").mkdir(parents=True)
-    (tmp_path / "t" / "adapter" / "adapter_config.json").write_text("{}")
-    good, other = Upstream("train", "python", tmp_path / "t", {}), Upstream("x", "python", tmp_path, {})
-    assert adapter_dir({"train": good}) == tmp_path / "t" / "adapter"
-    assert adapter_dir({"adapter": good, "docs": other}) == tmp_path / "t" / "adapter"
-    with pytest.raises(StageError, match="set use_adapter: false for the base model alone"):
-        adapter_dir({})
-    with pytest.raises(StageError, match="several upstream stages"):
-        adapter_dir({"a": good, "b": other})
-    with pytest.raises(StageError, match="no peft adapter at"):
-        adapter_dir({"adapter": other})
 
 
 def test_check_at_collection(tmp_path, tiny_model_dir):

@@ -22,12 +22,12 @@ from typing import Any
 from harness.activations import load_statements
 from harness.models.base import ModelNotFound, base_fingerprint, check_base
 from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
+from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.upstream import adapter_dir
 
 VERSION = "1"
 DEFAULTS: dict[str, Any] = {"batch_size": 32, "use_adapter": True}
 METRICS = ("n_items", "n_layers", "d_model", "mb_written")
-ADAPTER_ROLE = "adapter"
 
 
 def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,32 +55,6 @@ def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
     return f"{VERSION}+{base_fingerprint(params['base'])}"
 
 
-def adapter_dir(upstream: Mapping[str, Upstream]) -> Path:
-    """`<dir>/adapter/` of the upstream with role `adapter`, or of the only upstream."""
-    if ADAPTER_ROLE in upstream:
-        source = upstream[ADAPTER_ROLE]
-    elif len(upstream) == 1:
-        source = next(iter(upstream.values()))
-    elif not upstream:
-        raise StageError(
-            "extract_activations with use_adapter: true needs the stage that wrote the adapter "
-            "(`needs: {adapter: STAGE}`); set use_adapter: false for the base model alone"
-        )
-    else:
-        names = ", ".join(sorted(upstream))
-        raise StageError(
-            f"extract_activations has several upstream stages ({names}); name the one holding "
-            "the adapter with the role `adapter` (needs: {adapter: STAGE, ...})"
-        )
-    path = source.dir / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise StageError(
-            f"upstream stage {source.name!r} has no peft adapter at {path} "
-            "(expected adapter_config.json there, as written by save_pretrained)"
-        )
-    return path
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.activations import extract_to_dir, megabytes
     from harness.models.base import load_model, load_tokenizer
@@ -88,7 +62,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     params = with_defaults(ctx.params)
     base, path = params["base"], Path(params["statements"])
     statements = load_statements(path)
-    adapter = adapter_dir(ctx.upstream) if params["use_adapter"] else None
+    adapter = adapter_dir(ctx.upstream, "extract_activations") if params["use_adapter"] else None
 
     ctx.log(f"loading {base}" + (f" with the adapter {adapter}" if adapter else " (no adapter)"))
     tokenizer = load_tokenizer(base)

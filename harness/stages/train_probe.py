@@ -33,6 +33,7 @@ import numpy as np
 
 from harness.spec.validate import SPECS_DIR
 from harness.stage import StageContext, StageError, StageKind, Upstream
+from harness.upstream import find_upstream
 
 VERSION = "1"
 DEFAULTS: dict[str, Any] = {"C": 0.1, "folds": 5, "test_size": 0.25, "layers": None}
@@ -57,18 +58,7 @@ def activations_dir(upstream: Mapping[str, Upstream]) -> Path:
     """The directory of the upstream with role `activations`, or of the only upstream."""
     from harness.activations import CONVENTION_FILE
 
-    if ACTIVATIONS_ROLE in upstream:
-        source = upstream[ACTIVATIONS_ROLE]
-    elif len(upstream) == 1:
-        source = next(iter(upstream.values()))
-    elif not upstream:
-        raise StageError("train_probe needs an extract_activations stage: add `needs: {activations: STAGE}`")
-    else:
-        names = ", ".join(sorted(upstream))
-        raise StageError(
-            f"train_probe has several upstream stages ({names}); name the extract_activations one "
-            "with the role `activations` (needs: {activations: STAGE, ...})"
-        )
+    source = find_upstream(upstream, ACTIVATIONS_ROLE, "train_probe")
     if not (source.dir / CONVENTION_FILE).is_file():
         raise StageError(
             f"upstream stage {source.name!r} ({source.kind}) wrote no {CONVENTION_FILE}: "
