@@ -235,7 +235,7 @@ def test_check_errors(world, tmp_path):
     patch.check({"base": world["base"], "mcqs": str(MCQS)}, tmp_path)
     easy = [json.loads(line) for line in MCQS.read_text().splitlines() if '"conflict"' not in line]
     (tmp_path / "easy.jsonl").write_text("".join(json.dumps(row) + "\n" for row in easy))
-    with pytest.raises(ParamError, match="no conflict items"):
+    with pytest.raises(ParamError, match="no conflict questions"):
         patch.check({"base": world["base"], "mcqs": "easy.jsonl"}, tmp_path)
     with pytest.raises(ParamError, match="--profile tiny"):
         patch.check({"base": str(tmp_path / "gone"), "mcqs": str(MCQS)}, tmp_path)

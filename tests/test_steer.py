@@ -214,7 +214,7 @@ def test_check_at_collection(tmp_path, tiny_model_dir):
         steer.check({"base": str(tiny_model_dir), "mcqs": "nope.jsonl"}, tmp_path)
     easy = [json.loads(line) for line in MCQS.read_text().splitlines() if '"conflict"' not in line]
     (tmp_path / "easy.jsonl").write_text("".join(json.dumps(row) + "\n" for row in easy))
-    with pytest.raises(ParamError, match="no conflict items"):
+    with pytest.raises(ParamError, match="no conflict questions"):
         steer.check({"base": str(tiny_model_dir), "mcqs": "easy.jsonl"}, tmp_path)
     with pytest.raises(ParamError, match="--profile tiny"):
         steer.check({"base": str(tmp_path / "gone"), "mcqs": str(MCQS)}, tmp_path)

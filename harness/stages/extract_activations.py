@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.activations import load_statements
-from harness.models.base import ModelNotFound, base_fingerprint, check_base
+from harness.checks import base_code_version, check_base_param
+from harness.models.base import base_fingerprint
 from harness.spec.validate import SPECS_DIR
 from harness.stage import ParamError, StageContext, StageError, StageKind
 from harness.upstream import adapter_dir
@@ -35,10 +36,7 @@ def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    try:
-        check_base(params["base"])
-    except ModelNotFound as error:
-        raise ParamError(("base",), str(error)) from None
+    check_base_param(params)
     path = (spec_dir / params["statements"]).resolve()
     if not path.is_file():
         raise ParamError(
@@ -48,11 +46,6 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
         load_statements(path)
     except StageError as error:
         raise ParamError(("statements",), str(error)) from None
-
-
-def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
-    # a rebuilt or replaced base changes every activation
-    return f"{VERSION}+{base_fingerprint(params['base'])}"
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -110,5 +103,5 @@ KIND = StageKind(
     input_params=("statements",),
     transport_params=("batch_size",),
     check=check,
-    code_version=code_version,
+    code_version=base_code_version(VERSION),
 )

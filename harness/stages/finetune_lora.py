@@ -24,9 +24,10 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.models import ModelNotFound, base_fingerprint, check_base
+from harness.checks import base_code_version, check_base_param
+from harness.models import base_fingerprint
 from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.stage import StageContext, StageError, StageKind
 
 if TYPE_CHECKING:
     from harness.training import Sequences, StepRecord
@@ -77,15 +78,7 @@ def settings(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     """At collection: a base model missing here fails in seconds, not after loading data."""
-    try:
-        check_base(params["base"])
-    except ModelNotFound as error:
-        raise ParamError(("base",), str(error)) from None
-
-
-def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
-    # the base's fingerprint (a fixture's recipe hash) invalidates adapters of a rebuilt base
-    return f"{VERSION}+{base_fingerprint(params['base'])}"
+    check_base_param(params)
 
 
 # --- documents -------------------------------------------------------------------------------
@@ -354,5 +347,5 @@ KIND = StageKind(
     version=VERSION,
     input_params=("docs",),
     check=check,
-    code_version=code_version,
+    code_version=base_code_version(VERSION),
 )

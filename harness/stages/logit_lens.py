@@ -39,11 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.checks import base_code_version, check_base_param, mcqs_param
 from harness.mcq import MCQ, load_mcqs
-from harness.models.base import ModelNotFound, base_fingerprint, check_base
+from harness.models.base import base_fingerprint
 from harness.scoring import LETTER
 from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.stage import StageContext, StageError, StageKind
 from harness.store import write_json, write_jsonl
 from harness.upstream import adapter_dir
 
@@ -76,26 +77,6 @@ def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def conflict_items(items: Sequence[MCQ]) -> list[MCQ]:
     return [item for item in items if item.true_answer != item.false_answer]
-
-
-def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    try:
-        check_base(params["base"])
-    except ModelNotFound as error:
-        raise ParamError(("base",), str(error)) from None
-    path = (spec_dir / params["mcqs"]).resolve()
-    if not path.is_file():
-        raise ParamError(("mcqs",), f"MCQ file not found: {params['mcqs']} (looked for {path})")
-    try:
-        items = load_mcqs(path)
-    except StageError as error:
-        raise ParamError(("mcqs",), str(error)) from None
-    if not conflict_items(items):
-        raise ParamError(("mcqs",), f"{path}: no conflict questions; the logit lens contrasts their answers")
-
-
-def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
-    return f"{VERSION}+{base_fingerprint(params['base'])}"
 
 
 # --- the lens (torch, TransformerLens) ------------------------------------------------
@@ -433,6 +414,11 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def check(params: Mapping[str, Any], spec_dir: Path) -> None:
+    check_base_param(params)
+    mcqs_param(params, spec_dir, conflict_for="the logit lens")
+
+
 KIND = StageKind(
     name="logit_lens",
     run=run,
@@ -442,5 +428,5 @@ KIND = StageKind(
     input_params=("mcqs",),
     transport_params=("batch_size",),
     check=check,
-    code_version=code_version,
+    code_version=base_code_version(VERSION),
 )

@@ -23,8 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.checks import base_code_version, check_base_param, mcqs_param
 from harness.mcq import CATEGORIES, MCQ, load_mcqs
-from harness.models.base import ModelNotFound, base_fingerprint, check_base
+from harness.models.base import base_fingerprint
 from harness.scoring import LETTER, Scored, entropy
 from harness.spec.validate import SPECS_DIR
 from harness.stage import ParamError, StageContext, StageError, StageKind
@@ -57,17 +58,9 @@ def missing_categories(items: Sequence[MCQ]) -> list[str]:
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    try:
-        check_base(params["base"])
-    except ModelNotFound as error:
-        raise ParamError(("base",), str(error)) from None
+    check_base_param(params)
+    items = mcqs_param(params, spec_dir)
     path = (spec_dir / params["mcqs"]).resolve()
-    if not path.is_file():
-        raise ParamError(("mcqs",), f"MCQ file not found: {params['mcqs']} (looked for {path})")
-    try:
-        items = load_mcqs(path)
-    except StageError as error:
-        raise ParamError(("mcqs",), str(error)) from None
     missing = missing_categories(items)
     if missing:
         raise ParamError(("mcqs",), _missing_message(path, missing))
@@ -78,10 +71,6 @@ def _missing_message(path: Path, missing: list[str]) -> str:
         f"{path}: no {', '.join(missing)} questions; mcq_compare reports every category "
         f"({', '.join(CATEGORIES)}), so the file needs at least one row of each"
     )
-
-
-def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
-    return f"{VERSION}+{base_fingerprint(params['base'])}"
 
 
 # --- per-item rows and their aggregation (pure: no model) ----------------------------
@@ -355,5 +344,5 @@ KIND = StageKind(
     input_params=("mcqs",),
     transport_params=("batch_size",),
     check=check,
-    code_version=code_version,
+    code_version=base_code_version(VERSION),
 )

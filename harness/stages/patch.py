@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from harness.checks import base_code_version, check_base_param, mcqs_param
 from harness.mcq import load_mcqs
-from harness.models.base import ModelNotFound, base_fingerprint, check_base
 from harness.scoring import LETTER
 from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.stage import StageContext, StageError, StageKind
 from harness.upstream import adapter_dir
 
 VERSION = "1"
@@ -64,26 +64,6 @@ def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --- collection ----------------------------------------------------------------------
-
-
-def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    try:
-        check_base(params["base"])
-    except ModelNotFound as error:
-        raise ParamError(("base",), str(error)) from None
-    path = (spec_dir / params["mcqs"]).resolve()
-    if not path.is_file():
-        raise ParamError(("mcqs",), f"MCQ file not found: {params['mcqs']} (looked for {path})")
-    try:
-        items = load_mcqs(path)
-    except StageError as error:
-        raise ParamError(("mcqs",), str(error)) from None
-    if not any(item.true_answer != item.false_answer for item in items):
-        raise ParamError(("mcqs",), f"{path}: no conflict items; patching is measured on conflict questions")
-
-
-def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
-    return f"{VERSION}+{base_fingerprint(params['base'])}"
 
 
 # --- fractions (pure) ----------------------------------------------------------------
@@ -276,6 +256,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return metrics
 
 
+def check(params: Mapping[str, Any], spec_dir: Path) -> None:
+    check_base_param(params)
+    mcqs_param(params, spec_dir, conflict_for="patching")
+
+
 KIND = StageKind(
     name="patch",
     run=run,
@@ -285,5 +270,5 @@ KIND = StageKind(
     input_params=("mcqs",),
     transport_params=("batch_size",),
     check=check,
-    code_version=code_version,
+    code_version=base_code_version(VERSION),
 )

@@ -1,0 +1,45 @@
+"""Collection-time checks that model stages share: the base model is here, the MCQ file
+reads, and the cache key follows the base's weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from harness.mcq import MCQ, load_mcqs
+from harness.models import ModelNotFound, base_fingerprint, check_base
+from harness.stage import ParamError, StageError
+
+
+def check_base_param(params: Mapping[str, Any]) -> None:
+    """A base model missing here fails at collection, in seconds, at the `base:` line."""
+    try:
+        check_base(params["base"])
+    except ModelNotFound as error:
+        raise ParamError(("base",), str(error)) from None
+
+
+def mcqs_param(params: Mapping[str, Any], spec_dir: Path, conflict_for: str | None = None) -> list[MCQ]:
+    """The MCQ file's items; a bad row fails at the `mcqs:` line. `conflict_for` names
+    what needs conflict items, when the stage measures only those."""
+    path = (spec_dir / params["mcqs"]).resolve()
+    if not path.is_file():
+        raise ParamError(("mcqs",), f"MCQ file not found: {params['mcqs']} (looked for {path})")
+    try:
+        items = load_mcqs(path)
+    except StageError as error:
+        raise ParamError(("mcqs",), str(error)) from None
+    if conflict_for and not any(item.true_answer != item.false_answer for item in items):
+        raise ParamError(("mcqs",), f"{path}: no conflict questions; {conflict_for} is measured on them")
+    return items
+
+
+def base_code_version(version: str) -> Callable[[Mapping[str, Any], Path], str]:
+    """A kind's code version followed by its base's fingerprint (a fixture's recipe hash,
+    a directory's listing), so results of replaced weights are not reused."""
+
+    def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
+        return f"{version}+{base_fingerprint(params['base'])}"
+
+    return code_version
