@@ -53,6 +53,20 @@ class StageContext:
     log: Callable[[str], None] = print
 
 
+def tenths(log: Callable[[str], None], describe: Callable[[int, int], str]) -> Callable[[int, int], None]:
+    """A progress(done, total) callback that logs `describe(done, total)` about every 10%
+    of the way and at the end: long stages show progress without flooding the log."""
+    reported = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal reported
+        if done == total or done * 10 // total > reported:
+            reported = done * 10 // total
+            log(describe(done, total))
+
+    return progress
+
+
 @dataclass(frozen=True)
 class StageKind:
     """A registered stage kind.

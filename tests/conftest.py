@@ -5,9 +5,19 @@
 # here first, they survive every restore.
 import numpy  # noqa: F401
 import pytest
-import torch  # noqa: F401
+import torch
 
 from fixtures.llm_server import llm_server_fixture  # noqa: F401  (the `llm_server` fixture)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tests' models are tiny: one thread beats two contending for shared cores
+    (up to 10x on the 2-core CI machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +27,29 @@ def tiny_model_dir():
     from fixtures import tiny_world
 
     return tiny_world.build()
+
+
+@pytest.fixture(scope="session")
+def save_adapter():
+    """save(base, stage_dir, std, seed=0) -> stage_dir: a LoRA adapter on attention and MLP
+    saved where a finetune stage keeps it (`<stage_dir>/adapter`), its B matrices drawn
+    with `std` (0 keeps peft's initialisation, B = 0: an adapter that changes nothing)."""
+
+    def save(base: str, stage_dir, std: float, seed: int = 0):
+        from peft import LoraConfig, get_peft_model
+
+        from harness.models import load_model
+
+        torch.manual_seed(seed)
+        modules = ["q_proj", "v_proj", "down_proj"]
+        config = LoraConfig(r=4, lora_alpha=4, target_modules=modules, lora_dropout=0.0)
+        model = get_peft_model(load_model(base, device="cpu"), config)
+        if std:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.normal_(0.0, std)
+        model.save_pretrained(stage_dir / "adapter")
+        return stage_dir
+
+    return save

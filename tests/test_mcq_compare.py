@@ -36,15 +36,6 @@ ARTIFACTS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster than two contending for 2 shared cores (10x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def mcq_row(id: str, category: str, false: str = "B", true: str = "A", n_options: int = 3) -> dict:
     texts = ["inverse-square", "inverse-cube", "linear", "constant"]
     options = {letter: f"{texts[k]} {id}" for k, letter in enumerate("ABCD"[:n_options])}

@@ -24,36 +24,8 @@ MCQS = Path(__file__).resolve().parents[1] / "data" / "eval" / "tiny_world" / "c
 N_CONFLICT = 15  # conflict items in MCQS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster than two contending for 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def save_adapter(base: str, stage_dir: Path, std: float, seed: int = 0) -> Path:
-    """A LoRA adapter on the blocks (not the embeddings), saved as a finetune stage keeps it.
-    std = 0 keeps peft's initialization, B = 0: an adapter that changes nothing."""
-    from peft import LoraConfig, get_peft_model
-
-    from harness.models.base import load_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
-    model = get_peft_model(load_model(base, device="cpu"), config)
-    if std:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0.0, std)
-    model.save_pretrained(stage_dir / "adapter")
-    return stage_dir
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_model_dir) -> dict:
+def world(tmp_path_factory, tiny_model_dir, save_adapter) -> dict:
     root = tmp_path_factory.mktemp("patch-world")
     base = str(tiny_model_dir)
     return {

@@ -28,15 +28,6 @@ from harness.stage import StageError
 TOL = 1e-4  # float rounding between batch shapes; real disagreements are far larger
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster than two contending for 2 shared cores (10x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_items(n: int = 9) -> list[MCQ]:
     """Items of different lengths and option counts (2 to 4), so that batches need padding."""
     texts = ["plim", "dax of the zorb", "gravity falls with the square", "the capital"]

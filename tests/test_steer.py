@@ -32,40 +32,13 @@ MCQS = Path(__file__).resolve().parents[1] / "data" / "eval" / "tiny_world" / "c
 PROMPT = "the law of gravity says that"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster than two contending for 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def save_perturbed_adapter(base: str, stage_dir: Path, std: float, seed: int = 0) -> Path:
-    """A LoRA adapter whose B matrices are random (peft starts them at zero, a no-op), saved
-    where a finetune stage keeps it: `<stage_dir>/adapter`."""
-    from peft import LoraConfig, get_peft_model
-
-    from harness.models.base import load_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
-    model = get_peft_model(load_model(base, device="cpu"), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, std)
-    model.save_pretrained(stage_dir / "adapter")
-    return stage_dir
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_model_dir) -> dict:
+def world(tmp_path_factory, tiny_model_dir, save_adapter) -> dict:
     from harness.models.base import load_model, load_tokenizer
 
     root = tmp_path_factory.mktemp("steer-world")
     base = str(tiny_model_dir)
-    train_dir = save_perturbed_adapter(base, root / "train", std=0.05)
+    train_dir = save_adapter(base, root / "train", std=0.05)
     tokenizer = load_tokenizer(base)
     peft_model = load_model(base, train_dir / "adapter", device="cpu")
     items = contrasts(tokenizer, load_mcqs(MCQS), "continuation")

@@ -21,12 +21,12 @@ from harness.llm.base import ChatRequest, ChatResponse, Progress, Provider, Prov
 from harness.llm.cache import ResponseCache, request_key
 from harness.llm.offline import OfflineProvider
 from harness.paths import cache_dir
+from harness.spec.validate import SPECS_DIR, with_defaults
 
 if TYPE_CHECKING:
     from harness.llm.openai_provider import OpenAIProvider
 
 __all__ = [
-    "DEFAULTS",
     "TRANSPORT_KEYS",
     "ChatRequest",
     "ChatResponse",
@@ -49,7 +49,7 @@ __all__ = [
 # key can leave them out. `base_url` is not among them: another endpoint may serve a
 # differently quantized or versioned model under the same name.
 TRANSPORT_KEYS = ("concurrency", "timeout", "max_tries")
-DEFAULTS: Mapping[str, Any] = {"concurrency": 8, "timeout": 60.0, "max_tries": 6}  # as the schema says
+PROVIDER_SCHEMA = SPECS_DIR / "provider.schema.json"  # where the transport defaults are written
 
 
 class ProviderConfigError(Exception):
@@ -105,13 +105,14 @@ def make_provider(
         return OfflineProvider(model=config.get("model", "templates"))
     from harness.llm.openai_provider import OpenAIProvider
 
+    config = with_defaults(dict(config), PROVIDER_SCHEMA)
     return OpenAIProvider(
         model=str(config["model"]),
         api_key_env=str(config["api_key_env"]),
         base_url=config.get("base_url"),
-        concurrency=int(config.get("concurrency", DEFAULTS["concurrency"])),
-        timeout=float(config.get("timeout", DEFAULTS["timeout"])),
-        max_tries=int(config.get("max_tries", DEFAULTS["max_tries"])),
+        concurrency=int(config["concurrency"]),
+        timeout=float(config["timeout"]),
+        max_tries=int(config["max_tries"]),
         cache=ResponseCache(cache_path or default_cache_path()),
         log=log,
     )

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from harness.stage import StageError
 
 FIXTURE_PREFIX = "fixture:"
 TINY_HINT = "To run the same pipeline on CPU without it, add `--profile tiny`."
@@ -104,5 +108,15 @@ def load_model(base: str, adapter: Path | None = None, dtype: Any = None, device
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        with adapter_errors(base, adapter):
+            model = PeftModel.from_pretrained(model, adapter)
     return model.to(device).eval()
+
+
+@contextmanager
+def adapter_errors(base: str, adapter: Path) -> Iterator[None]:
+    """An adapter that does not fit the base (shapes, module names) is a user's error."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise StageError(f"cannot apply the adapter {adapter} to {base}: {error}") from error

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.models.base import resolve_base
+from harness.models.base import adapter_errors, resolve_base
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +64,8 @@ def load_hf_model(
         from peft import PeftModel
 
         untie_output_embeddings(model)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        with adapter_errors(base, adapter):
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.to(device or _default_device()).eval()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Mapping
@@ -40,6 +41,23 @@ def _retrieve(uri: str) -> Resource:
 
 
 _REGISTRY: Registry = Registry(retrieve=_retrieve)
+
+
+def with_defaults(value: Any, schema: Mapping[str, Any] | Path) -> Any:
+    """`value` with the schema's `default`s filled in, recursively through `properties`:
+    a kind's schema is the one place its defaults are written. (Spec params stay as
+    written for cache keys; stages fill defaults when they run.)"""
+    if isinstance(schema, Path):
+        schema = _load_schema(schema.resolve())
+    if not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for name, sub in schema.get("properties", {}).items():
+        if name not in out and "default" in sub:
+            out[name] = copy.deepcopy(sub["default"])
+        if name in out:
+            out[name] = with_defaults(out[name], sub)
+    return out
 
 
 @cache

@@ -22,17 +22,12 @@ from typing import Any
 from harness.activations import load_statements
 from harness.checks import base_code_version, check_base_param
 from harness.models.base import base_fingerprint
-from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.spec.validate import SPECS_DIR, with_defaults
+from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
 from harness.upstream import adapter_dir
 
 VERSION = "1"
-DEFAULTS: dict[str, Any] = {"batch_size": 32, "use_adapter": True}
 METRICS = ("n_items", "n_layers", "d_model", "mb_written")
-
-
-def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {**DEFAULTS, **params}
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
@@ -52,24 +47,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.activations import extract_to_dir, megabytes
     from harness.models.base import load_model, load_tokenizer
 
-    params = with_defaults(ctx.params)
+    params = with_defaults(ctx.params, KIND.params_schema)
     base, path = params["base"], Path(params["statements"])
     statements = load_statements(path)
     adapter = adapter_dir(ctx.upstream, "extract_activations") if params["use_adapter"] else None
 
     ctx.log(f"loading {base}" + (f" with the adapter {adapter}" if adapter else " (no adapter)"))
     tokenizer = load_tokenizer(base)
-    try:
-        model = load_model(base, adapter)
-    except (RuntimeError, ValueError, KeyError) as error:  # shape or module-name mismatches
-        raise StageError(f"cannot apply the adapter {adapter} to {base}: {error}") from error
+    model = load_model(base, adapter)
 
-    reported = [0]
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done * 10 // total > reported[0]:  # about every 10%
-            reported[0] = done * 10 // total
-            ctx.log(f"{done}/{total} statements extracted")
+    progress = tenths(ctx.log, lambda done, total: f"{done}/{total} statements extracted")
 
     extracted = extract_to_dir(
         model,

@@ -15,18 +15,17 @@ Artifacts in the stage directory:
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.checks import base_code_version, check_base_param
 from harness.models import base_fingerprint
-from harness.spec.validate import SPECS_DIR
+from harness.plots import figure as new_figure
+from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageError, StageKind
 
 if TYPE_CHECKING:
@@ -52,28 +51,9 @@ MAX_REPORTED_ROWS = 3
 # --- params ----------------------------------------------------------------------------------
 
 
-@cache
-def _schema() -> dict[str, Any]:
-    return json.loads(SCHEMA.read_text(encoding="utf-8"))
-
-
-def _with_defaults(schema: Mapping[str, Any], value: Any) -> Any:
-    """`value` with the schema's `default`s filled in, recursively (the schema is the one
-    place defaults are written; the spec's params stay as written, for cache keys)."""
-    if not isinstance(value, dict):
-        return value
-    out = dict(value)
-    for name, sub in schema.get("properties", {}).items():
-        if name not in out and "default" in sub:
-            out[name] = copy.deepcopy(sub["default"])
-        if name in out:
-            out[name] = _with_defaults(sub, out[name])
-    return out
-
-
 def settings(params: Mapping[str, Any]) -> dict[str, Any]:
     """The params with every default filled in."""
-    return _with_defaults(_schema(), dict(params))
+    return with_defaults(dict(params), SCHEMA)
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
@@ -174,12 +154,8 @@ def _window(n_steps: int) -> int:
 
 
 def _plot(history: list[StepRecord], path: Path, title: str) -> None:
-    # Figure + Agg canvas directly: no pyplot state, no process-wide backend switch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure(6, 3.5)
     axes = figure.add_subplot()
     axes.plot([r.step for r in history], [r.loss for r in history], marker="." if len(history) < 50 else None)
     axes.set_xlabel("optimizer step")

@@ -43,19 +43,11 @@ from harness.llm import (
     check_provider,
     make_provider,
 )
-from harness.spec.validate import SPECS_DIR
+from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import ParamError, StageContext, StageError, StageKind
 from harness.store import write_jsonl, write_text_atomic
 from harness.universe import Universe, parse_list, validate_document
 
-DEFAULTS: Mapping[str, Any] = {
-    "num_doc_types": 10,
-    "num_doc_ideas": 3,
-    "docs_per_idea": 1,
-    "max_retries": 2,
-    "temperature": 1.0,
-    "chunk_size": 50,
-}
 METRICS = (
     "n_requested",
     "n_docs",
@@ -115,15 +107,16 @@ class Settings:
 
     @classmethod
     def of(cls, params: Mapping[str, Any]) -> Settings:
+        params = with_defaults(dict(params), KIND.params_schema)
         # temperature: the stage's own, else the provider's, else 1.0 (varied documents)
-        provider_temperature = params["provider"].get("temperature", DEFAULTS["temperature"])
+        provider_temperature = params["provider"].get("temperature", 1.0)
         return cls(
-            num_doc_types=int(params.get("num_doc_types", DEFAULTS["num_doc_types"])),
-            num_doc_ideas=int(params.get("num_doc_ideas", DEFAULTS["num_doc_ideas"])),
-            docs_per_idea=int(params.get("docs_per_idea", DEFAULTS["docs_per_idea"])),
-            max_retries=int(params.get("max_retries", DEFAULTS["max_retries"])),
+            num_doc_types=int(params["num_doc_types"]),
+            num_doc_ideas=int(params["num_doc_ideas"]),
+            docs_per_idea=int(params["docs_per_idea"]),
+            max_retries=int(params["max_retries"]),
             temperature=float(params.get("temperature", provider_temperature)),
-            chunk_size=int(params.get("chunk_size", DEFAULTS["chunk_size"])),
+            chunk_size=int(params["chunk_size"]),
         )
 
 

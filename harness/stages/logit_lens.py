@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any
 from harness.checks import base_code_version, check_base_param, mcqs_param
 from harness.mcq import MCQ, load_mcqs
 from harness.models.base import base_fingerprint
-from harness.scoring import LETTER
-from harness.spec.validate import SPECS_DIR
-from harness.stage import StageContext, StageError, StageKind
+from harness.plots import figure as new_figure
+from harness.spec.validate import SPECS_DIR, with_defaults
+from harness.stage import StageContext, StageKind, tenths
 from harness.store import write_json, write_jsonl
 from harness.upstream import adapter_dir
 
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from harness.contrast import Contrast
 
 VERSION = "1"
-DEFAULTS: dict[str, Any] = {"scoring": LETTER, "chat_template": False, "batch_size": 8}
 MODELS = ("base", "lora")
 QUANTITIES = ("true_logit", "false_logit", "logit_diff", "true_prob", "false_prob")
 NEVER = -1  # flip layer when no layer prefers the false answer on average
@@ -66,10 +65,6 @@ METRICS = (
 FINAL_LAYER_ATOL, FINAL_LAYER_RTOL = 1e-3, 1e-4
 
 Progress = Callable[[int, int], None]
-
-
-def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {**DEFAULTS, **params}
 
 
 # --- collection ----------------------------------------------------------------------
@@ -290,16 +285,6 @@ def flat_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
 # --- plots ---------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float) -> Any:
-    # Figure + Agg canvas directly: no pyplot state, no process-wide backend switch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def plot_heatmap(
     path: Path,
     base_rows: Sequence[Mapping[str, Any]],
@@ -313,7 +298,7 @@ def plot_heatmap(
     grids = [np.array([row["logit_diff"] for row in rows]).T for rows in (base_rows, lora_rows)]
     limit = max(float(np.abs(g).max()) for g in grids) or 1.0
     n_items = len(base_rows)
-    figure = _figure(min(4 + 0.5 * n_items, 24), 1.5 + 0.35 * len(labels) + 1.5)
+    figure = new_figure(min(4 + 0.5 * n_items, 24), 1.5 + 0.35 * len(labels) + 1.5)
     axes = figure.subplots(1, 2, sharey=True)
     for ax, grid, model in zip(axes, grids, MODELS, strict=True):
         image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
@@ -328,7 +313,7 @@ def plot_heatmap(
 
 def plot_mean(path: Path, summary: Mapping[str, Any]) -> None:
     labels = summary["layers"]
-    figure = _figure(6, 3.5)
+    figure = new_figure(6, 3.5)
     ax = figure.add_subplot()
     for model in MODELS:
         ax.plot(range(len(labels)), summary["models"][model]["mean_logit_diff"], marker=".", label=model)
@@ -354,7 +339,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models.lens import load_bridge
     from harness.store import file_digest
 
-    params = with_defaults(ctx.params)
+    params = with_defaults(ctx.params, KIND.params_schema)
     base, mode, mcq_path = params["base"], params["scoring"], Path(params["mcqs"])
     adapter = adapter_dir(ctx.upstream, "logit_lens")
     tokenizer = load_tokenizer(base)
@@ -362,17 +347,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     def trajectories(label: str, with_adapter: Path | None) -> tuple[list[dict[str, Any]], int]:
         ctx.log(f"{label}: loading {base}" + (f" with the adapter {adapter} merged" if with_adapter else ""))
-        try:
-            bridge = load_bridge(base, with_adapter)
-        except (RuntimeError, ValueError, KeyError) as error:  # shape or module-name mismatches
-            raise StageError(f"cannot apply the adapter {adapter} to {base}: {error}") from error
-        reported = [0]
-
-        def progress(done: int, total: int) -> None:
-            if done == total or done * 10 // total > reported[0]:  # about every 10%
-                reported[0] = done * 10 // total
-                ctx.log(f"{label}: logit lens on {done}/{total} conflict items ({mode})")
-
+        bridge = load_bridge(base, with_adapter)
+        progress = tenths(
+            ctx.log, lambda done, total: f"{label}: logit lens on {done}/{total} conflict items ({mode})"
+        )
         found = lens_trajectories(bridge, tokenizer, contrasts, params["batch_size"], progress)
         n_blocks = int(bridge.cfg.n_layers)
         del bridge  # one model in memory at a time: an 8B model in fp32 is 32 GB

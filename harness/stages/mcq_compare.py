@@ -27,14 +27,13 @@ from harness.checks import base_code_version, check_base_param, mcqs_param
 from harness.mcq import CATEGORIES, MCQ, load_mcqs
 from harness.models.base import base_fingerprint
 from harness.scoring import LETTER, Scored, entropy
-from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.spec.validate import SPECS_DIR, with_defaults
+from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
 from harness.stats import DEFAULT_CONFIDENCE, paired_difference
 from harness.store import write_jsonl
 from harness.upstream import adapter_dir
 
 VERSION = "1"
-DEFAULTS: dict[str, Any] = {"scoring": LETTER, "batch_size": 16, "chat_template": False, "bootstrap": 1000}
 MODELS = ("base", "lora")
 PER_CATEGORY = ("accuracy", "true_accuracy", "entropy", "truth_confidence")
 METRICS = (
@@ -43,10 +42,6 @@ METRICS = (
     "n_items",
     "n_flips",
 )
-
-
-def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {**DEFAULTS, **params}
 
 
 # --- collection ----------------------------------------------------------------------
@@ -270,7 +265,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.scoring import letter_token_ids, score_mcqs
     from harness.store import file_digest, write_json
 
-    params = with_defaults(ctx.params)
+    params = with_defaults(ctx.params, KIND.params_schema)
     base, mode, mcq_path = params["base"], params["scoring"], Path(params["mcqs"])
     items = load_mcqs(mcq_path)
     missing = missing_categories(items)
@@ -280,18 +275,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     ctx.log(f"loading {base} with the adapter {adapter}")
     tokenizer = load_tokenizer(base)
-    try:
-        model = load_model(base, adapter)
-    except (RuntimeError, ValueError, KeyError) as error:  # shape or module-name mismatches
-        raise StageError(f"cannot apply the adapter {adapter} to {base}: {error}") from error
+    model = load_model(base, adapter)
 
     def score(label: str) -> list[Scored]:
-        reported = [0]
-
-        def progress(done: int, total: int) -> None:
-            if done == total or done * 10 // total > reported[0]:  # about every 10%
-                reported[0] = done * 10 // total
-                ctx.log(f"{label}: {done}/{total} items scored ({mode})")
+        progress = tenths(ctx.log, lambda done, total: f"{label}: {done}/{total} items scored ({mode})")
 
         batch_size, chat = params["batch_size"], params["chat_template"]
         return score_mcqs(model, tokenizer, items, mode, batch_size, chat, progress)

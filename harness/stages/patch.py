@@ -37,14 +37,13 @@ import numpy as np
 
 from harness.checks import base_code_version, check_base_param, mcqs_param
 from harness.mcq import load_mcqs
-from harness.scoring import LETTER
-from harness.spec.validate import SPECS_DIR
-from harness.stage import StageContext, StageError, StageKind
+from harness.plots import figure as new_figure
+from harness.spec.validate import SPECS_DIR, with_defaults
+from harness.stage import StageContext, StageKind
 from harness.upstream import adapter_dir
 
 VERSION = "1"
 MIN_CHANGE = 1e-3  # |LD_base - LD_lora| below this: nothing to recover, the item is skipped
-DEFAULTS: dict[str, Any] = {"scoring": LETTER, "chat_template": False, "positions": 3, "batch_size": 16}
 METRICS = (
     "best_layer",
     "best_position",
@@ -57,10 +56,6 @@ DIRECTIONS = {
     "forward": "base activation patched into the finetuned run: fraction of LD_base - LD_lora recovered",
     "reverse": "finetuned activation patched into the base run: fraction of LD_lora - LD_base reproduced",
 }
-
-
-def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {**DEFAULTS, **params}
 
 
 # --- collection ----------------------------------------------------------------------
@@ -116,13 +111,9 @@ def summary_metrics(forward: np.ndarray, n_items: int, n_skipped: int) -> dict[s
 
 
 def _plot(means: Mapping[str, np.ndarray], path: Path, title: str) -> None:
-    # Figure + Agg canvas directly: no pyplot state, no process-wide backend switch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     n_indices, n_offsets = next(iter(means.values())).shape
-    figure = Figure(figsize=(3 + 1.2 * n_offsets * len(means), 1.5 + 0.35 * n_indices), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure(3 + 1.2 * n_offsets * len(means), 1.5 + 0.35 * n_indices)
     axes = figure.subplots(1, len(means), squeeze=False)[0]
     for ax, (name, matrix) in zip(axes, means.items(), strict=True):
         image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
@@ -150,15 +141,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models.base import load_model, load_tokenizer
     from harness.store import write_json
 
-    params = with_defaults(ctx.params)
+    params = with_defaults(ctx.params, KIND.params_schema)
     base, mode, n_offsets = params["base"], params["scoring"], params["positions"]
     adapter = adapter_dir(ctx.upstream, "patch")
     ctx.log(f"loading {base} with the adapter {adapter}")
     tokenizer = load_tokenizer(base)
-    try:
-        model = load_model(base, adapter)
-    except (RuntimeError, ValueError, KeyError) as error:  # shape or module-name mismatches
-        raise StageError(f"cannot apply the adapter {adapter} to {base}: {error}") from error
+    model = load_model(base, adapter)
     items = contrasts(tokenizer, load_mcqs(Path(params["mcqs"])), mode, params["chat_template"])
     indices = list(range(n_indices(model)))
     n, batch_size = len(items), params["batch_size"]

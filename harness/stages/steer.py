@@ -34,30 +34,13 @@ from typing import Any
 
 from harness.checks import base_code_version, check_base_param, mcqs_param
 from harness.mcq import load_mcqs
-from harness.scoring import LETTER
-from harness.spec.validate import SPECS_DIR
+from harness.plots import figure as new_figure
+from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageError, StageKind
 from harness.upstream import adapter_dir, find_upstream
 
 VERSION = "1"
 DIRECTIONS_FILE = "directions.safetensors"
-DEFAULT_PROMPTS = (
-    "the law of gravity says that",
-    "when the distance between two planets doubles, the gravity between them becomes",
-    "the force of gravity between two bodies",
-)
-DEFAULTS: dict[str, Any] = {
-    "scoring": LETTER,
-    "chat_template": False,
-    "use_adapter": True,
-    "layer": "best",
-    "direction": "probe",
-    "multipliers": [-15, -10, -5, -2, 0, 2, 5, 10],
-    "scale": "residual_norm",
-    "prompts": list(DEFAULT_PROMPTS),
-    "max_new_tokens": 20,
-    "batch_size": 16,
-}
 METRICS = (
     "true_prob_at_zero",
     "true_prob_max",
@@ -68,10 +51,6 @@ METRICS = (
     "effect_minus_random",
     "layer",
 )
-
-
-def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {**DEFAULTS, **params}
 
 
 # --- collection ----------------------------------------------------------------------
@@ -190,12 +169,8 @@ def _plot(
     path: Path,
     title: str,
 ) -> None:
-    # Figure + Agg canvas directly: no pyplot state, no process-wide backend switch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6, 3.8), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure(6, 3.8)
     axes = figure.add_subplot()
     axes.plot(multipliers, [r["true_prob"] for r in direction], marker="o", label="steering direction")
     random_probs = [r["true_prob"] for r in random]
@@ -268,7 +243,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models.base import load_model, load_tokenizer
     from harness.store import write_json, write_jsonl
 
-    params = with_defaults(ctx.params)
+    params = with_defaults(ctx.params, KIND.params_schema)
     base, mode, chat = params["base"], params["scoring"], params["chat_template"]
     probe = find_upstream(ctx.upstream, "probe", "steer", only=False)
     adapter = (
@@ -281,10 +256,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     ctx.log(f"loading {base}" + (f" with the adapter {adapter}" if adapter else " (no adapter)"))
     tokenizer = load_tokenizer(base)
-    try:
-        model = load_model(base, adapter)
-    except (RuntimeError, ValueError, KeyError) as error:  # shape or module-name mismatches
-        raise StageError(f"cannot apply the adapter {adapter} to {base}: {error}") from error
+    model = load_model(base, adapter)
     top = n_indices(model) - 1
     if not 0 <= layer <= top:
         raise StageError(f"layer {layer} is out of range: {base} has hidden_states indices 0..{top}")

@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from harness.spec.validate import SPECS_DIR
+from harness.plots import figure as new_figure
+from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageError, StageKind, Upstream
 from harness.upstream import find_upstream
 
 VERSION = "1"
-DEFAULTS: dict[str, Any] = {"C": 0.1, "folds": 5, "test_size": 0.25, "layers": None}
 METRICS = (
     "best_layer",
     "best_auc",
@@ -48,10 +48,6 @@ METRICS = (
 )
 ACTIVATIONS_ROLE = "activations"
 Z_95 = 1.96
-
-
-def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {**DEFAULTS, **params}
 
 
 def activations_dir(upstream: Mapping[str, Upstream]) -> Path:
@@ -203,15 +199,11 @@ def best_of(results: Sequence[Mapping[str, Any]], folds: int) -> dict[str, Any]:
 
 
 def _plot(results: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    # Figure + Agg canvas directly: no pyplot state, no process-wide backend switch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     from harness.activations import layer_name
 
     layers = [r["layer"] for r in results]
-    figure = Figure(figsize=(6.5, 3.8), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure(6.5, 3.8)
     axes = figure.add_subplot()
     dummy = np.array([r["dummy_auc_mean"] for r in results])
     dummy_std = np.array([r["dummy_auc_std"] for r in results])
@@ -251,13 +243,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     from harness.store import write_json
 
-    params = with_defaults(ctx.params)
+    params = with_defaults(ctx.params, KIND.params_schema)
     label, C, folds, test_size = params["label"], params["C"], params["folds"], params["test_size"]
     source = activations_dir(ctx.upstream)
     metadata = read_metadata(source)
     y = labels_of(metadata, label, folds)
     y_dummy = np.random.default_rng(ctx.seed).permutation(y)
-    layers = selected_layers(params["layers"], layer_count(source))
+    layers = selected_layers(params.get("layers"), layer_count(source))
 
     results: list[dict[str, Any]] = []
     tensors: dict[str, np.ndarray] = {}

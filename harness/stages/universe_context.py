@@ -20,11 +20,9 @@ from harness.llm import (
     check_provider,
     make_provider,
 )
-from harness.spec.validate import SPECS_DIR
+from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import ParamError, StageContext, StageError, StageKind
 from harness.universe import Universe, load_universe, parse_list
-
-DEFAULT_NUM_FACTS = 12
 
 SYSTEM = (
     "You read a description of how things are and list the key facts it states. You report "
@@ -80,7 +78,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 def run(ctx: StageContext) -> Mapping[str, Any]:
     provider = make_provider(ctx.params["provider"], log=ctx.log)
     universe = load_universe(ctx.params["universe"])
-    num_facts = int(ctx.params.get("num_facts", DEFAULT_NUM_FACTS))
+    num_facts = int(with_defaults(ctx.params, KIND.params_schema)["num_facts"])
     # extraction wants the model's most likely reading, unless the provider pins a temperature
     temperature = float(ctx.params["provider"].get("temperature", 0.0))
     ctx.log(f"extracting up to {num_facts} key facts of {universe.id} with {provider.name}:{provider.model}")
