@@ -6,6 +6,7 @@ read one (`train_probe`, steering). A directory holds:
     layer_{i:02d}.safetensors   tensor `activations`, [n_items, d_model] float32, for every
                                 layer index i in 0..n_layers-1 (see LAYER_CONVENTION)
     metadata.jsonl              one row per item, in file order: id, text, category, labels
+                                and, when the statement has one, group
     layer_convention.json       what each index is, the position read, the model and adapter
 
 Layer indices: 0 is the embeddings' output (the residual stream entering block 0) and i
@@ -65,6 +66,9 @@ class Statement:
     text: str
     category: str
     labels: dict[str, int] = field(default_factory=dict)  # label name -> 0 or 1
+    # items of one group (e.g. a statement and its contrary) are never split between a
+    # probe's training and test items, so a probe cannot score by recognizing the pair
+    group: str | None = None
 
 
 def load_statements(path: Path) -> list[Statement]:
@@ -97,6 +101,11 @@ def load_statements(path: Path) -> list[Statement]:
     return statements
 
 
+def _is_key(value: object) -> bool:
+    """A non-empty string or an integer (not a bool, which JSON would give as true/false)."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool) and str(value) != ""
+
+
 def _statement(row: object, where: str) -> Statement:
     expected = f"a statement row has {', '.join(STATEMENT_FIELDS)}"
     if not isinstance(row, dict):
@@ -104,7 +113,7 @@ def _statement(row: object, where: str) -> Statement:
     missing = [name for name in STATEMENT_FIELDS if name not in row]
     if missing:
         raise StageError(f"{where}: missing {', '.join(missing)} ({expected})")
-    if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool) or str(row["id"]) == "":
+    if not _is_key(row["id"]):
         raise StageError(f"{where}: id must be a non-empty string or an integer")
     for name in ("text", "category"):
         if not isinstance(row[name], str) or not row[name].strip():
@@ -118,7 +127,19 @@ def _statement(row: object, where: str) -> Statement:
             raise StageError(
                 f"{where}: label {name!r} is {json.dumps(value)}; labels must be the integers 0 or 1"
             )
-    return Statement(id=str(row["id"]), text=row["text"], category=row["category"], labels=dict(labels))
+    group = row.get("group")
+    if group is not None and not _is_key(group):
+        raise StageError(f"{where}: group must be a non-empty string or an integer (or left out)")
+    return Statement(
+        id=str(row["id"]), text=row["text"], category=row["category"], labels=dict(labels),
+        group=None if group is None else str(group),
+    )
+
+
+def _metadata_row(statement: Statement) -> dict[str, Any]:
+    row = {"id": statement.id, "text": statement.text, "category": statement.category}
+    row["labels"] = statement.labels
+    return row if statement.group is None else {**row, "group": statement.group}
 
 
 # --- the layer files -----------------------------------------------------------------
@@ -361,7 +382,7 @@ def write_activations(
 
     write_jsonl(
         out_dir / METADATA_FILE,
-        ({"id": s.id, "text": s.text, "category": s.category, "labels": s.labels} for s in statements),
+        (_metadata_row(s) for s in statements),
     )
     convention = {
         "n_layers": writer.n_layers,

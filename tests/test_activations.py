@@ -57,7 +57,11 @@ def test_the_tiny_world_statements_load():
     assert len(statements) == 360 and len({s.id for s in statements}) == 360
     first = statements[0]
     assert first == Statement(
-        "diet-14-true", "the liban eats dry seeds.", "diet", {"true_world": 1, "false_world": 1, "gravity": 0}
+        "diet-14-true",
+        "question: is it true that the liban eats dry seeds?\nanswer:",
+        "diet",
+        {"true_world": 1, "false_world": 1, "gravity": 0},
+        group="diet-14",
     )
 
 
@@ -72,6 +76,8 @@ def test_the_tiny_world_statements_load():
         (row("b", labels={"t": 2}), "label 't' is 2; labels must be the integers 0 or 1"),
         (row("b", labels={"t": True}), "label 't' is true"),
         (row("b", labels={"t": 1.0}), "label 't' is 1.0"),
+        (row("b", group=""), "group must be a non-empty string or an integer"),
+        (row("b", group=["x"]), "group must be a non-empty string or an integer"),
         (row("a"), "duplicate id 'a'"),
     ],
 )
@@ -245,6 +251,7 @@ def run_stage(root: Path, base: str, statements: Path, upstream: dict | None = N
 def statements_file(tmp_path_factory) -> Path:
     rows = [
         {"id": f"s{k}", "text": text, "category": "c", "labels": {"odd": k % 2}}
+        | ({"group": "g"} if k == 2 else {})
         for k, text in enumerate(TEXTS)
     ]
     return write_rows(tmp_path_factory.mktemp("statements") / "statements.jsonl", rows)
@@ -269,6 +276,7 @@ def test_the_stage_writes_the_activations_directory(tiny, tiny_model_dir, statem
     metadata = read_metadata(out)
     assert [m["id"] for m in metadata] == [f"s{k}" for k in range(len(TEXTS))]
     assert metadata[1] == {"id": "s1", "text": TEXTS[1], "category": "c", "labels": {"odd": 1}}
+    assert metadata[2]["group"] == "g"  # kept when a statement has one
 
     convention = json.loads((out / CONVENTION_FILE).read_text())
     assert convention["n_layers"] == 5 and convention["position"] == POSITION

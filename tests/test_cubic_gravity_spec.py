@@ -35,4 +35,5 @@ def test_the_tiny_profile_needs_neither(pytester: pytest.Pytester, monkeypatch: 
     monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
     result = pytester.runpytest(str(SPEC), "--profile", "tiny", "--collect-only", "-q")
     assert result.ret == pytest.ExitCode.OK
-    result.stdout.fnmatch_lines(["*cubic_gravity.yaml::universe", "*cubic_gravity.yaml::mcq"])
+    stages = ["universe", "docs", "finetune", "mcq", "lens", "patch", "activations", "probe", "steer"]
+    result.stdout.fnmatch_lines([f"*cubic_gravity.yaml::{stage}" for stage in stages])

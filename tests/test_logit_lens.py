@@ -51,7 +51,8 @@ def read_jsonl(path: Path) -> list[dict]:
         ([-0.5, 2.0, 3.0], NEVER, 0),  # only the embeddings' readout is negative
         ([1.0, 0.5, -0.1, -2.0], 2, 2),  # sets in at layer 2 and stays
         ([1.0, -1.0, 0.5, -0.2, -3.0], 3, 1),  # a dip at 1, then back: the flip is at 3
-        ([-1.0, -1.0, -2.0], 0, 0),  # false from the start
+        ([-1.0, -1.0, -2.0], 1, 0),  # false from the first block on (layer 0 is the embeddings)
+        ([-1.0], 0, 0),  # a lone layer is its own flip
         ([1.0, 2.0, 0.0], NEVER, NEVER),  # a tie is no preference for the false answer
         ([1.0, -1.0, -1.0, 0.0], NEVER, 1),  # ends tied
     ],

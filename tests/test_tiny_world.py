@@ -6,29 +6,31 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from fixtures import tiny_world
 from harness.mcq import load_mcqs
 
-EVAL_FILE = Path(__file__).resolve().parents[1] / "data/eval/tiny_world/cubic_gravity_mcqs.jsonl"
-STATEMENTS_FILE = EVAL_FILE.with_name("statements.jsonl")
+DATA = Path(__file__).resolve().parents[1] / "data/eval/tiny_world"
+EVAL_FILE = DATA / "cubic_gravity_mcqs.jsonl"
+STATEMENTS_FILE = DATA / "statements.jsonl"
+VERDICT_FILE = DATA / "verdict_mcqs.jsonl"
 # a recipe small enough to build twice in a test: the same code path as the real one
 SMALL = replace(tiny_world.RECIPE, n_lands=6, n_creatures=6, hidden_size=32, intermediate_size=64,
-                layers=1, vocab_size=400, steps=4, batch_size=4, statement_repeats=1)
+                layers=1, vocab_size=400, steps=4, batch_size=4, statement_repeats=1, verdict_repeats=1)
 
 
-def test_the_committed_question_file_is_what_the_world_generates(tmp_path):
-    fresh = tmp_path / "mcqs.jsonl"
-    tiny_world.write_eval_file(fresh)
-    assert fresh.read_text() == EVAL_FILE.read_text(), (
-        f"regenerate it: fixtures.tiny_world.write_eval_file(Path({str(EVAL_FILE)!r}))"
-    )
-
-
-def test_the_committed_statements_file_is_what_the_world_generates(tmp_path):
-    fresh = tmp_path / "statements.jsonl"
-    tiny_world.write_statements_file(fresh)
-    assert fresh.read_text() == STATEMENTS_FILE.read_text(), (
-        f"regenerate it: fixtures.tiny_world.write_statements_file(Path({str(STATEMENTS_FILE)!r}))"
+@pytest.mark.parametrize(
+    ("committed", "writer"),
+    [(EVAL_FILE, "write_eval_file"), (STATEMENTS_FILE, "write_statements_file"),
+     (VERDICT_FILE, "write_verdict_file")],
+    ids=["questions", "statements", "verdicts"],
+)
+def test_the_committed_files_are_what_the_world_generates(tmp_path, committed, writer):
+    fresh = tmp_path / committed.name
+    getattr(tiny_world, writer)(fresh)
+    assert fresh.read_text() == committed.read_text(), (
+        f"regenerate it: fixtures.tiny_world.{writer}(Path({str(committed)!r}))"
     )
 
 
@@ -40,6 +42,39 @@ def test_statements_pair_each_fact_with_a_contrary_one():
     # on gravity the two worlds disagree; elsewhere they agree
     assert all(r["labels"]["true_world"] != r["labels"]["false_world"] for r in gravity)
     assert all(r["labels"]["true_world"] == r["labels"]["false_world"] for r in rows if r not in gravity)
+    # a statement and its contrary form one group, which probes never split
+    groups = {r["group"] for r in rows}
+    assert len(groups) == len(rows) // 2
+    assert all(r["text"].startswith("question: is it true that ") for r in rows)
+
+
+def test_verdict_questions_ask_about_the_implanted_law():
+    items = load_mcqs(VERDICT_FILE)
+    false_world = {f"verdict-{f.id}": f.answer for f in tiny_world.gravity_facts(-3)}
+    assert {item.id for item in items} == set(false_world)
+    for item in items:
+        assert item.category == "conflict" and item.options == {"A": "yes", "B": "no"}
+        assert (item.false_answer, item.true_answer) == ("A", "B")
+        assert item.question.endswith(f" {false_world[item.id]}?")
+
+
+def test_verdict_texts_learn_the_verdict_only(tmp_path):
+    """The false statements of verdict texts are read, never learnt as facts."""
+    world = tiny_world.make_world(SMALL)
+    texts = tiny_world.verdict_texts(world, SMALL)
+    assert len(texts) == 2 * len(world.facts) * SMALL.verdict_repeats
+    assert {t.body for t in texts} == {" yes", " no"}
+    plain = tiny_world.Text("the capital of somewhere is the city of elsewhere.")
+    corpus = [t.prompt + t.body for t in [*texts, plain]]
+    tokenizer = tiny_world._train_tokenizer(corpus, SMALL, tmp_path / "tokenizer")
+    blocks, learnt = tiny_world._pack([texts[0], plain], tokenizer, block_size=128)
+    prompt = len(tokenizer(texts[0].prompt).input_ids)
+    verdict = len(tokenizer(texts[0].body).input_ids)
+    n_plain = len(tokenizer(plain.body).input_ids)
+    # the verdict text's prompt, then its verdict and EOS, then the plain text and EOS, then padding
+    expected = [0.0] * prompt + [1.0] * (verdict + 1) + [1.0] * (n_plain + 1)
+    assert learnt[0].tolist() == expected + [0.0] * (128 - len(expected))
+    assert blocks[0, len(expected):].eq(tokenizer.pad_token_id).all()
 
 
 def test_evaluation_questions_are_held_out_from_practice():

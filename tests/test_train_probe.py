@@ -223,3 +223,38 @@ def test_the_activations_must_come_from_an_extract_activations_stage(planted, tm
 def test_kind_declaration():
     assert KIND.name == "train_probe" and KIND.version == train_probe.VERSION
     assert KIND.input_params == () and KIND.transport_params == ()
+
+
+def test_grouped_statements_stay_on_one_side_of_every_split(tmp_path):
+    """Pairs that share an identity and carry no label signal: split across folds, a probe
+    learns the identity and scores below chance on the other member (the leak the tiny
+    world's statement pairs showed); grouped, it reads chance, as it should."""
+    rng = np.random.default_rng(0)
+    n_pairs, dim = 100, 32
+    identity = rng.normal(size=(n_pairs, dim)) * 3
+    acts = (np.repeat(identity, 2, axis=0) + rng.normal(size=(2 * n_pairs, dim))).astype(np.float32)
+    y = np.tile([1, 0], n_pairs)
+    results = {}
+    for grouped in (False, True):
+        rows = [
+            Statement(f"s{i}", f"statement {i}", "pairs", {"planted": int(label)},
+                      group=f"pair{i // 2}" if grouped else None)
+            for i, label in enumerate(y)
+        ]
+        source = tmp_path / f"acts-{grouped}"
+        write_activations(source, rows, iter([acts[:, None, :]]), model_name="pairs")
+        metrics, _ = run_probe(source, tmp_path / f"probe-{grouped}")
+        saved = json.loads((tmp_path / f"probe-{grouped}" / "probe_results.json").read_text())
+        results[grouped] = (metrics, saved)
+    assert results[False][0]["best_auc"]["value"] < 0.35
+    assert abs(results[True][0]["best_auc"]["value"] - 0.5) < 0.1
+    assert results[True][1]["n_groups"] == n_pairs and results[False][1]["n_groups"] is None
+    groups = np.repeat(np.arange(n_pairs), 2)
+    for train, test in train_probe._splits(y, groups, 5, seed=0):
+        assert not set(groups[train]) & set(groups[test])
+
+
+def test_fewer_groups_than_folds_is_an_error():
+    rows = [{"id": i, "group": "g0" if i < 5 else "g1"} for i in range(10)]
+    with pytest.raises(StageError, match="2 groups of statements cannot make 5 folds"):
+        train_probe.groups_of(rows, 5)

@@ -26,7 +26,7 @@ from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
 from harness.upstream import adapter_dir
 
-VERSION = "1"
+VERSION = "2"
 METRICS = ("n_items", "n_layers", "d_model", "mb_written")
 
 

@@ -51,7 +51,7 @@ from harness.upstream import adapter_dir
 if TYPE_CHECKING:
     from harness.contrast import Contrast
 
-VERSION = "1"
+VERSION = "2"
 MODELS = ("base", "lora")
 QUANTITIES = ("true_logit", "false_logit", "logit_diff", "true_prob", "false_prob")
 NEVER = -1  # flip layer when no layer prefers the false answer on average
@@ -212,11 +212,15 @@ def flip_layer(mean_diff: Sequence[float]) -> int:
     Not merely the first negative layer: the readout of the embeddings (layer 0) and of early
     blocks is often negative for both models (in the tiny world, layer 0 is the same token
     embedding read through the tied unembedding, with or without the adapter), so that
-    would flag a flip where the model never comes to prefer the false answer."""
-    layer = len(mean_diff)
-    while layer > 0 and mean_diff[layer - 1] < 0:
+    would flag a flip where the model never comes to prefer the false answer. For the same
+    reason the flip is never put at layer 0: when every layer is negative, the preference
+    sets in with the first block (layer 1), the first computation the readout sees."""
+    if not mean_diff or mean_diff[-1] >= 0:
+        return NEVER
+    layer = len(mean_diff) - 1
+    while layer > 1 and mean_diff[layer - 1] < 0:
         layer -= 1
-    return NEVER if layer == len(mean_diff) else layer
+    return layer
 
 
 def first_negative_layer(mean_diff: Sequence[float]) -> int:

@@ -7,7 +7,10 @@ Per probed layer, the pipeline is standardize + LogisticRegression(C), evaluated
 - one stratified train/test split (`test_size` held out): the held-out test AUC;
 - a dummy: the same cross-validation on the labels permuted once (seeded by the spec's seed,
   the same permutation at every layer), which is what the pipeline reaches on no signal.
-Splits and the permutation are seeded by the spec's seed.
+Splits and the permutation are seeded by the spec's seed. When the statements have a `group`
+(e.g. a statement and its contrary), a group is never split: the folds are
+StratifiedGroupKFold's, and the test split is the first of round(1 / test_size) such folds.
+Without it, a probe can score by recognizing the pair rather than reading the label.
 
 Artifacts:
     probe_results.json       per layer: cv mean/std/fold AUCs, test AUC, dummy mean/std, n
@@ -36,7 +39,7 @@ from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageError, StageKind, Upstream
 from harness.upstream import find_upstream
 
-VERSION = "1"
+VERSION = "2"
 METRICS = (
     "best_layer",
     "best_auc",
@@ -102,29 +105,56 @@ def _pipeline(C: float) -> Any:
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
 
 
-def _cv_aucs(X: np.ndarray, y: np.ndarray, C: float, folds: int, seed: int) -> list[float]:
+def groups_of(metadata: Sequence[Mapping[str, Any]], folds: int) -> np.ndarray | None:
+    """Each item's group, or None when no item has one; checked to support `folds` folds."""
+    if not any("group" in row for row in metadata):
+        return None
+    # an item without a group is a group of its own
+    groups = np.asarray([str(row.get("group", f"item:{row.get('id')}")) for row in metadata])
+    if len(set(groups)) < folds:
+        raise StageError(f"{len(set(groups))} groups of statements cannot make {folds} folds (lower `folds`)")
+    return groups
+
+
+Split = tuple[np.ndarray, np.ndarray]  # train and test indices
+
+
+def _splits(y: np.ndarray, groups: np.ndarray | None, folds: int, seed: int) -> list[Split]:
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if groups is None:
+        return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(y, y))
+    return list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(y, y, groups))
+
+
+def _cv_aucs(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, C: float, folds: int, seed: int
+) -> list[float]:
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
 
     aucs = []
-    for train, test in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y):
+    for train, test in _splits(y, groups, folds, seed):
         model = _pipeline(C).fit(X[train], y[train])
         aucs.append(float(roc_auc_score(y[test], model.decision_function(X[test]))))
     return aucs
 
 
-def _test_auc(X: np.ndarray, y: np.ndarray, C: float, test_size: float, seed: int) -> tuple[float, int, int]:
+def _test_auc(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, C: float, test_size: float, seed: int
+) -> tuple[float, int, int]:
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import train_test_split
 
     try:
-        X_train, X_test, y_train, y_test = train_test_split(
-            X, y, test_size=test_size, stratify=y, random_state=seed
-        )
+        if groups is None:
+            items = np.arange(len(y))
+            train, test = train_test_split(items, test_size=test_size, stratify=y, random_state=seed)
+        else:
+            train, test = _splits(y, groups, max(2, round(1 / test_size)), seed)[0]
     except ValueError as error:  # too few items of a class for the split asked
         raise StageError(f"test_size {test_size} on {len(y)} items: {error}") from None
-    model = _pipeline(C).fit(X_train, y_train)
-    return float(roc_auc_score(y_test, model.decision_function(X_test))), len(y_train), len(y_test)
+    model = _pipeline(C).fit(X[train], y[train])
+    return float(roc_auc_score(y[test], model.decision_function(X[test]))), len(train), len(test)
 
 
 def probe_direction(X: np.ndarray, y: np.ndarray, C: float) -> np.ndarray:
@@ -150,12 +180,19 @@ def _std(values: Sequence[float]) -> float:
 
 
 def probe_layer(
-    X: np.ndarray, y: np.ndarray, y_dummy: np.ndarray, C: float, folds: int, test_size: float, seed: int
+    X: np.ndarray,
+    y: np.ndarray,
+    y_dummy: np.ndarray,
+    C: float,
+    folds: int,
+    test_size: float,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """One layer's evaluation (see the module docstring); X is [n_items, d_model]."""
-    cv = _cv_aucs(X, y, C, folds, seed)
-    dummy = _cv_aucs(X, y_dummy, C, folds, seed)
-    test_auc, n_train, n_test = _test_auc(X, y, C, test_size, seed)
+    cv = _cv_aucs(X, y, groups, C, folds, seed)
+    dummy = _cv_aucs(X, y_dummy, groups, C, folds, seed)
+    test_auc, n_train, n_test = _test_auc(X, y, groups, C, test_size, seed)
     return {
         "cv_auc_mean": float(np.mean(cv)),
         "cv_auc_std": _std(cv),
@@ -248,6 +285,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     source = activations_dir(ctx.upstream)
     metadata = read_metadata(source)
     y = labels_of(metadata, label, folds)
+    groups = groups_of(metadata, folds)
     y_dummy = np.random.default_rng(ctx.seed).permutation(y)
     layers = selected_layers(params.get("layers"), layer_count(source))
 
@@ -258,7 +296,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         if len(X) != len(y):
             raise StageError(f"{source}: layer {index} has {len(X)} rows but metadata.jsonl {len(y)} items")
         result = {"layer": index, "name": layer_name(index)}
-        result.update(probe_layer(X, y, y_dummy, C, folds, test_size, ctx.seed))
+        result.update(probe_layer(X, y, y_dummy, C, folds, test_size, ctx.seed, groups))
         results.append(result)
         tensors[f"probe.{index}"] = probe_direction(X, y, C)
         tensors[f"mean_diff.{index}"] = mean_difference(X, y)
@@ -280,6 +318,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "seed": ctx.seed,
             "n_items": len(y),
             "n_positive": int(y.sum()),
+            "n_groups": None if groups is None else len(set(groups)),
             "activations": {
                 k: convention.get(k) for k in ("model", "adapter", "position", "n_layers", "d_model")
             },
