@@ -1,0 +1,303 @@
+"""The two-sample tests and p-value adjustments of harness.stats, on known answers: hand-enumerable
+permutation p-values, error rates and coverage over simulated datasets, a hand-worked Holm example."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness.stats import (
+    ADJUSTMENTS,
+    ALTERNATIVES,
+    TESTS,
+    adjust,
+    bootstrap_test,
+    holm,
+    permutation_test,
+    run_test,
+)
+
+# --- permutation test: exact enumeration ---------------------------------------------------------
+
+
+def test_permutation_exact_on_hand_computable_example():
+    # 20 ways to pick a's three labels from six values; only {1, 2, 3} gives a difference as low
+    # as the observed -3, and only {1, 2, 3} and {4, 5, 6} give one as large in absolute value.
+    less = permutation_test([1, 2, 3], [4, 5, 6], alternative="less")
+    assert less.exact
+    assert less.p_value == 1 / 20
+    assert less.effect == -3.0
+    assert permutation_test([1, 2, 3], [4, 5, 6]).p_value == 2 / 20
+    assert permutation_test([1, 2, 3], [4, 5, 6], alternative="greater").p_value == 1.0
+    assert permutation_test([4, 5, 6], [1, 2, 3], alternative="greater").p_value == 1 / 20
+
+
+def test_permutation_identical_samples_give_p_one():
+    assert permutation_test([1, 2, 3], [1, 2, 3]).p_value == 1.0
+    same = [0.1, 0.7, 0.3, 0.9, 0.2, 0.4, 0.8, 0.6, 0.5, 1.1]
+    sampled = permutation_test(same, same, n_resamples=99)  # C(20, 10) relabellings: sampled
+    assert not sampled.exact
+    assert sampled.p_value == 1.0
+
+
+def test_permutation_counts_floating_ties_as_ties():
+    # The difference is 0 for the observed labelling and for a = {0.3, 0.0}, but 0.1 + 0.2 != 0.3 in
+    # floating point (the latter comes out -5.6e-17): without a tolerance "greater" loses that tie
+    # (p 3/6 rather than 4/6). Ties count on both sides, so "less" is 4/6 too.
+    assert permutation_test([0.1, 0.2], [0.3, 0.0], alternative="greater").p_value == pytest.approx(4 / 6)
+    assert permutation_test([0.1, 0.2], [0.3, 0.0], alternative="less").p_value == pytest.approx(4 / 6)
+
+
+def test_permutation_enumerates_exactly_when_relabellings_fit():
+    assert permutation_test([1, 2, 3], [4, 5, 6], n_resamples=20).exact  # C(6, 3) = 20
+    sampled = permutation_test([1, 2, 3], [4, 5, 6], alternative="less", n_resamples=19)
+    assert not sampled.exact
+    assert sampled.p_value >= 1 / 20  # (count + 1) / (n + 1), never below the one labelling
+
+
+def test_permutation_monte_carlo_p_is_never_zero():
+    # 1 in C(20, 10) = 184756 relabellings is as extreme as this: 99 draws all miss it, and the
+    # (count + 1) / (n + 1) correction leaves p at 1/100 rather than 0.
+    result = permutation_test(range(10), range(100, 110), alternative="less", n_resamples=99)
+    assert not result.exact
+    assert result.p_value == 1 / 100
+
+
+def _brute_force_p(a, b, alternative):
+    pooled = list(a) + list(b)
+    observed = np.mean(a) - np.mean(b)
+    hits = 0
+    labellings = list(itertools.combinations(range(len(pooled)), len(a)))
+    for chosen in labellings:
+        x = [pooled[i] for i in chosen]
+        y = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        d = np.mean(x) - np.mean(y)
+        hits += {"greater": d >= observed, "less": d <= observed, "two-sided": abs(d) >= abs(observed)}[
+            alternative
+        ]
+    return hits / len(labellings)
+
+
+@pytest.mark.parametrize("alternative", ALTERNATIVES)
+def test_permutation_exact_matches_brute_force(alternative):
+    rng = np.random.default_rng(7)
+    a, b = rng.integers(0, 10, size=5), rng.integers(2, 12, size=4)  # integers: ties, exactly
+    expected = _brute_force_p(a, b, alternative)
+    assert permutation_test(a, b, alternative=alternative).p_value == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("alternative", ALTERNATIVES)
+def test_permutation_monte_carlo_agrees_with_exact(alternative):
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.6, 1, size=8), rng.normal(0, 1, size=8)  # C(16, 8) = 12870 relabellings
+    exact = permutation_test(a, b, alternative=alternative, n_resamples=20000)
+    sampled = permutation_test(a, b, alternative=alternative, n_resamples=5000)
+    assert exact.exact and not sampled.exact
+    assert 0.02 < exact.p_value < 0.98  # not a trivial agreement at the ends
+    assert sampled.p_value == pytest.approx(exact.p_value, abs=0.02)  # 3 sd of the sampled p
+
+
+# --- permutation test: Monte Carlo on known distributions ----------------------------------------
+
+
+def test_permutation_detects_half_sd_difference():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.5, 1, size=200), rng.normal(0, 1, size=200)
+    result = permutation_test(a, b)
+    assert not result.exact
+    assert result.p_value < 0.001
+    assert permutation_test(a, b, alternative="greater").p_value < 0.001
+    assert permutation_test(a, b, alternative="less").p_value > 0.99
+    assert result.ci.low < 0.5 < result.ci.high
+
+
+def test_permutation_false_positive_rate_is_alpha():
+    rejections = 0
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        a, b = rng.normal(size=30), rng.normal(size=30)
+        rejections += permutation_test(a, b, n_resamples=500, seed=seed).p_value <= 0.05
+    assert 0.02 <= rejections / 400 <= 0.09
+
+
+def test_permutation_is_reproducible_from_seed():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=20), rng.normal(0.3, 1, size=20)
+    assert permutation_test(a, b, n_resamples=300, seed=5) == permutation_test(a, b, n_resamples=300, seed=5)
+    assert permutation_test(a, b, n_resamples=300, seed=5) != permutation_test(a, b, n_resamples=300, seed=6)
+
+
+# --- bootstrap test ------------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_covers_true_difference():
+    covered = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        a, b = rng.normal(1.0, 1, size=40), rng.normal(0.7, 2, size=40)  # true difference 0.3
+        ci = bootstrap_test(a, b, n_resamples=1000, seed=seed).ci
+        covered += ci.low <= 0.3 <= ci.high
+    assert 0.90 <= covered / 200 <= 0.99
+
+
+@pytest.mark.parametrize("name", TESTS)
+@pytest.mark.parametrize("confidence, z", [(0.95, 1.959964), (0.90, 1.644854)])
+def test_ci_matches_normal_theory_for_large_samples(name, confidence, z):
+    # For 200 and 300 observations the difference in means is close to normal: the percentile CI
+    # is about effect +- z * SE. A coverage check over 200 datasets cannot tell 90% from 95%; this can.
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0, 1, size=200), rng.exponential(2, size=300)
+    se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+    result = run_test(name, a, b, n_resamples=10000, confidence=confidence)
+    assert (result.ci.high - result.ci.low) / 2 == pytest.approx(z * se, rel=0.05)
+    assert (result.ci.high + result.ci.low) / 2 == pytest.approx(result.effect, abs=0.1 * se)
+
+
+def test_bootstrap_false_positive_rate_near_alpha():
+    # Equal means but unequal spread and shape: the null the bootstrap test is built for.
+    rejections = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        a, b = rng.normal(1, 1, size=40), rng.exponential(1, size=40)
+        rejections += bootstrap_test(a, b, n_resamples=1000, seed=seed).p_value <= 0.05
+    assert 0.02 <= rejections / 200 <= 0.10  # not studentized: a little above alpha at n = 40
+
+
+def test_bootstrap_detects_real_difference_and_its_direction():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.5, 1, size=200), rng.normal(0, 1, size=200)
+    n = 2000
+    two_sided = bootstrap_test(a, b, n_resamples=n)
+    greater = bootstrap_test(a, b, alternative="greater", n_resamples=n)
+    less = bootstrap_test(a, b, alternative="less", n_resamples=n)
+    assert two_sided.p_value < 0.001
+    assert greater.p_value < 0.001
+    assert less.p_value > 0.99
+    assert greater.effect == pytest.approx(np.mean(a) - np.mean(b))
+    assert greater.ci.low < greater.effect < greater.ci.high
+
+
+def test_bootstrap_one_sided_p_values_are_complementary():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(0.1, 1, size=30), rng.normal(0, 1, size=30)  # a p in the middle
+    n = 999
+    greater = bootstrap_test(a, b, alternative="greater", n_resamples=n).p_value
+    less = bootstrap_test(a, b, alternative="less", n_resamples=n).p_value
+    assert 0.05 < greater < 0.95
+    assert greater + less == pytest.approx(1 + 1 / (n + 1), abs=1e-9)  # each counts the +1 once
+    two_sided = bootstrap_test(a, b, n_resamples=n).p_value
+    assert two_sided == pytest.approx(2 * min(greater, less), abs=0.05)  # the null is near symmetric
+
+
+# --- dispatch and result -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TESTS)
+def test_run_test_dispatches_by_name(name):
+    result = run_test(name, [3, 4, 5, 6], [1, 2, 3], alternative="greater", n_resamples=200, seed=1)
+    direct = {"permutation": permutation_test, "bootstrap": bootstrap_test}[name](
+        [3, 4, 5, 6], [1, 2, 3], alternative="greater", n_resamples=200, seed=1
+    )
+    assert result == direct
+    assert result.test == name
+    assert (result.n_a, result.n_b, result.n_resamples) == (4, 3, 200)
+
+
+def test_as_json_is_a_metric_with_the_test_beside_it():
+    result = permutation_test([1, 2, 3], [4, 5, 6], alternative="less")
+    out = result.as_json()
+    assert out["value"] == -3.0
+    assert (out["ci_low"], out["ci_high"]) == (result.ci.low, result.ci.high)
+    assert out["p_value"] == 1 / 20
+    assert out["test"] == "permutation" and out["alternative"] == "less" and out["exact"] is True
+    assert (out["n_a"], out["n_b"], out["n_resamples"]) == (3, 3, 10000)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("test", [permutation_test, bootstrap_test])
+def test_bad_input_is_refused_with_a_clear_message(test):
+    with pytest.raises(ValueError, match="sample a is empty"):
+        test([], [1, 2])
+    with pytest.raises(ValueError, match="sample b is empty"):
+        test([1, 2], [])
+    with pytest.raises(ValueError, match="sample a contains NaN"):
+        test([1, float("nan")], [1, 2])
+    with pytest.raises(ValueError, match="unknown alternative 'bigger'; expected one of greater, less"):
+        test([1, 2], [3, 4], alternative="bigger")
+    with pytest.raises(ValueError, match="n_resamples must be >= 1"):
+        test([1, 2], [3, 4], n_resamples=0)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        test([[1, 2]], [3, 4])
+
+
+def test_unknown_test_and_adjustment_are_refused():
+    with pytest.raises(ValueError, match="unknown test 't-test'; expected one of permutation, bootstrap"):
+        run_test("t-test", [1, 2], [3, 4])
+    with pytest.raises(ValueError, match="unknown adjustment 'fdr'; expected one of holm, bonferroni"):
+        adjust([0.1], "fdr")
+    with pytest.raises(ValueError, match=r"p-values must be in \[0, 1\]"):
+        holm([0.1, 1.5])
+    with pytest.raises(ValueError, match=r"p-values must be in \[0, 1\]"):
+        adjust([float("nan")], "bonferroni")
+
+
+# --- multiple comparisons ------------------------------------------------------------------------
+
+
+def test_holm_hand_worked_example():
+    # sorted: 0.005 * 4 = 0.02, 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 = 0.04 -> running max 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.005, 0.03, 0.04, 0.01]) == pytest.approx([0.02, 0.06, 0.06, 0.03])  # input order kept
+
+
+def test_holm_caps_at_one_and_handles_edges():
+    assert holm([0.7, 0.6, 0.01]) == pytest.approx([1.0, 1.0, 0.03])  # 0.6 * 2 = 1.2 -> 1
+    assert holm([0.2]) == [0.2]
+    assert holm([]) == []
+    assert holm([0.02, 0.02]) == pytest.approx([0.04, 0.04])  # ties adjust alike
+
+
+def test_adjust_names_the_correction():
+    p = [0.01, 0.04, 0.03, 0.005]
+    assert set(ADJUSTMENTS) == {"holm", "bonferroni", "none"}
+    assert adjust(p, "holm") == holm(p)
+    assert adjust(p, "bonferroni") == pytest.approx([0.04, 0.16, 0.12, 0.02])
+    assert adjust([0.3, 0.01], "bonferroni") == pytest.approx([0.6, 0.02])
+    assert adjust([0.6, 0.01], "bonferroni") == pytest.approx([1.0, 0.02])
+    assert adjust(p, "none") == p
+
+
+_p = st.floats(min_value=0, max_value=1, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_p, max_size=20))
+def test_holm_properties(p):
+    adjusted = holm(p)
+    assert len(adjusted) == len(p)
+    for raw, adj in zip(p, adjusted, strict=True):
+        assert raw <= adj <= 1
+        assert adj <= min(1.0, raw * len(p)) + 1e-12  # never worse than Bonferroni
+    for i, j in itertools.product(range(len(p)), repeat=2):
+        if p[i] <= p[j]:
+            assert adjusted[i] <= adjusted[j]
+
+
+_sample = st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=1, max_size=7)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_sample, _sample, st.sampled_from(ALTERNATIVES), st.sampled_from([5, 50, 500]))
+def test_permutation_p_value_in_unit_interval(a, b, alternative, n_resamples):
+    result = permutation_test(a, b, alternative=alternative, n_resamples=n_resamples)
+    assert 0 < result.p_value <= 1
+    if result.exact:
+        assert result.p_value >= 1 / math.comb(len(a) + len(b), len(a))  # the observed labelling counts
+    assert result.ci.low <= result.ci.high
