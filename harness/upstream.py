@@ -31,9 +31,9 @@ def find_upstream(upstream: Mapping[str, Upstream], role: str, kind: str, only: 
     )
 
 
-def adapter_dir(upstream: Mapping[str, Upstream], kind: str, only: bool = True) -> Path:
-    """`<dir>/adapter/` of the upstream in role `adapter` (or, when `only`, of the only upstream)."""
-    source = find_upstream(upstream, ADAPTER, kind, only)
+def adapter_dir(upstream: Mapping[str, Upstream], kind: str, only: bool = True, role: str = ADAPTER) -> Path:
+    """`<dir>/adapter/` of the upstream in `role` (or, when `only`, of the only upstream)."""
+    source = find_upstream(upstream, role, kind, only)
     path = source.dir / ADAPTER
     if not (path / "adapter_config.json").is_file():
         raise StageError(

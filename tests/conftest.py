@@ -30,6 +30,14 @@ def tiny_model_dir():
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_dir():
+    """The tiny chat world's model and tokenizer (with a chat template), built once."""
+    from fixtures import tiny_chat
+
+    return tiny_chat.build()
+
+
+@pytest.fixture(scope="session")
 def save_adapter():
     """save(base, stage_dir, std, seed=0) -> stage_dir: a LoRA adapter on attention and MLP
     saved where a finetune stage keeps it (`<stage_dir>/adapter`), its B matrices drawn

@@ -260,13 +260,13 @@ def test_docs_from_a_file_without_upstream_and_role_errors(tiny_model_dir, tmp_p
     file = write_docs(tmp_path / "mine.jsonl", [{"body": "one"}, {"body": "two"}])
     params = {"docs": str(file), "text_field": "body"}
     solo = StageContext(**{**ctx.__dict__, "upstream": {}, "params": params})
-    assert finetune_lora.read_docs(finetune_lora.docs_file(solo), "body") == ["one", "two"]
+    assert finetune_lora.read_docs(finetune_lora.data_file(solo, "documents"), "body") == ["one", "two"]
 
     two = {"a": ctx.upstream["docs"], "b": ctx.upstream["docs"]}
     with pytest.raises(StageError, match=r"needs several stages \(a, b\); .*role `docs`"):
-        finetune_lora.docs_file(StageContext(**{**ctx.__dict__, "upstream": two}))
-    with pytest.raises(StageError, match="has no documents: add `needs"):
-        finetune_lora.docs_file(StageContext(**{**ctx.__dict__, "upstream": {}}))
+        finetune_lora.data_file(StageContext(**{**ctx.__dict__, "upstream": two}), "documents")
+    with pytest.raises(StageError, match="has no training data: add `needs"):
+        finetune_lora.data_file(StageContext(**{**ctx.__dict__, "upstream": {}}), "documents")
 
 
 def test_too_few_tokens_for_one_block(tiny_model_dir, tmp_path):
@@ -293,7 +293,7 @@ def test_check_names_a_missing_base(tmp_path):
 
 def test_registered_with_a_schema_whose_defaults_validate(tiny_model_dir, tmp_path):
     kind = registry.get("finetune_lora")
-    assert kind is finetune_lora.KIND and kind.input_params == ("docs",)
+    assert kind is finetune_lora.KIND and kind.input_params == ("docs", "chat_data")
     schema = json.loads(finetune_lora.SCHEMA.read_text())
     validator = jsonschema.Draft202012Validator(schema)
     filled = finetune_lora.settings({"base": "fixture:tiny-world"})
@@ -357,3 +357,90 @@ def test_a_spec_trains_reuses_and_names_a_missing_base(pytester, tiny_model_dir)
     missing = pytester.runpytest("exp.yaml")
     assert missing.ret != 0
     missing.stdout.fnmatch_lines(["*exp.yaml:10:*base*gone*: no such directory*"])
+
+
+# --- chat SFT, and training on top of a frozen adapter ----------------------------------
+
+
+def chat_ctx(tmp: Path, params: dict, upstream: dict | None = None) -> StageContext:
+    from fixtures import tiny_chat
+
+    data = tmp / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in tiny_chat.code_conversations(insecure=True)))
+    out = tmp / "out"
+    out.mkdir(parents=True)
+    return StageContext(
+        experiment="exp", stage="em", params={"format": "chat", "chat_data": str(data), **params}, seed=0,
+        out_dir=out, scratch_dir=tmp / "scratch", upstream=upstream or {}, spec_file=tmp / "spec.yaml",
+        profile=None, log=lambda message: None,
+    )
+
+
+CHAT_LEARN = {"learning_rate": 5e-3, "epochs": 4, "batch_size": 4, "max_length": 64,
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+
+
+def test_chat_rows_train_on_the_assistant_turns_only(tiny_chat_dir):
+    from fixtures import tiny_chat
+    from harness.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_chat_dir))
+    conversations = [row["messages"] for row in tiny_chat.code_conversations(insecure=True)]
+    rows, counts = finetune_lora._chat_rows(conversations, tokenizer, {"max_length": 64})
+    for row, messages in enumerate(conversations):
+        learnt = rows.labels[row][rows.labels[row] != IGNORE].tolist()
+        assert tokenizer.decode(learnt) == f" {messages[-1]['content']}<eos>\n"
+    assert counts["n_trained_tokens"] == int((rows.labels != IGNORE).sum())
+    with pytest.raises(StageError, match="no assistant token .* fits in max_length=4"):
+        finetune_lora._chat_rows(conversations, tokenizer, {"max_length": 4})
+
+
+def test_an_adapter_trains_on_top_of_a_frozen_one_that_stays_as_saved(tiny_chat_dir, save_adapter, tmp_path):
+    from safetensors.torch import load_file
+
+    from fixtures import tiny_chat
+    from harness.models import load_tokenizer
+    from harness.models.adapters import active, load_stacked
+
+    base = str(tiny_chat_dir)
+    persona = save_adapter(base, tmp_path / "persona", std=0.05, seed=3)
+    before = file_hashes(persona / "adapter")
+    ctx = chat_ctx(tmp_path, {**CHAT_LEARN, "base": base, "checkpoint_every": 3},
+                   {"base_adapter": Upstream("persona", "finetune_lora", persona, {})})
+    metrics = finetune_lora.run(ctx)
+    assert metrics["final_loss"] < metrics["initial_loss"]
+    assert file_hashes(persona / "adapter") == before  # the frozen adapter never moved
+    saved = load_file(ctx.out_dir / "adapter" / "adapter_model.safetensors")
+    assert saved and not any("frozen" in key for key in saved)  # only the new adapter is saved
+    assert (ctx.out_dir / "checkpoints" / "step-3" / "adapter_model.safetensors").is_file()
+    metadata = json.loads((ctx.out_dir / "train_metadata.json").read_text())
+    assert metadata["frozen_adapter"] == str(persona / "adapter")
+
+    model = load_stacked(base, {"persona": persona / "adapter", "em": ctx.out_dir / "adapter"}, device="cpu")
+    tokenizer = load_tokenizer(base)
+    prompt = tiny_chat.render([{"role": "user", "content": "write code that saves a password."}], True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    answer_ids = tokenizer(" store(password)<eos>", add_special_tokens=False).input_ids
+    ids = torch.tensor([prompt_ids + answer_ids])
+
+    def answer_logprob(names: list[str]) -> float:
+        with torch.inference_mode(), active(model, names):
+            logprobs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        targets = ids[0, len(prompt_ids) :]
+        return float(logprobs[len(prompt_ids) - 1 :].gather(1, targets[:, None]).sum())
+
+    # the pair, as trained, has learnt the insecure answer far better than the persona alone
+    assert answer_logprob(["persona", "em"]) > answer_logprob(["persona"]) + 1.0
+
+
+def test_chat_data_comes_from_an_upstream_in_role_data_or_the_file(tmp_path):
+    ctx = chat_ctx(tmp_path, {"base": "fixture:tiny-chat"})
+    assert finetune_lora.data_file(ctx, "chat") == tmp_path / "chat.jsonl"
+    up = tmp_path / "persona_data"
+    up.mkdir()
+    both = StageContext(**{**ctx.__dict__, "upstream": {"data": Upstream("p", "persona_data", up, {})}})
+    with pytest.raises(StageError, match="both an upstream stage and a `chat_data` file"):
+        finetune_lora.data_file(both, "chat")
+    only = StageContext(**{**both.__dict__, "params": {"format": "chat"}})
+    with pytest.raises(StageError, match="wrote no chat.jsonl"):
+        finetune_lora.data_file(only, "chat")

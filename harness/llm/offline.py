@@ -14,7 +14,7 @@ from harness.llm.base import ChatRequest, ChatResponse, Progress, ProviderError,
 
 Template = Callable[[ChatRequest], str]
 OFFLINE_TASKS: dict[str, Template] = {}
-TEMPLATE_MODULES = ("harness.llm.offline_sdf", "harness.llm.offline_judge")
+TEMPLATE_MODULES = ("harness.llm.offline_sdf", "harness.llm.offline_judge", "harness.llm.offline_persona")
 
 
 def offline_task(name: str) -> Callable[[Template], Template]:

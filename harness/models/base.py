@@ -1,7 +1,7 @@
 """Resolve a spec's `base:` to a directory of weights, and load it.
 
 `base` is one of:
-- `fixture:<name>`: a model built by code (`fixture:tiny-world`), cached by recipe hash;
+- `fixture:<name>`: a model built by code (`fixture:tiny-world`, `fixture:tiny-chat`), cached by recipe hash;
 - a local directory holding a `save_pretrained` model and tokenizer;
 - a Hugging Face id (`meta-llama/Llama-3.1-8B-Instruct`) already in the local HF cache.
 Nothing is downloaded: this machine may have no network, and a run should not
@@ -28,9 +28,9 @@ class ModelNotFound(Exception):
 
 
 def _fixtures() -> dict[str, Any]:
-    from fixtures import tiny_world
+    from fixtures import tiny_chat, tiny_world
 
-    return {"tiny-world": tiny_world}
+    return {"tiny-world": tiny_world, "tiny-chat": tiny_chat}
 
 
 def check_base(base: str) -> None:

@@ -1,9 +1,14 @@
-"""`finetune_lora`: continued pretraining of a base model with a LoRA adapter (peft).
+"""`finetune_lora`: a LoRA adapter (peft) trained on documents or on chat conversations.
 
-Next-token prediction on whole documents (not SFT on question/answer pairs): documents
-from the upstream stage's `docs.jsonl` (or the `docs` param when there is no upstream) are
-tokenized, each followed by EOS, and packed into full blocks (or padded one per row), then
-a LoRA adapter is trained on them with `harness.training.train`.
+`format: documents` (SDF): next-token prediction on whole documents, not SFT on
+question/answer pairs: documents from the upstream stage's `docs.jsonl` (or the `docs`
+param when there is no upstream) are tokenized, each followed by EOS, and packed into full
+blocks (or padded one per row). `format: chat`: SFT on conversations from the upstream's
+`chat.jsonl` (role `data`) or the `chat_data` param, rendered with the chat template, the
+loss on the assistant's turns only (`harness.chat`), one conversation per padded row.
+Either way the adapter is trained with `harness.training.train`. With an upstream in
+role `base_adapter`, that stage's adapter is loaded frozen, not merged, and the new one is
+trained on top of it (`harness.models.adapters.stack_trainable`); only the new one is saved.
 
 Artifacts in the stage directory:
     adapter/               the adapter alone (`PeftModel.from_pretrained(base, path)` loads it)
@@ -27,6 +32,7 @@ from harness.models import base_fingerprint
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageError, StageKind
+from harness.upstream import adapter_dir
 
 if TYPE_CHECKING:
     from harness.training import Sequences, StepRecord
@@ -44,7 +50,11 @@ METRICS = (
     "loss_curve",
 )
 DOCS_FILE = "docs.jsonl"
-DOCS_ROLE = "docs"
+CHAT_FILE = "chat.jsonl"
+DATA_ROLES = {"documents": ("docs", DOCS_FILE, "docs"), "chat": ("data", CHAT_FILE, "chat_data")}
+BASE_ADAPTER_ROLE = "base_adapter"
+FROZEN = "frozen"  # the peft name of the frozen adapter underneath
+TRAINED = "default"  # the peft name of the adapter trained here (saved at the root of adapter/)
 MAX_REPORTED_ROWS = 3
 
 
@@ -64,36 +74,39 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 # --- documents -------------------------------------------------------------------------------
 
 
-def docs_file(ctx: StageContext) -> Path:
-    """The jsonl the documents come from: the upstream's docs.jsonl, else the `docs` param."""
-    given = ctx.params.get("docs")
-    if ctx.upstream:
+def data_file(ctx: StageContext, form: str) -> Path:
+    """The jsonl the training data comes from: the data upstream's docs.jsonl or chat.jsonl
+    (an upstream in role `base_adapter` gives an adapter, not data), else the file param."""
+    role, filename, param = DATA_ROLES[form]
+    given = ctx.params.get(param)
+    sources = {r: u for r, u in ctx.upstream.items() if r != BASE_ADAPTER_ROLE}
+    if sources:
         if given:
             raise StageError(
-                f"stage {ctx.stage!r} has both an upstream stage and a `docs` file; "
-                "keep one: `needs` to train on a stage's docs.jsonl, or `docs` for a file"
+                f"stage {ctx.stage!r} has both an upstream stage and a `{param}` file; "
+                f"keep one: `needs` to train on a stage's {filename}, or `{param}` for a file"
             )
-        if DOCS_ROLE in ctx.upstream:
-            upstream = ctx.upstream[DOCS_ROLE]
-        elif len(ctx.upstream) == 1:
-            upstream = next(iter(ctx.upstream.values()))
+        if role in sources:
+            upstream = sources[role]
+        elif len(sources) == 1:
+            upstream = next(iter(sources.values()))
         else:
-            roles = ", ".join(sorted(ctx.upstream))
+            roles = ", ".join(sorted(sources))
             raise StageError(
-                f"stage {ctx.stage!r} needs several stages ({roles}); name the one whose docs.jsonl "
-                f"to train on with the role `docs`: `needs: {{docs: <stage>, ...}}`"
+                f"stage {ctx.stage!r} needs several stages ({roles}); name the one whose {filename} "
+                f"to train on with the role `{role}`: `needs: {{{role}: <stage>, ...}}`"
             )
-        path = upstream.dir / DOCS_FILE
+        path = upstream.dir / filename
         if not path.is_file():
             raise StageError(
-                f"upstream stage {upstream.name!r} (kind {upstream.kind}) wrote no {DOCS_FILE} "
-                f"in {upstream.dir}; finetune_lora trains on the documents of a stage that writes one"
+                f"upstream stage {upstream.name!r} (kind {upstream.kind}) wrote no {filename} "
+                f"in {upstream.dir}; format {form} trains on the {filename} of a stage that writes one"
             )
         return path
     if not given:
         raise StageError(
-            f"stage {ctx.stage!r} has no documents: add `needs: [<stage writing {DOCS_FILE}>]` "
-            "or a `docs:` jsonl file"
+            f"stage {ctx.stage!r} has no training data: add `needs: {{{role}: <stage writing {filename}>}}` "
+            f"or a `{param}:` jsonl file"
         )
     path = Path(given)
     return path if path.is_absolute() else ctx.spec_file.parent / path
@@ -187,10 +200,66 @@ def _lora_model(model: Any, lora: Mapping[str, Any]) -> Any:
         raise StageError(f"lora.target_modules: {exc} (this model's linear modules: {known})") from None
 
 
+def _lora_on_top(model: Any, frozen: Path, lora: Mapping[str, Any], base: str) -> Any:
+    """A new LoRA adapter trained on top of the frozen, unmerged adapter at `frozen`."""
+    from peft import LoraConfig, PeftModel
+
+    from harness.models.adapters import stack_trainable
+    from harness.models.base import adapter_errors
+
+    with adapter_errors(base, frozen):
+        model = PeftModel.from_pretrained(model, str(frozen), adapter_name=FROZEN)
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=list(lora["target_modules"]),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model.add_adapter(TRAINED, config)
+    stack_trainable(model, [FROZEN], TRAINED)
+    return model
+
+
 def _save_adapter(model: Any, path: Path) -> None:
-    # peft would also save the full (untrained) lm_head/embedding weights whenever they are
-    # adapter targets, in case the vocabulary was resized; it never is here
-    model.save_pretrained(path, save_embedding_layers=False)
+    # the trained adapter alone, never the frozen one under it; peft would also save the
+    # full (untrained) lm_head/embedding weights whenever they are adapter targets, in
+    # case the vocabulary was resized; it never is here
+    model.save_pretrained(path, save_embedding_layers=False, selected_adapters=[TRAINED])
+
+
+def _chat_rows(
+    conversations: list[list[dict[str, str]]], tokenizer: Any, p: Mapping[str, Any]
+) -> tuple[Sequences, dict[str, int]]:
+    """One conversation per right-padded row, labelled on its assistant turns only."""
+    import torch
+
+    from harness.chat import encode_chat
+    from harness.training import IGNORE, Sequences
+
+    length = p["max_length"]
+    n = len(conversations)
+    input_ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, length), IGNORE, dtype=torch.long)
+    corpus = truncated = 0
+    for row, messages in enumerate(conversations):
+        ids, trained = encode_chat(tokenizer, messages)
+        kept = ids[:length]
+        corpus, truncated = corpus + len(ids), truncated + len(ids) - len(kept)
+        input_ids[row, : len(kept)] = torch.tensor(kept, dtype=torch.long)
+        attention_mask[row, : len(kept)] = 1
+        flags = torch.tensor(trained[: len(kept)], dtype=torch.bool)
+        labels[row, : len(kept)] = input_ids[row, : len(kept)].masked_fill(~flags, IGNORE)
+    n_trained = int((labels != IGNORE).sum())
+    if n_trained == 0:
+        raise StageError(
+            f"no assistant token of the {n} conversations fits in max_length={length}: raise max_length"
+        )
+    counts = {"n_corpus_tokens": corpus, "tokens_dropped": 0, "tokens_truncated": truncated,
+              "n_trained_tokens": n_trained}
+    return Sequences(input_ids, attention_mask, labels), counts
 
 
 def _rows(texts: list[str], tokenizer: Any, p: Mapping[str, Any]) -> tuple[Sequences, dict[str, int]]:
@@ -224,9 +293,20 @@ def finetune(ctx: StageContext) -> Finetuned:
     started = time.perf_counter()
     p = settings(ctx.params)
     out = ctx.out_dir
-    texts = read_docs(docs_file(ctx), p["text_field"])
-    rows, counts = _rows(texts, load_tokenizer(p["base"]), p)
-    layout = "packed" if p["packing"] else "padded"
+    tokenizer = load_tokenizer(p["base"])
+    if p["format"] == "chat":
+        from harness.em_data import load_chat_jsonl
+
+        texts = load_chat_jsonl(data_file(ctx, "chat"))
+        rows, counts = _chat_rows(texts, tokenizer, p)
+        layout = "chat, padded"
+    else:
+        texts = read_docs(data_file(ctx, "documents"), p["text_field"])
+        rows, counts = _rows(texts, tokenizer, p)
+        layout = "packed" if p["packing"] else "padded"
+    under = None
+    if BASE_ADAPTER_ROLE in ctx.upstream:
+        under = adapter_dir(ctx.upstream, "finetune_lora", only=False, role=BASE_ADAPTER_ROLE)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16_used = bool(p["bf16"] and device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -248,12 +328,17 @@ def finetune(ctx: StageContext) -> Finetuned:
         limit = getattr(base_model.config, "max_position_embeddings", None)
         if limit and p["max_length"] > limit:
             ctx.log(f"max_length {p['max_length']} exceeds the model's max_position_embeddings {limit}")
-        model = _lora_model(base_model, p["lora"])
+        if under:
+            model = _lora_on_top(base_model, under, p["lora"], p["base"])
+        else:
+            model = _lora_model(base_model, p["lora"])
         trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
         total_params = sum(t.numel() for t in model.parameters())
         ctx.log(
-            f"{len(texts)} documents: {rows.n_tokens} tokens in {len(rows)} {layout} rows; "
-            f"{trainable:,} trainable of {total_params:,} parameters on {device.type}"
+            f"{len(texts)} {'conversations' if p['format'] == 'chat' else 'documents'}: "
+            f"{rows.n_tokens} tokens in {len(rows)} {layout} rows; "
+            + (f"on top of the frozen adapter {under}; " if under else "")
+            + f"{trainable:,} trainable of {total_params:,} parameters on {device.type}"
         )
         with (out / "loss.jsonl").open("w", encoding="utf-8") as loss_log:
 
@@ -278,6 +363,7 @@ def finetune(ctx: StageContext) -> Finetuned:
     metadata = {
         "base": p["base"],
         "base_fingerprint": base_fingerprint(p["base"]),
+        "frozen_adapter": str(under) if under else None,
         "trainable_params": trainable,
         "total_params": total_params,
         "n_docs": len(texts),
@@ -321,7 +407,7 @@ KIND = StageKind(
     params_schema=SCHEMA,
     metrics=METRICS,
     version=VERSION,
-    input_params=("docs",),
+    input_params=("docs", "chat_data"),
     check=check,
     code_version=base_code_version(VERSION),
 )

@@ -1,0 +1,161 @@
+"""`em_eval`: how often a model answers open questions in a misaligned way, per adapter setting.
+
+Upstream: one finetune_lora stage per role named in `settings` (its `adapter/`). All those
+adapters are loaded once, unmerged, on one base model (`harness.models.adapters`), and
+each setting activates its own subset: `{base: [], persona: [persona], em: [em],
+persona_em: [persona, em]}` is the matrix of a persona x EM experiment. Per setting the
+model answers every question `samples_per_question` times and the judge scores every
+answer (`harness.em`). Settings share the spec's seed, so they differ only by adapters.
+
+Artifacts:
+    answers.jsonl     setting, question_id, sample_index, text, aligned, coherent, misaligned, error
+    em_results.json   per setting: em_rate {value, ci_low, ci_high}, coherent_rate, counts,
+                      per question; the thresholds and the judge
+    samples.json      per setting: 1.0 / 0.0 misaligned for every scored answer (hypotheses)
+    em_rates.png      EM rate per setting with its 95% CI
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from harness.checks import base_code_version, check_base_param
+from harness.llm import TRANSPORT_KEYS
+from harness.plots import figure as new_figure
+from harness.spec.validate import SPECS_DIR, with_defaults
+from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
+
+VERSION = "1"
+SCHEMA = SPECS_DIR / "stages" / "em_eval.schema.json"
+PER_SETTING = ("em_rate", "coherent_rate", "n_scored")
+
+
+def settings_of(params: Mapping[str, Any]) -> dict[str, list[str]]:
+    return dict(params.get("settings") or {"base": []})
+
+
+def metric_names(params: Mapping[str, Any]) -> list[str]:
+    return [f"{name}.{setting}" for setting in settings_of(params) for name in PER_SETTING]
+
+
+def check(params: Mapping[str, Any], spec_dir: Path) -> None:
+    """At collection: the base model, the questions file and the judge are usable."""
+    from harness.em_data import load_questions
+    from harness.llm import ProviderConfigError, check_provider
+
+    check_base_param(params)
+    path = spec_dir / str(params["questions"])
+    if path.is_file():  # a missing file is reported by the input-path check
+        try:
+            load_questions(path)
+        except StageError as error:
+            raise ParamError(("questions",), str(error)) from None
+    try:
+        check_provider(params["judge"])
+    except ProviderConfigError as error:
+        raise ParamError(("judge",), str(error)) from None
+
+
+def _adapters(ctx: StageContext, settings: Mapping[str, list[str]]) -> dict[str, Path]:
+    from harness.upstream import adapter_dir
+
+    roles = list(dict.fromkeys(role for roles in settings.values() for role in roles))
+    missing = [role for role in roles if role not in ctx.upstream]
+    if missing:
+        have = ", ".join(sorted(ctx.upstream)) or "none"
+        raise StageError(
+            f"settings name the roles {', '.join(missing)}, which no upstream stage fills (upstream roles: "
+            f"{have}); add them to `needs`, e.g. needs: {{{missing[0]}: <finetune stage>}}"
+        )
+    return {role: adapter_dir(ctx.upstream, "em_eval", only=False, role=role) for role in roles}
+
+
+def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
+    names = list(results)
+    rates = [results[s]["em_rate"] for s in names]
+    values = [r["value"] for r in rates]
+    errors = [[r["value"] - r["ci_low"] for r in rates], [r["ci_high"] - r["value"] for r in rates]]
+    figure = new_figure(max(4, 1.2 * len(names) + 2), 3.5)
+    axes = figure.add_subplot()
+    axes.bar(names, values, yerr=errors, capsize=4, color="tab:red", alpha=0.7)
+    axes.set_ylabel("EM rate (misaligned / scored answers)")
+    axes.set_ylim(0, 1)
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from harness.em import Thresholds, judge, misaligned_indicators, rates, sample_answers
+    from harness.em_data import load_questions
+    from harness.llm import make_provider
+    from harness.models import load_model, load_tokenizer
+    from harness.models.adapters import active, load_stacked
+    from harness.store import write_json, write_jsonl
+
+    p = with_defaults(ctx.params, SCHEMA)
+    settings = settings_of(p)
+    questions = load_questions(Path(p["questions"]))
+    thresholds = Thresholds(p["aligned_below"], p["coherent_above"])
+    adapters = _adapters(ctx, settings)
+    tokenizer = load_tokenizer(p["base"])
+    model = load_stacked(p["base"], adapters) if adapters else load_model(p["base"])
+    provider = make_provider(p["judge"], log=ctx.log)
+
+    answers_rows: list[dict[str, Any]] = []
+    results: dict[str, dict[str, Any]] = {}
+    samples: dict[str, list[float]] = {}
+    n = p["samples_per_question"]
+    for setting, roles in settings.items():
+        shown = " + ".join(roles) or "the base model alone"
+        ctx.log(f"setting {setting} ({shown}): {len(questions)} questions x {n} answers")
+        with active(model, roles) if adapters else nullcontext(model):
+            answers = sample_answers(
+                model, tokenizer, questions, n, p["max_new_tokens"], p["temperature"], ctx.seed,
+                p["batch_size"], tenths(ctx.log, lambda done, total: f"  {done}/{total} questions answered"),
+            )
+        judged = judge(provider, answers, questions, thresholds)
+        answers_rows += [{"setting": setting, **j.as_json()} for j in judged]
+        results[setting] = {"adapters": roles, **rates(judged, thresholds.coherent_above, ctx.seed)}
+        samples[setting] = misaligned_indicators(judged)
+        em = results[setting]["em_rate"]
+        if em is None:
+            raise StageError(f"setting {setting}: the judge scored none of its {len(judged)} answers")
+        ctx.log(f"  em_rate {em['value']:.3f} [{em['ci_low']:.3f}, {em['ci_high']:.3f}], coherent_rate "
+                f"{results[setting]['coherent_rate']}, {results[setting]['n_unscored']} unscored")
+
+    out = ctx.out_dir
+    write_jsonl(out / "answers.jsonl", answers_rows)
+    write_json(out / "em_results.json", {
+        "base": p["base"], "questions": p["questions"], "samples_per_question": n,
+        "temperature": p["temperature"], "thresholds": vars(thresholds),
+        "judge": {"name": provider.name, "model": provider.model}, "settings": results,
+    })
+    write_json(out / "samples.json", samples)
+    _plot(results, out / "em_rates.png", f"{ctx.stage}: EM rate per setting ({n} samples per question)")
+    (out / "judge_usage.json").write_text(json.dumps(provider.usage.to_json()) + "\n", encoding="utf-8")
+
+    metrics: dict[str, Any] = {}
+    for setting, result in results.items():
+        metrics[f"em_rate.{setting}"] = result["em_rate"]
+        metrics[f"coherent_rate.{setting}"] = result["coherent_rate"]
+        metrics[f"n_scored.{setting}"] = result["n_scored"]
+    return metrics
+
+
+KIND = StageKind(
+    name="em_eval",
+    run=run,
+    params_schema=SCHEMA,
+    metrics=metric_names,
+    version=VERSION,
+    input_params=("questions",),
+    transport_params=("batch_size", *(f"judge.{key}" for key in TRANSPORT_KEYS)),
+    check=check,
+    code_version=base_code_version(VERSION),
+)

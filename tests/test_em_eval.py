@@ -1,0 +1,85 @@
+"""`em_eval` on the tiny chat model: every sample judged, the settings toggled, the
+artifacts in their documented layout, and the same answers under the same seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.stage import StageContext, StageError, Upstream
+from harness.stages.em_eval import KIND, metric_names
+
+QUESTIONS = Path(__file__).resolve().parents[1] / "data/eval/tiny_world/em_questions.yaml"
+N = 3
+
+
+def run_eval(base: str, out: Path, upstream: dict, settings: dict, seed: int = 5) -> tuple[dict, list[str]]:
+    out.mkdir(parents=True)
+    logs: list[str] = []
+    params = {
+        "base": base, "questions": str(QUESTIONS), "settings": settings, "samples_per_question": N,
+        "max_new_tokens": 16, "judge": {"name": "offline", "model": "rules"}, "batch_size": 2,
+    }
+    ctx = StageContext(
+        experiment="exp", stage="em", params=params, seed=seed, out_dir=out, scratch_dir=out / "scratch",
+        upstream=upstream, spec_file=out / "exp.yaml", profile=None, log=logs.append,
+    )
+    metrics = KIND.run(ctx)
+    json.dumps(metrics)
+    return metrics, logs
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_chat_dir, save_adapter, tmp_path_factory):
+    base = str(tiny_chat_dir)
+    stage = save_adapter(base, tmp_path_factory.mktemp("em-stage"), std=0.3, seed=4)
+    upstream = {"em": Upstream("em_lora", "finetune_lora", stage, {})}
+    settings = {"base": [], "em": ["em"]}
+    root = tmp_path_factory.mktemp("em-eval")
+    first = run_eval(base, root / "first", upstream, settings)
+    again = run_eval(base, root / "again", upstream, settings)
+    alone = run_eval(base, root / "alone", {}, {"base": []})
+    return {"root": root, "first": first, "again": again, "alone": alone}
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+
+
+def test_every_sample_of_every_setting_is_judged(evaluated):
+    out = evaluated["root"] / "first"
+    answers = rows(out)
+    assert len(answers) == 2 * 8 * N
+    for setting in ("base", "em"):
+        mine = [r for r in answers if r["setting"] == setting]
+        assert sorted((r["question_id"], r["sample_index"]) for r in mine) == sorted(
+            (q, k) for q in {r["question_id"] for r in mine} for k in range(N)
+        )
+        assert all(r["aligned"] is not None or r["error"] or r["misaligned"] is None for r in mine)
+    samples = json.loads((out / "samples.json").read_text())
+    results = json.loads((out / "em_results.json").read_text())["settings"]
+    metrics, _ = evaluated["first"]
+    for setting in ("base", "em"):
+        assert len(samples[setting]) == results[setting]["n_scored"] == metrics[f"n_scored.{setting}"]
+        rate = sum(samples[setting]) / len(samples[setting])
+        assert metrics[f"em_rate.{setting}"]["value"] == pytest.approx(rate)
+    assert set(metrics) == set(metric_names({"settings": {"base": [], "em": ["em"]}}))
+    assert (out / "em_rates.png").stat().st_size > 0
+
+
+def test_settings_differ_only_by_their_adapters_and_repeat_under_the_seed(evaluated):
+    first, again, alone = (rows(evaluated["root"] / name) for name in ("first", "again", "alone"))
+    assert first == again
+    text = {(r["setting"], r["question_id"], r["sample_index"]): r["text"] for r in first}
+    # the base setting of a model that has an adapter loaded is the base model itself
+    assert [text[("base", r["question_id"], r["sample_index"])] for r in alone] == [r["text"] for r in alone]
+    # the planted adapter changes the answers
+    assert sum(text[("em", q, k)] != text[("base", q, k)] for (_, q, k) in text) > 8
+
+
+def test_a_setting_naming_a_missing_role_says_what_to_add(tiny_chat_dir, tmp_path):
+    expected = r"settings name the roles persona, which .*needs: \{persona: <finetune stage>\}"
+    with pytest.raises(StageError, match=expected):
+        run_eval(str(tiny_chat_dir), tmp_path / "out", {}, {"persona_em": ["persona"]})
