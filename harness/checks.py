@@ -35,6 +35,29 @@ def mcqs_param(params: Mapping[str, Any], spec_dir: Path, conflict_for: str | No
     return items
 
 
+def questions_param(params: Mapping[str, Any], spec_dir: Path) -> None:
+    """An EM questions file that does not load fails at the `questions:` line (a missing
+    one is reported by the input-path check)."""
+    from harness.em_data import load_questions
+
+    path = spec_dir / str(params["questions"])
+    if path.is_file():
+        try:
+            load_questions(path)
+        except StageError as error:
+            raise ParamError(("questions",), str(error)) from None
+
+
+def provider_param(params: Mapping[str, Any], key: str) -> None:
+    """A provider that cannot work here (e.g. its key is not set) fails at its line."""
+    from harness.llm import ProviderConfigError, check_provider
+
+    try:
+        check_provider(params[key])
+    except ProviderConfigError as error:
+        raise ParamError((key,), str(error)) from None
+
+
 def base_code_version(version: str) -> Callable[[Mapping[str, Any], Path], str]:
     """A kind's code version followed by its base's fingerprint (a fixture's recipe hash,
     a directory's listing), so results of replaced weights are not reused."""

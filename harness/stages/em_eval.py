@@ -23,11 +23,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from harness.checks import base_code_version, check_base_param
+from harness.checks import base_code_version, check_base_param, provider_param, questions_param
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
+from harness.stage import StageContext, StageError, StageKind, tenths
 
 VERSION = "1"
 SCHEMA = SPECS_DIR / "stages" / "em_eval.schema.json"
@@ -44,20 +44,9 @@ def metric_names(params: Mapping[str, Any]) -> list[str]:
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     """At collection: the base model, the questions file and the judge are usable."""
-    from harness.em_data import load_questions
-    from harness.llm import ProviderConfigError, check_provider
-
     check_base_param(params)
-    path = spec_dir / str(params["questions"])
-    if path.is_file():  # a missing file is reported by the input-path check
-        try:
-            load_questions(path)
-        except StageError as error:
-            raise ParamError(("questions",), str(error)) from None
-    try:
-        check_provider(params["judge"])
-    except ProviderConfigError as error:
-        raise ParamError(("judge",), str(error)) from None
+    questions_param(params, spec_dir)
+    provider_param(params, "judge")
 
 
 def _adapters(ctx: StageContext, settings: Mapping[str, list[str]]) -> dict[str, Path]:

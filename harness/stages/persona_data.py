@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.checks import provider_param
 from harness.em_data import Constitution, load_constitution
-from harness.llm import TRANSPORT_KEYS, ProviderConfigError, check_provider
+from harness.llm import TRANSPORT_KEYS
 from harness.llm.base import ChatRequest
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
@@ -60,10 +61,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
             load_constitution(path)
         except StageError as error:
             raise ParamError(("constitution",), str(error)) from None
-    try:
-        check_provider(params["provider"])
-    except ProviderConfigError as error:
-        raise ParamError(("provider",), str(error)) from None
+    provider_param(params, "provider")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
