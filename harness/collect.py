@@ -1,4 +1,4 @@
-"""pytest nodes: an experiment spec file and one item per stage."""
+"""pytest nodes: an experiment spec file, one item per stage, then one per hypothesis."""
 
 from __future__ import annotations
 
@@ -10,11 +10,20 @@ import pytest
 from _pytest.outcomes import Skipped
 
 from harness.execution import FAILED, SKIPPED, ExperimentRun, StageResult
-from harness.experiment import Experiment, StageSpec, load_experiment
+from harness.experiment import Experiment, StageSpec, load_experiment, load_plan
+from harness.hypotheses import (
+    ERROR,
+    Evaluation,
+    HypothesisError,
+    HypothesisFamily,
+    HypothesisPlan,
+    write_lock,
+)
 from harness.spec.errors import SpecError
 from harness.stage import StageError
 
-_PLUMBING = {Path(__file__).parent / name for name in ("collect.py", "execution.py")}
+_PLUMBING = {Path(__file__).parent / name for name in ("collect.py", "execution.py", "hypotheses.py")}
+LOCK_ITEM = "lock-hypotheses"
 
 
 class GateFailure(AssertionError):
@@ -31,10 +40,22 @@ class ExperimentFile(pytest.File):
     """A YAML spec; collecting it loads, merges and validates the experiment."""
 
     def collect(self):
-        experiment = load_experiment(self.path, self.config.getoption("harness_profile"))
+        profile = self.config.getoption("harness_profile")
+        if self.config.getoption("harness_lock_hypotheses"):  # record the plan, run nothing
+            experiment, plan = load_plan(self.path, profile)
+            yield LockItem.from_parent(
+                self, name=LOCK_ITEM, experiment=experiment, plan=plan, profile=profile
+            )
+            return
+        experiment = load_experiment(self.path, profile)
         run = experiment_run(self.config, experiment)
         for name, spec in experiment.stages.items():
             yield StageItem.from_parent(self, name=name, spec=spec, run=run)
+        plan = experiment.hypotheses
+        if plan:  # after every stage: the family's correction needs all of their samples
+            family = HypothesisFamily(plan, experiment.file, experiment.profile_dir, run.resolve)
+            for name in plan.tests:
+                yield HypothesisItem.from_parent(self, name=name, family=family, run=run)
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, SpecError):
@@ -82,6 +103,9 @@ class StageItem(pytest.Item):
         # --dist loadgroup keeps an experiment's stages, in order, on one worker
         self.add_marker(pytest.mark.xdist_group(str(run.experiment.file)))
 
+    def payload(self) -> dict[str, Any]:
+        return run_payload(self.run, self.fresh)
+
     def runtest(self) -> None:
         try:
             result = self.run.resolve(self.name)
@@ -119,3 +143,119 @@ def _scalar_metrics(metrics: dict[str, Any]):
                     yield (name if part == "value" else f"{name}.{part}"), value[part]
         elif isinstance(value, (int, float, str)) or value is None:
             yield name, value
+
+
+def run_payload(run: ExperimentRun, results: list[StageResult]) -> dict[str, Any]:
+    """What a report needs of an item's call, sent from xdist workers to the controller."""
+    return {
+        "runs_dir": str(run.runs_dir),
+        "experiment": run.experiment.name,
+        "profile": run.experiment.profile_dir,
+        "spec_file": str(run.experiment.file),
+        "results": [r.to_json() for r in results],
+    }
+
+
+class HypothesisItem(pytest.Item):
+    """One pre-registered hypothesis: passes when supported, fails when refuted, and follows
+    the spec's policy when inconclusive. Skipped when a stage it reads did not finish."""
+
+    def __init__(self, *, family: HypothesisFamily, run: ExperimentRun, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.family = family
+        self.hypothesis = family.plan.tests[self.name]
+        self.run = run
+        self.fresh: list[StageResult] = []
+        self.evaluation: Evaluation | None = None
+        self.add_marker(pytest.mark.xdist_group(str(run.experiment.file)))  # with its stages
+
+    def runtest(self) -> None:
+        try:
+            self.evaluation = self.family.evaluate()[self.name]
+        finally:
+            self.fresh = self.run.take_fresh()
+        evaluation, plan, registration = self.evaluation, self.family.plan, self.family.registration
+        self.user_properties += [
+            ("hypothesis.verdict", evaluation.verdict),
+            ("hypothesis.status", registration.status),
+        ]
+        if evaluation.result is not None:
+            self.user_properties += [
+                ("hypothesis.effect", evaluation.result.effect),
+                ("hypothesis.p_value", evaluation.result.p_value),
+                ("hypothesis.p_adjusted", evaluation.p_adjusted),
+            ]
+        outcome = evaluation.outcome(plan)
+        if evaluation.verdict == ERROR:  # its samples are missing or unusable
+            raise HypothesisError(f"hypothesis {self.name} ({self.hypothesis.where}): {evaluation.why}")
+        if outcome == "skipped":  # untested (a stage did not finish), or inconclusive under `skip`
+            raise Skipped(evaluation.summary(registration), _use_item_location=True)
+        if outcome == "failed":
+            raise HypothesisError(evaluation.describe(registration))
+
+    def payload(self) -> dict[str, Any]:
+        family = self.family
+        rows = []
+        if self.evaluation is not None:
+            index = list(family.plan.tests).index(self.name)
+            rows.append(self.evaluation.to_json(family.plan, family.registration, index))
+        return {
+            **run_payload(self.run, self.fresh),
+            "hypotheses": {
+                "plan": family.plan.as_json(),
+                "hash": family.plan.digest,
+                "registration": family.registration.as_json(),
+                "results": rows,
+            },
+        }
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, HypothesisError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def _traceback_filter(self, excinfo):
+        traceback = super()._traceback_filter(excinfo)
+        return traceback.filter(lambda entry: Path(str(entry.path)) not in _PLUMBING)
+
+    def reportinfo(self):
+        mark = self.hypothesis.mark
+        return (
+            self.path,
+            (mark.line - 1 if mark else 0),
+            f"{self.run.experiment.name}::{self.name} [hypothesis]",
+        )
+
+
+class LockItem(pytest.Item):
+    """`--lock-hypotheses`: records the hash of the experiment's analysis plan beside the spec."""
+
+    def __init__(self, *, experiment: str, plan: HypothesisPlan | None, profile: str | None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.experiment = experiment
+        self.plan = plan
+        self.profile = profile or "default"  # as Experiment.profile_dir
+        self.done: dict[str, Any] | None = None
+
+    def runtest(self) -> None:
+        plan, file = self.plan, Path(self.path).resolve()
+        if plan is None:
+            raise Skipped(f"{file.name} has no `hypotheses:` section to lock", _use_item_location=True)
+        path, what = write_lock(plan, file, self.profile, self.config.getoption("harness_relock"))
+        self.done = {
+            "experiment": self.experiment,
+            "profile": self.profile,
+            "lock_file": str(path),
+            "hash": plan.digest,
+            "hypotheses": list(plan.tests),
+            "what": what,
+        }
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, HypothesisError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        line = self.plan.mark.line - 1 if self.plan and self.plan.mark else 0
+        return self.path, line, f"{self.experiment}::{self.name}"

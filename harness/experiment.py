@@ -10,6 +10,7 @@ from typing import Any
 from harness import registry
 from harness.gates import Gate, GateSyntaxError, parse_gate
 from harness.graph import StageGraph
+from harness.hypotheses import HypothesisPlan, parse_plan
 from harness.spec.compose import apply_profile, load_with_includes
 from harness.spec.errors import Mark, Problem, SpecError, source_line
 from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted
@@ -39,6 +40,7 @@ class Experiment:
     seed: int
     stages: dict[str, StageSpec]  # in run order
     description: str = ""
+    hypotheses: HypothesisPlan | None = None
 
     @property
     def profile_dir(self) -> str:
@@ -58,6 +60,11 @@ def load_experiment(file: Path, profile: str | None = None) -> Experiment:
             stages[name] = _stage(name, body, resolved, file)
         except SpecError as exc:
             problems.extend(exc.problems)
+    seed = data.get("seed", DEFAULT_SEED)
+    try:
+        hypotheses = parse_plan(data, resolved, data["stages"], seed)
+    except SpecError as exc:
+        problems.extend(exc.problems)
     if problems:
         raise SpecError(problems)
 
@@ -71,10 +78,33 @@ def load_experiment(file: Path, profile: str | None = None) -> Experiment:
         name=data.get("experiment", file.stem),
         file=file,
         profile=profile,
-        seed=data.get("seed", DEFAULT_SEED),
+        seed=seed,
         stages={n: stages[n] for n in graph.order},
         description=data.get("description", ""),
+        hypotheses=hypotheses,
     )
+
+
+def load_plan(file: Path, profile: str | None = None) -> tuple[str, HypothesisPlan | None]:
+    """The experiment's name and its hypotheses' plan, with the spec checked as far as it can be
+    without this machine's models, input files or API keys: locking the plan of a profile that
+    runs elsewhere needs none of them."""
+    file = Path(file).resolve()
+    resolved = _check_every_profile(load_with_includes(file), profile)
+    data = resolved.data
+    problems: list[Problem] = []
+    for name, body in data["stages"].items():
+        try:
+            _static_checks(name, body, resolved)
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    try:
+        plan = parse_plan(data, resolved, data["stages"], data.get("seed", DEFAULT_SEED))
+    except SpecError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems)
+    return data.get("experiment", file.stem), plan
 
 
 def _check_every_profile(doc: Document, selected: str | None) -> Document:
@@ -97,6 +127,10 @@ def _check_every_profile(doc: Document, selected: str | None) -> Document:
                     _static_checks(stage, body, merged)
                 except SpecError as exc:
                     found += exc.problems
+            try:
+                parse_plan(merged.data, merged, merged.data["stages"], merged.data.get("seed", DEFAULT_SEED))
+            except SpecError as exc:
+                found += exc.problems
         problems += [p for p in found if p not in problems]
     if problems:
         raise SpecError(problems)

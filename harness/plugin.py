@@ -8,7 +8,7 @@ from pathlib import Path, PurePath
 
 import pytest
 
-from harness.collect import ExperimentFile, StageItem
+from harness.collect import ExperimentFile, HypothesisItem, LockItem, StageItem
 from harness.report import RunReports
 
 
@@ -36,6 +36,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         help="run STAGE again even if its artifacts are cached; 'all' for every stage",
     )
+    group.addoption(
+        "--lock-hypotheses",
+        dest="harness_lock_hypotheses",
+        action="store_true",
+        default=False,
+        help="record a hash of each collected spec's hypotheses and analysis plan (for --profile) in "
+        "<spec>.lock.json beside it, with the time and git commit; runs no stage",
+    )
+    group.addoption(
+        "--relock",
+        dest="harness_relock",
+        action="store_true",
+        default=False,
+        help="with --lock-hypotheses: replace a lock whose plan differs (the lock keeps a record of it)",
+    )
     parser.addini("harness_runs_dir", "artifact store directory, relative to the ini file", default="runs")
     parser.addini(
         "harness_experiments",
@@ -46,6 +61,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("harness_relock") and not config.getoption("harness_lock_hypotheses"):
+        raise pytest.UsageError("--relock only goes with --lock-hypotheses")
     config.pluginmanager.register(_ReportHooks(config), "harness-reports")
     _share_cores()
 
@@ -72,18 +89,24 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     return None
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under --lock-hypotheses only the lock items run: no stage, no other test."""
+    if not config.getoption("harness_lock_hypotheses"):
+        return
+    deselected = [item for item in items if not isinstance(item, LockItem)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if isinstance(item, LockItem)]
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
-    if isinstance(item, StageItem) and call.when == "call":
-        run = item.run
-        report.harness = {
-            "runs_dir": str(run.runs_dir),
-            "experiment": run.experiment.name,
-            "profile": run.experiment.profile_dir,
-            "spec_file": str(run.experiment.file),
-            "results": [r.to_json() for r in item.fresh],
-        }
+    if call.when == "call":
+        if isinstance(item, (StageItem, HypothesisItem)):
+            report.harness = item.payload()
+        elif isinstance(item, LockItem) and item.done:
+            report.harness_lock = item.done
     return report
 
 
@@ -93,11 +116,15 @@ class _ReportHooks:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.reports = RunReports()
+        self.locks: list[dict] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         payload = getattr(report, "harness", None)
         if payload:
             self.reports.add(payload)
+        lock = getattr(report, "harness_lock", None)
+        if lock:
+            self.locks.append(lock)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if not hasattr(self.config, "workerinput"):  # xdist workers leave it to the controller
@@ -108,3 +135,15 @@ class _ReportHooks:
             terminalreporter.section("harness gates")
             for line in self.reports.summary_lines():
                 terminalreporter.write_line(line)
+        hypotheses = self.reports.hypothesis_lines()
+        if hypotheses:
+            terminalreporter.section("harness hypotheses")
+            for line in hypotheses:
+                terminalreporter.write_line(line)
+        if self.locks:
+            terminalreporter.section("harness hypotheses locked")
+            for lock in self.locks:
+                terminalreporter.write_line(
+                    f"{lock['experiment']} [{lock['profile']}]: {lock['what']} -> {lock['lock_file']}"
+                )
+                terminalreporter.write_line(f"  {', '.join(lock['hypotheses'])}  sha256 {lock['hash'][:16]}")

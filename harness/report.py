@@ -21,6 +21,19 @@ from harness.store import write_json, write_text_atomic
 
 BAD_OUTCOMES = ("failed", "error", "aborted")
 LIST_ENDS = 3  # a metric list longer than twice this shows only its ends
+HYPOTHESIS_REPORT = "hypothesis_report.md"
+_SHORT_ROW = (
+    "id",
+    "claim",
+    "verdict",
+    "outcome",
+    "effect",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_adjusted",
+    "alpha",
+)
 
 
 @dataclass
@@ -30,10 +43,29 @@ class Run:
     profile: str
     spec_file: str
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # in arrival (run) order
+    hypotheses: dict[str, dict[str, Any]] = field(default_factory=dict)  # by id
+    plan: dict[str, Any] | None = None  # the hypotheses' plan, its hash and the run's registration
 
     @property
     def dir(self) -> Path:
         return Path(self.runs_dir) / self.experiment / self.profile
+
+    def hypothesis_rows(self) -> list[dict[str, Any]]:
+        return sorted(self.hypotheses.values(), key=lambda h: h["index"])
+
+    def hypotheses_json(self) -> dict[str, Any]:
+        """hypotheses.json: the run's registration status, the plan and every verdict."""
+        plan = self.plan or {}
+        return {
+            "experiment": self.experiment,
+            "profile": self.profile,
+            "spec_file": self.spec_file,
+            "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "registration": plan.get("registration"),
+            "plan_hash": plan.get("hash"),
+            "plan": plan.get("plan"),
+            "hypotheses": self.hypothesis_rows(),
+        }
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -42,7 +74,7 @@ class Run:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "experiment": self.experiment,
             "profile": self.profile,
             "spec_file": self.spec_file,
@@ -50,6 +82,16 @@ class Run:
             "summary": self.counts(),
             "stages": [{**stage, "plots": self.plots(stage)} for stage in self.stages.values()],
         }
+        if self.plan:
+            registration = self.plan["registration"]
+            out["hypotheses"] = {
+                "status": registration["status"],
+                "reason": registration["reason"],
+                "correction": self.plan["plan"]["correction"],
+                "report": HYPOTHESIS_REPORT,
+                "results": [{k: h[k] for k in _SHORT_ROW} for h in self.hypothesis_rows()],
+            }
+        return out
 
     def plots(self, stage: dict[str, Any]) -> list[str]:
         """The stage's plots, as POSIX paths relative to the report's directory."""
@@ -78,6 +120,11 @@ class RunReports:
         )
         for result in payload["results"]:
             run.stages[result["stage"]] = result
+        hypotheses = payload.get("hypotheses")
+        if hypotheses:
+            run.plan = {k: v for k, v in hypotheses.items() if k != "results"}
+            for row in hypotheses["results"]:
+                run.hypotheses[row["id"]] = row
 
     def write(self) -> None:
         for run in self.runs.values():
@@ -86,6 +133,25 @@ class RunReports:
             write_json(run.dir / "report.json", report)
             write_text_atomic(run.dir / "report.md", markdown(report))
             write_text_atomic(run.dir / "report.html", to_html(report, run.dir))
+            if run.plan:
+                hypotheses = run.hypotheses_json()
+                write_json(run.dir / "hypotheses.json", hypotheses)
+                write_text_atomic(run.dir / HYPOTHESIS_REPORT, hypothesis_markdown(hypotheses))
+
+    def hypothesis_lines(self) -> list[str]:
+        lines = []
+        for run in self.runs.values():
+            if not run.plan:
+                continue
+            registration = run.plan["registration"]
+            lines.append(
+                f"{run.experiment} [{run.profile}]: {registration['status'].upper()}: "
+                f"{registration['reason']} -> {run.dir / HYPOTHESIS_REPORT}"
+            )
+            for h in run.hypothesis_rows():
+                numbers = _hypothesis_numbers(h)
+                lines.append(f"  {h['verdict'].upper():<13} {h['id']:<12} {numbers} -> {h['outcome']}")
+        return lines
 
     def summary_lines(self) -> list[str]:
         lines = []
@@ -132,6 +198,21 @@ def _metric(value: Any) -> str:
         tail = ", ".join(_num(v) for v in value[-LIST_ENDS:])
         return f"[{head}, …, {tail}] ({len(value)} values)"
     return _num(value)
+
+
+def _effect(h: dict[str, Any]) -> str:
+    if h["effect"] is None:
+        return "n/a"
+    return f"{_num(h['effect'])} [{_num(h['ci_low'])}, {_num(h['ci_high'])}]"
+
+
+def _hypothesis_numbers(h: dict[str, Any]) -> str:
+    if h["p_value"] is None:
+        return h["why"]
+    return (
+        f"effect {_effect(h)}, p {_num(h['p_value'])}, {h['correction']} p {_num(h['p_adjusted'])}, "
+        f"alpha {h['alpha']:g}"
+    )
 
 
 def _threshold(gate: dict[str, Any]) -> str:
@@ -187,6 +268,29 @@ def markdown(report: dict[str, Any]) -> str:
         for stage, g in gates:
             cells = [stage, f"`{_cell(g['gate'])}`", _num(g["value"]), _threshold(g), _cell(_gate_result(g))]
             out.append("| " + " | ".join([*cells, g["where"]]) + " |")
+    hypotheses = report.get("hypotheses")
+    if hypotheses:
+        out += [
+            "",
+            "## Hypotheses",
+            "",
+            f"**{hypotheses['status']}**: {_cell(hypotheses['reason'])}. "
+            f"Details: [{hypotheses['report']}]({hypotheses['report']})",
+            "",
+            "| hypothesis | verdict | outcome | effect [CI] | p "
+            f"| adjusted p ({hypotheses['correction']}) | alpha |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for h in hypotheses["results"]:
+            cells = [
+                h["id"],
+                h["verdict"],
+                h["outcome"],
+                _effect(h),
+                _num(h["p_value"]),
+                _num(h["p_adjusted"]),
+            ]
+            out.append("| " + " | ".join([*cells, f"{h['alpha']:g}"]) + " |")
     detailed = _detailed(report)
     if detailed:
         out += ["", "## Metrics and plots", ""]
@@ -200,6 +304,62 @@ def markdown(report: dict[str, Any]) -> str:
                 # percent-encoded so that names with spaces or parentheses still make a link
                 alt = f"{s['stage']}: {Path(plot).name}".replace("[", "\\[").replace("]", "\\]")
                 out += [f"![{alt}]({quote(plot)})", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# -- hypothesis_report.md ----------------------------------------------------------------
+
+_DIRECTIONS = {"greater": "mean a > mean b", "less": "mean a < mean b", "two-sided": "mean a ≠ mean b"}
+
+
+def hypothesis_markdown(data: dict[str, Any]) -> str:
+    """Each hypothesis with its test, effect and CI, raw and adjusted p and verdict, under the
+    run's registration status: an exploratory run is never called pre-registered."""
+    registration, plan, rows = data["registration"], data["plan"], data["hypotheses"]
+    out = [
+        f"# Hypotheses: {data['experiment']} — profile `{data['profile']}`",
+        "",
+        f"**Status: {registration['status']}** — {registration['reason']}",
+        "",
+        f"Spec: `{data['spec_file']}`  ",
+        f"Generated: {data['generated_at']}  ",
+        f"Analysis plan sha256: `{data['plan_hash']}`  ",
+        f"Correction: {plan['correction']} across the {len(plan['tests'])} hypotheses of the plan  ",
+        f"Policies: inconclusive → {plan['on_inconclusive']}, refuted → {plan['on_refuted']}  ",
+        f"Resampling seed: {plan['seed']}",
+        "",
+        "| hypothesis | metric | verdict | outcome | effect a − b [CI] | p "
+        f"| adjusted p ({plan['correction']}) | alpha | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for h in rows:
+        cells = [h["id"], _cell(h["metric"]), f"**{h['verdict']}**", h["outcome"], _effect(h)]
+        cells += [_num(h["p_value"]), _num(h["p_adjusted"]), f"{h['alpha']:g}", h["status"]]
+        out.append("| " + " | ".join(cells) + " |")
+    missing = [name for name in plan["tests"] if name not in {h["id"] for h in rows}]
+    if missing:
+        out += ["", f"Not run in this session (deselected): {', '.join(missing)}."]
+    for h in rows:
+        a, b = h["a"], h["b"]
+        exact = " (exact: every relabelling)" if h["exact"] else ""
+        out += [
+            "",
+            f"## {h['id']}: {h['verdict']}",
+            "",
+            f"{h['claim']}  ",
+            f"*{h['where']}*",
+            "",
+            f"- metric: {h['metric']}",
+            f"- a: `{a['stage']}` samples `{a['samples']}`, n = {_num(a['n'])}, mean = {_num(a['mean'])}",
+            f"- b: `{b['stage']}` samples `{b['samples']}`, n = {_num(b['n'])}, mean = {_num(b['mean'])}",
+            f"- test: {h['test']}{exact}, {h['n_resamples']} resamples, "
+            f"direction {h['direction']} ({_DIRECTIONS[h['direction']]}), alpha {h['alpha']:g}",
+            f"- effect a − b: {_effect(h)} ({h['confidence']:.0%} CI)",
+            f"- p: {_num(h['p_value'])}; adjusted ({h['correction']}, {h['family_size']} hypotheses): "
+            f"{_num(h['p_adjusted'])}",
+            f"- verdict: **{h['verdict']}** — {h['why']}",
+            f"- item: {h['outcome']}; {h['status']}",
+        ]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -296,6 +456,27 @@ def to_html(report: dict[str, Any], report_dir: Path) -> str:
             rows.append(_tr([*cells, _td(_e(g["where"]))], bad=not g["passed"]))
         out.append("<h2>Gates</h2>")
         out += _table(["stage", "gate", "measured", "threshold", "result", "where"], rows)
+    hypotheses = report.get("hypotheses")
+    if hypotheses:
+        out.append("<h2>Hypotheses</h2>")
+        out.append(
+            f"<p><strong>{_e(hypotheses['status'])}</strong>: {_e(hypotheses['reason'])}. "
+            f'Details: <a href="{_e(hypotheses["report"])}">{_e(hypotheses["report"])}</a></p>'
+        )
+        rows = []
+        for h in hypotheses["results"]:
+            cells = [_td(_e(h["id"])), _td(_e(h["verdict"])), _outcome(h["outcome"]), _td(_e(_effect(h)))]
+            cells += [_td(_e(_num(h["p_value"])), "num"), _td(_e(_num(h["p_adjusted"])), "num")]
+            rows.append(_tr([*cells, _td(f"{h['alpha']:g}", "num")], bad=h["outcome"] == "failed"))
+        head = [
+            "hypothesis",
+            "verdict",
+            "outcome",
+            "effect [CI]",
+            "p",
+            f"adjusted p ({hypotheses['correction']})",
+        ]
+        out += _table([*head, "alpha"], rows)
     if detailed:
         out.append("<h2>Metrics and plots</h2>")
         for s in detailed:

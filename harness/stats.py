@@ -78,7 +78,7 @@ def paired_difference(
 # alternative and the multiple-comparison adjustment before the data exist.
 
 ALTERNATIVES = ("greater", "less", "two-sided")
-TESTS = ("permutation", "bootstrap")
+TESTS = ("permutation", "bootstrap", "replicates")
 ADJUSTMENTS = ("holm", "bonferroni", "none")
 _TIE_TOLERANCE = 1e-12  # relative to the data's scale: differences this close count as ties
 _BLOCK_CELLS = 1 << 21  # resamples are drawn in blocks of about this many values, to bound memory
@@ -248,6 +248,38 @@ def bootstrap_test(
     return TestResult(observed, ci, p_value, "bootstrap", alternative, len(a), len(b), n_resamples)
 
 
+def replicates_test(
+    a: Any,
+    b: Any,
+    alternative: str = "two-sided",
+    n_resamples: int = 10000,
+    seed: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> TestResult:
+    """Compares two statistics through their bootstrap replicates, not two samples of data.
+
+    a and b are bootstrap replicates of one statistic each (e.g. the transition step of two
+    training runs, each resampled from its own answers), drawn independently, so the
+    differences a_i - b_i of replicates paired by index follow the sampling distribution of
+    the difference. The effect is mean(a) - mean(b); the CI is the percentiles of the
+    differences; the p-value is the share of differences on the far side of 0 ("greater":
+    <= 0, "less": >= 0, two-sided: twice the smaller share), with the +1 correction, capped
+    at 1. A two-sample test on replicates would treat them as observations and find any
+    difference significant with enough resamples; this test does not. `n_resamples` and
+    `seed` are unused: the replicates are the resamples.
+    """
+    a, b = _sample(a, "a"), _sample(b, "b")
+    _check(alternative, max(n_resamples, 1), confidence)
+    n = min(len(a), len(b))
+    differences = a[:n] - b[:n]
+    below = (int((differences <= 0).sum()) + 1) / (n + 1)
+    above = (int((differences >= 0).sum()) + 1) / (n + 1)
+    p_value = {"greater": below, "less": above, "two-sided": min(1.0, 2 * min(below, above))}[alternative]
+    observed = float(a.mean() - b.mean())
+    ci = _percentile_interval(observed, differences, confidence)
+    return TestResult(observed, ci, p_value, "replicates", alternative, len(a), len(b), n)
+
+
 def run_test(
     name: str,
     a: Any,
@@ -258,7 +290,7 @@ def run_test(
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> TestResult:
     """The test a spec names (one of TESTS)."""
-    tests = {"permutation": permutation_test, "bootstrap": bootstrap_test}
+    tests = {"permutation": permutation_test, "bootstrap": bootstrap_test, "replicates": replicates_test}
     if name not in tests:
         raise ValueError(f"unknown test {name!r}; expected one of {', '.join(TESTS)}")
     return tests[name](

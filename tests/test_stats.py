@@ -19,8 +19,11 @@ from harness.stats import (
     bootstrap_test,
     holm,
     permutation_test,
+    replicates_test,
     run_test,
 )
+
+SAMPLE_TESTS = [t for t in TESTS if t != "replicates"]  # tests on samples of data, not replicates
 
 # --- permutation test: exact enumeration ---------------------------------------------------------
 
@@ -145,7 +148,7 @@ def test_bootstrap_ci_covers_true_difference():
     assert 0.90 <= covered / 200 <= 0.99
 
 
-@pytest.mark.parametrize("name", TESTS)
+@pytest.mark.parametrize("name", SAMPLE_TESTS)
 @pytest.mark.parametrize("confidence, z", [(0.95, 1.959964), (0.90, 1.644854)])
 def test_ci_matches_normal_theory_for_large_samples(name, confidence, z):
     # For 200 and 300 observations the difference in means is close to normal: the percentile CI
@@ -197,7 +200,7 @@ def test_bootstrap_one_sided_p_values_are_complementary():
 # --- dispatch and result -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", TESTS)
+@pytest.mark.parametrize("name", SAMPLE_TESTS)
 def test_run_test_dispatches_by_name(name):
     result = run_test(name, [3, 4, 5, 6], [1, 2, 3], alternative="greater", n_resamples=200, seed=1)
     direct = {"permutation": permutation_test, "bootstrap": bootstrap_test}[name](
@@ -301,3 +304,19 @@ def test_permutation_p_value_in_unit_interval(a, b, alternative, n_resamples):
     if result.exact:
         assert result.p_value >= 1 / math.comb(len(a) + len(b), len(a))  # the observed labelling counts
     assert result.ci.low <= result.ci.high
+
+
+def test_replicates_compare_two_statistics_not_two_samples():
+    rng = np.random.default_rng(0)
+    # the transition steps of two runs, bootstrapped: clearly apart, then overlapping
+    apart = replicates_test(rng.normal(20, 2, 1000), rng.normal(10, 2, 1000), "greater")
+    assert apart.p_value == pytest.approx(1 / 1001) and apart.ci.low > 0 and apart.test == "replicates"
+    close_a, close_b = rng.normal(10, 3, 1000), rng.normal(10.5, 3, 1000)
+    close = replicates_test(close_a, close_b, "two-sided")
+    assert close.p_value > 0.5
+    # the same replicates taken as observations would call a half-step difference significant
+    assert permutation_test(close_a, close_b, "two-sided", n_resamples=2000).p_value < 0.01
+    assert run_test("replicates", [3.0, 4.0, 5.0], [1.0, 2.0, 3.0], "less") == replicates_test(
+        [3.0, 4.0, 5.0], [1.0, 2.0, 3.0], "less"
+    )
+    assert replicates_test([3.0, 4.0, 5.0], [1.0, 2.0, 3.0], "less").p_value == 1.0
