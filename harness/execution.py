@@ -136,6 +136,9 @@ class ExperimentRun:
                 return f"upstream stage {upstream!r} aborted: {result.abort.describe()}"
         return None
 
+    def _seed(self, spec: StageSpec) -> int:
+        return self.experiment.seed if spec.seed is None else spec.seed
+
     def _material(self, spec: StageSpec) -> dict[str, Any]:
         """Everything the cache key is made of."""
         upstream = {}
@@ -146,7 +149,7 @@ class ExperimentRun:
             "kind": spec.kind.name,
             "code_version": spec.kind.version_for(spec.params, self.experiment.file.parent),
             "params": without(spec.params, spec.kind.transport_params),
-            "seed": self.experiment.seed,
+            "seed": self._seed(spec),
             "upstream": upstream,
             "inputs": {name: file_digest(path) for name, path in sorted(spec.inputs.items())},
         }
@@ -201,7 +204,7 @@ class ExperimentRun:
             experiment=self.experiment.name,
             stage=spec.name,
             params=_with_inputs(spec),
-            seed=self.experiment.seed,
+            seed=self._seed(spec),
             out_dir=out,
             scratch_dir=scratch,
             upstream={
@@ -218,7 +221,7 @@ class ExperimentRun:
         started = datetime.now(timezone.utc)
         clock = time.perf_counter()
         try:
-            seed_everything(self.experiment.seed)
+            seed_everything(self._seed(spec))
             metrics = _checked_metrics(spec, spec.kind.run(ctx))
         except Exception as exc:
             kept = store.abandon(out, key)
@@ -240,7 +243,7 @@ class ExperimentRun:
             "key_material": material,
             "upstream": {role: up["key"] for role, up in material["upstream"].items()},
             "inputs": {name: str(path) for name, path in spec.inputs.items()},
-            "seed": self.experiment.seed,
+            "seed": self._seed(spec),
             "reason": reason,
             "started_at": started.isoformat(timespec="seconds"),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

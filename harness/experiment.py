@@ -30,6 +30,7 @@ class StageSpec:
     inputs: dict[str, Path] = field(default_factory=dict)  # "param[.key]" -> resolved path
     mark: Mark | None = None
     description: str = ""
+    seed: int | None = None  # this stage's own seed; None: the experiment's
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def _stage(name: str, body: dict, doc: Document, file: Path) -> StageSpec:
         inputs=inputs,
         mark=doc.mark(at),
         description=body.get("description", ""),
+        seed=body.get("seed"),
     )
 
 

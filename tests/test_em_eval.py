@@ -83,3 +83,20 @@ def test_a_setting_naming_a_missing_role_says_what_to_add(tiny_chat_dir, tmp_pat
     expected = r"settings name the roles persona, which .*needs: \{persona: <finetune stage>\}"
     with pytest.raises(StageError, match=expected):
         run_eval(str(tiny_chat_dir), tmp_path / "out", {}, {"persona_em": ["persona"]})
+
+
+def test_replicates_of_a_setting_are_pooled_and_every_answer_judged(tiny_chat_dir, save_adapter, tmp_path):
+    base = str(tiny_chat_dir)
+    upstream = {
+        name: Upstream(name, "finetune_lora", save_adapter(base, tmp_path / name, std=0.3, seed=seed), {})
+        for name, seed in (("em_seed1", 1), ("em_seed2", 2))
+    }
+    metrics, _ = run_eval(base, tmp_path / "out", upstream, {"em": [["em_seed1"], ["em_seed2"]]})
+    answers = rows(tmp_path / "out")
+    assert len(answers) == 2 * 8 * N
+    assert {r["replicate"] for r in answers} == {0, 1}
+    per_question = [(r["question_id"], r["sample_index"]) for r in answers]
+    assert len(set(per_question)) == len(per_question)  # sample indices run on across replicates
+    result = json.loads((tmp_path / "out/em_results.json").read_text())["settings"]["em"]
+    assert result["adapters"] == [["em_seed1"], ["em_seed2"]] and len(result["replicate_em_rates"]) == 2
+    assert metrics["n_scored.em"] == result["n_scored"] <= 2 * 8 * N

@@ -263,6 +263,19 @@ def test_seed_feeds_random_and_is_recorded(world):
     assert manifest["seed"] == 2
 
 
+def test_a_stage_seed_replaces_the_experiments_for_that_stage_only(world):
+    world.runpytest("exp.yaml").assert_outcomes(passed=3)
+    draws = {k: s["metrics"]["draw"] for k, s in report(world).items()}
+    seeded = spec().replace("  b:\n    kind: python\n", "  b:\n    kind: python\n    seed: 5\n")
+    world.makefile(".yaml", exp=seeded)
+    world.runpytest("exp.yaml").assert_outcomes(passed=3)
+    stages = report(world)
+    assert stages["a"]["status"] == "reused" and stages["b"]["reason"] == "seed changed"
+    assert stages["b"]["metrics"]["draw"] != draws["b"]
+    manifest = world.path / "runs/exp/default/b" / stages["b"]["key"] / "manifest.json"
+    assert json.loads(manifest.read_text())["seed"] == 5
+
+
 def test_manifest_records_provenance(world):
     world.makefile(".txt", corpus="some words here")
     world.makefile(

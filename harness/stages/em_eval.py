@@ -6,6 +6,9 @@ each setting activates its own subset: `{base: [], persona: [persona], em: [em],
 persona_em: [persona, em]}` is the matrix of a persona x EM experiment. Per setting the
 model answers every question `samples_per_question` times and the judge scores every
 answer (`harness.em`). Settings share the spec's seed, so they differ only by adapters.
+A setting may list several adapter sets (`em: [[em_seed1], [em_seed2]]`): replicates,
+e.g. one EM adapter per training seed, each answering in turn, their answers pooled
+into the setting's EM rate (with each replicate's own rate beside it).
 
 Artifacts:
     answers.jsonl     setting, question_id, sample_index, text, aligned, coherent, misaligned, error
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +38,13 @@ SCHEMA = SPECS_DIR / "stages" / "em_eval.schema.json"
 PER_SETTING = ("em_rate", "coherent_rate", "n_scored")
 
 
-def settings_of(params: Mapping[str, Any]) -> dict[str, list[str]]:
+def settings_of(params: Mapping[str, Any]) -> dict[str, list]:
     return dict(params.get("settings") or {"base": []})
+
+
+def replicates_of(value: list) -> list[list[str]]:
+    """A setting's adapter sets: one list of roles, or several (replicates, e.g. seeds)."""
+    return [list(v) for v in value] if value and isinstance(value[0], list) else [list(value)]
 
 
 def metric_names(params: Mapping[str, Any]) -> list[str]:
@@ -52,7 +61,8 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 def _adapters(ctx: StageContext, settings: Mapping[str, list[str]]) -> dict[str, Path]:
     from harness.upstream import adapter_dir
 
-    roles = list(dict.fromkeys(role for roles in settings.values() for role in roles))
+    sets = [roles for value in settings.values() for roles in replicates_of(value)]
+    roles = list(dict.fromkeys(role for one in sets for role in one))
     missing = [role for role in roles if role not in ctx.upstream]
     if missing:
         have = ", ".join(sorted(ctx.upstream)) or "none"
@@ -100,17 +110,28 @@ def run(ctx: StageContext) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     samples: dict[str, list[float]] = {}
     n = p["samples_per_question"]
-    for setting, roles in settings.items():
-        shown = " + ".join(roles) or "the base model alone"
-        ctx.log(f"setting {setting} ({shown}): {len(questions)} questions x {n} answers")
-        with active(model, roles) if adapters else nullcontext(model):
-            answers = sample_answers(
-                model, tokenizer, questions, n, p["max_new_tokens"], p["temperature"], ctx.seed,
-                p["batch_size"], tenths(ctx.log, lambda done, total: f"  {done}/{total} questions answered"),
-            )
-        judged = judge(provider, answers, questions, thresholds)
-        answers_rows += [{"setting": setting, **j.as_json()} for j in judged]
-        results[setting] = {"adapters": roles, **rates(judged, thresholds.coherent_above, ctx.seed)}
+
+    def answered(done: int, total: int) -> str:
+        return f"  {done}/{total} questions answered"
+
+    for setting, value in settings.items():
+        judged, per_replicate = [], []
+        for number, roles in enumerate(replicates_of(value)):
+            shown = " + ".join(roles) or "the base model alone"
+            ctx.log(f"setting {setting} ({shown}): {len(questions)} questions x {n} answers")
+            with active(model, roles) if adapters else nullcontext(model):
+                answers = sample_answers(
+                    model, tokenizer, questions, n, p["max_new_tokens"], p["temperature"], ctx.seed,
+                    p["batch_size"], tenths(ctx.log, answered),
+                )
+            # replicates of a setting number their samples on from each other's: every one is judged
+            answers = [replace(a, sample_index=number * n + a.sample_index) for a in answers]
+            mine = judge(provider, answers, questions, thresholds)
+            answers_rows += [{"setting": setting, "replicate": number, **j.as_json()} for j in mine]
+            per_replicate.append(rates(mine, thresholds.coherent_above, ctx.seed)["em_rate"])
+            judged += mine
+        results[setting] = {"adapters": replicates_of(value), "replicate_em_rates": per_replicate,
+                            **rates(judged, thresholds.coherent_above, ctx.seed)}
         samples[setting] = misaligned_indicators(judged)
         em = results[setting]["em_rate"]
         if em is None:
