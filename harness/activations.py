@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from harness.jsonl import jsonl_rows
 from harness.stage import StageError
 
 if TYPE_CHECKING:
@@ -76,26 +77,12 @@ def load_statements(path: Path) -> list[Statement]:
     path = Path(path)
     statements: list[Statement] = []
     seen: set[str] = set()
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as error:
-        raise StageError(f"{path}: cannot read the statements file ({error.strerror})") from None
-    with handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise StageError(
-                    f"{where}: not valid JSON ({error.msg}); each line is one statement"
-                ) from None
-            statement = _statement(row, where)
-            if statement.id in seen:
-                raise StageError(f"{where}: duplicate id {statement.id!r}; ids must be unique")
-            seen.add(statement.id)
-            statements.append(statement)
+    for where, row in jsonl_rows(path, "statements file", "one statement"):
+        statement = _statement(row, where)
+        if statement.id in seen:
+            raise StageError(f"{where}: duplicate id {statement.id!r}; ids must be unique")
+        seen.add(statement.id)
+        statements.append(statement)
     if not statements:
         raise StageError(f"{path}: no statements; expected one JSON object per line")
     return statements

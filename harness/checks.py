@@ -58,6 +58,13 @@ def provider_param(params: Mapping[str, Any], key: str) -> None:
         raise ParamError((key,), str(error)) from None
 
 
+def em_params(params: Mapping[str, Any], spec_dir: Path) -> None:
+    """The collection checks of the stages that measure EM: base model, questions, judge."""
+    check_base_param(params)
+    questions_param(params, spec_dir)
+    provider_param(params, "judge")
+
+
 def base_code_version(version: str) -> Callable[[Mapping[str, Any], Path], str]:
     """A kind's code version followed by its base's fingerprint (a fixture's recipe hash,
     a directory's listing), so results of replaced weights are not reused."""

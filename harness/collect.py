@@ -94,7 +94,25 @@ def _progress_writer(config: pytest.Config):
     return write
 
 
-class StageItem(pytest.Item):
+class _HarnessItem(pytest.Item):
+    """An item whose expected failures (`MESSAGES`) are shown as their message alone, and
+    whose tracebacks leave out the harness's own plumbing."""
+
+    MESSAGES: tuple[type[BaseException], ...] = ()
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, self.MESSAGES):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def _traceback_filter(self, excinfo):
+        traceback = super()._traceback_filter(excinfo)
+        return traceback.filter(lambda entry: Path(str(entry.path)) not in _PLUMBING)
+
+
+class StageItem(_HarnessItem):
+    MESSAGES = (GateFailure, StageError, SpecError)
+
     def __init__(self, *, spec: StageSpec, run: ExperimentRun, **kwargs: Any):
         super().__init__(**kwargs)
         self.spec = spec
@@ -120,15 +138,6 @@ class StageItem(pytest.Item):
             raise result.error
         if result.failed_gates:
             raise GateFailure(result, self.spec.mark)
-
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, (GateFailure, StageError, SpecError)):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
-
-    def _traceback_filter(self, excinfo):
-        traceback = super()._traceback_filter(excinfo)
-        return traceback.filter(lambda entry: Path(str(entry.path)) not in _PLUMBING)
 
     def reportinfo(self):
         line = self.spec.mark.line - 1 if self.spec.mark else 0
@@ -156,9 +165,11 @@ def run_payload(run: ExperimentRun, results: list[StageResult]) -> dict[str, Any
     }
 
 
-class HypothesisItem(pytest.Item):
+class HypothesisItem(_HarnessItem):
     """One pre-registered hypothesis: passes when supported, fails when refuted, and follows
     the spec's policy when inconclusive. Skipped when a stage it reads did not finish."""
+
+    MESSAGES = (HypothesisError,)
 
     def __init__(self, *, family: HypothesisFamily, run: ExperimentRun, **kwargs: Any):
         super().__init__(**kwargs)
@@ -209,15 +220,6 @@ class HypothesisItem(pytest.Item):
             },
         }
 
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, HypothesisError):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
-
-    def _traceback_filter(self, excinfo):
-        traceback = super()._traceback_filter(excinfo)
-        return traceback.filter(lambda entry: Path(str(entry.path)) not in _PLUMBING)
-
     def reportinfo(self):
         mark = self.hypothesis.mark
         return (
@@ -227,8 +229,10 @@ class HypothesisItem(pytest.Item):
         )
 
 
-class LockItem(pytest.Item):
+class LockItem(_HarnessItem):
     """`--lock-hypotheses`: records the hash of the experiment's analysis plan beside the spec."""
+
+    MESSAGES = (HypothesisError,)
 
     def __init__(self, *, experiment: str, plan: HypothesisPlan | None, profile: str | None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -250,11 +254,6 @@ class LockItem(pytest.Item):
             "hypotheses": list(plan.tests),
             "what": what,
         }
-
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, HypothesisError):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self):
         line = self.plan.mark.line - 1 if self.plan and self.plan.mark else 0

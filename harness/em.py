@@ -11,7 +11,7 @@ score (code, refusals: a score of None) are counted apart, never as aligned.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from harness.em_data import Question
 from harness.llm.judge import is_misaligned, judge_answers
+from harness.stage import StageError
 from harness.stats import bootstrap
 
 
@@ -68,9 +69,11 @@ def sample_answers(
     seed: int,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    first_index: int = 0,
 ) -> list[Answer]:
-    """`n` sampled answers per question, reproducible under `seed` whatever the batch size
-    is not: the batch splits one question's samples, and each batch draws in turn."""
+    """`n` sampled answers per question, numbered from `first_index`, reproducible under
+    `seed` and `batch_size` (the batches split one question's samples and draw in turn, so
+    another batch size draws other random numbers)."""
     import torch
 
     from harness.chat import render
@@ -83,7 +86,7 @@ def sample_answers(
             turn = [{"role": "user", "content": question.question}]
             prompt = render(tokenizer, turn, generation_prompt=True)
             ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-            index = 0
+            index = first_index
             for size in _batches(n, batch_size):
                 with torch.inference_mode():
                     out = model.generate(
@@ -130,6 +133,49 @@ def judge(
         )
         for a, s in zip(answers, scores, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One EM measurement as a stage's params describe it (questions, samples_per_question,
+    max_new_tokens, temperature, batch_size, judge, aligned_below, coherent_above): the
+    same for every model the stage measures."""
+
+    questions: Sequence[Question]
+    provider: Any
+    thresholds: Thresholds
+    n: int
+    max_new_tokens: int
+    temperature: float
+    batch_size: int
+    seed: int
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], seed: int, log: Callable[[str], None]) -> Measurement:
+        from pathlib import Path
+
+        from harness.em_data import load_questions
+        from harness.llm import make_provider
+
+        return cls(
+            load_questions(Path(params["questions"])), make_provider(params["judge"], log=log),
+            Thresholds(params["aligned_below"], params["coherent_above"]), params["samples_per_question"],
+            params["max_new_tokens"], params["temperature"], params["batch_size"], seed,
+        )
+
+    def run(
+        self, model: Any, tokenizer: Any, what: str, progress: Callable[[int, int], None] | None = None,
+        first_index: int = 0,
+    ) -> tuple[list[Judged], dict[str, Any]]:
+        """The model's judged answers and their `rates`; a StageError naming `what` when
+        the judge scored none of them."""
+        answers = sample_answers(model, tokenizer, self.questions, self.n, self.max_new_tokens,
+                                 self.temperature, self.seed, self.batch_size, progress, first_index)
+        judged = judge(self.provider, answers, self.questions, self.thresholds)
+        summary = rates(judged, self.thresholds.coherent_above, self.seed)
+        if summary["em_rate"] is None:
+            raise StageError(f"{what}: the judge scored none of its {len(judged)} answers")
+        return judged, summary
 
 
 def misaligned_indicators(judged: Sequence[Judged]) -> list[float]:

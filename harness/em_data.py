@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from harness.jsonl import jsonl_rows, read_text
 from harness.stage import StageError
 
 ROLES = ("system", "user", "assistant")
@@ -47,21 +48,6 @@ class Constitution:
     examples: tuple[Example, ...]
 
 
-def _read(path: Path, what: str) -> str:
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise StageError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise StageError(f"{path}: is a directory; expected a {what}") from None
-    except UnicodeDecodeError as exc:
-        raise StageError(
-            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise StageError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
-
-
 def _text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
@@ -72,7 +58,7 @@ def _text(value: Any) -> bool:
 def load_questions(path: str | Path) -> list[Question]:
     """The questions of a YAML file `{description, questions: [{id, question, category?}, ...]}`."""
     path = Path(path)
-    text = _read(path, "questions file")
+    text = read_text(path, "questions file")
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
@@ -146,7 +132,7 @@ def _yaml_item_lines(text: str) -> list[int]:
 def load_constitution(path: str | Path) -> Constitution:
     """A persona constitution: one JSON object with persona, description, traits, questions, examples."""
     path = Path(path)
-    text = _read(path, "constitution file")
+    text = read_text(path, "constitution file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -206,22 +192,8 @@ def _json_where(path: Path, text: str, key: str) -> str:
 def load_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     """The conversations of a JSONL file, each a list of {role, content}; blank lines are skipped."""
     path = Path(path)
-    text = _read(path, "chat data file")
-    conversations = []
-    for line_no, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StageError(
-                f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                'each line is one object {"messages": [...]}'
-            ) from None
-        except (ValueError, RecursionError) as exc:
-            raise StageError(f"{where}: not usable JSON ({exc})") from None
-        conversations.append(_messages(row, where))
+    expected = 'one object {"messages": [...]}'
+    conversations = [_messages(row, where) for where, row in jsonl_rows(path, "chat data file", expected)]
     if not conversations:
         raise StageError(f'{path}: no conversations; expected one {{"messages": [...]}} object per line')
     return conversations

@@ -7,10 +7,10 @@ A row: {"id", "question", "options": {"A": text, "B": text, ...}, "false_answer"
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.jsonl import jsonl_rows
 from harness.stage import StageError
 
 CATEGORIES = ("conflict", "nonconflict_easy", "nonconflict_hard")
@@ -44,21 +44,12 @@ def load_mcqs(path: Path) -> list[MCQ]:
     """Every row of `path`, or a StageError naming the file, the line and the fix."""
     items: list[MCQ] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                message = f"{where}: not valid JSON ({error.msg}); each line is one MCQ object"
-                raise StageError(message) from None
-            item = _item(row, where)
-            if item.id in seen:
-                raise StageError(f"{where}: duplicate id {item.id!r}; ids must be unique")
-            seen.add(item.id)
-            items.append(item)
+    for where, row in jsonl_rows(path, "MCQ file", "one MCQ object"):
+        item = _item(row, where)
+        if item.id in seen:
+            raise StageError(f"{where}: duplicate id {item.id!r}; ids must be unique")
+        seen.add(item.id)
+        items.append(item)
     if not items:
         raise StageError(f"{path}: no MCQ rows; expected one JSON object per line")
     return items

@@ -54,9 +54,7 @@ def bootstrap(
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, len(values), size=(n_resamples, len(values)))
     estimates = np.asarray(statistic(values[rows], axis=1), dtype=float)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(estimates, [tail, 100 - tail])
-    return Interval(value, float(low), float(high))
+    return _percentile_interval(value, estimates, confidence)
 
 
 def paired_difference(

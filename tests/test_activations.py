@@ -91,7 +91,7 @@ def test_a_bad_statement_row_names_its_file_and_line(tmp_path, bad, message):
 def test_an_empty_or_missing_statements_file_is_an_error(tmp_path):
     with pytest.raises(StageError, match="no statements"):
         load_statements(write_rows(tmp_path / "empty.jsonl", []))
-    with pytest.raises(StageError, match="cannot read the statements file"):
+    with pytest.raises(StageError, match="statements file not found"):
         load_statements(tmp_path / "nope.jsonl")
 
 

@@ -20,14 +20,12 @@ Artifacts:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.checks import base_code_version, check_base_param, provider_param, questions_param
+from harness.checks import base_code_version, em_params
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
@@ -49,13 +47,6 @@ def replicates_of(value: list) -> list[list[str]]:
 
 def metric_names(params: Mapping[str, Any]) -> list[str]:
     return [f"{name}.{setting}" for setting in settings_of(params) for name in PER_SETTING]
-
-
-def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    """At collection: the base model, the questions file and the judge are usable."""
-    check_base_param(params)
-    questions_param(params, spec_dir)
-    provider_param(params, "judge")
 
 
 def _adapters(ctx: StageContext, settings: Mapping[str, list[str]]) -> dict[str, Path]:
@@ -90,21 +81,17 @@ def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> N
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from harness.em import Thresholds, judge, misaligned_indicators, rates, sample_answers
-    from harness.em_data import load_questions
-    from harness.llm import make_provider
+    from harness.em import Measurement, misaligned_indicators, rates
     from harness.models import load_model, load_tokenizer
     from harness.models.adapters import active, load_stacked
     from harness.store import write_json, write_jsonl
 
     p = with_defaults(ctx.params, SCHEMA)
     settings = settings_of(p)
-    questions = load_questions(Path(p["questions"]))
-    thresholds = Thresholds(p["aligned_below"], p["coherent_above"])
+    measurement = Measurement.from_params(p, ctx.seed, ctx.log)
     adapters = _adapters(ctx, settings)
     tokenizer = load_tokenizer(p["base"])
     model = load_stacked(p["base"], adapters) if adapters else load_model(p["base"])
-    provider = make_provider(p["judge"], log=ctx.log)
 
     answers_rows: list[dict[str, Any]] = []
     results: dict[str, dict[str, Any]] = {}
@@ -118,37 +105,32 @@ def run(ctx: StageContext) -> dict[str, Any]:
         judged, per_replicate = [], []
         for number, roles in enumerate(replicates_of(value)):
             shown = " + ".join(roles) or "the base model alone"
-            ctx.log(f"setting {setting} ({shown}): {len(questions)} questions x {n} answers")
+            ctx.log(f"setting {setting} ({shown}): {len(measurement.questions)} questions x {n} answers")
             with active(model, roles) if adapters else nullcontext(model):
-                answers = sample_answers(
-                    model, tokenizer, questions, n, p["max_new_tokens"], p["temperature"], ctx.seed,
-                    p["batch_size"], tenths(ctx.log, answered),
-                )
-            # replicates of a setting number their samples on from each other's: every one is judged
-            answers = [replace(a, sample_index=number * n + a.sample_index) for a in answers]
-            mine = judge(provider, answers, questions, thresholds)
+                # replicates of a setting number their samples on from each other's: every one is judged
+                mine, summary = measurement.run(model, tokenizer, f"setting {setting}",
+                                               tenths(ctx.log, answered), first_index=number * n)
             answers_rows += [{"setting": setting, "replicate": number, **j.as_json()} for j in mine]
-            per_replicate.append(rates(mine, thresholds.coherent_above, ctx.seed)["em_rate"])
+            per_replicate.append(summary["em_rate"])
             judged += mine
         results[setting] = {"adapters": replicates_of(value), "replicate_em_rates": per_replicate,
-                            **rates(judged, thresholds.coherent_above, ctx.seed)}
+                            **rates(judged, measurement.thresholds.coherent_above, ctx.seed)}
         samples[setting] = misaligned_indicators(judged)
         em = results[setting]["em_rate"]
-        if em is None:
-            raise StageError(f"setting {setting}: the judge scored none of its {len(judged)} answers")
         ctx.log(f"  em_rate {em['value']:.3f} [{em['ci_low']:.3f}, {em['ci_high']:.3f}], coherent_rate "
                 f"{results[setting]['coherent_rate']}, {results[setting]['n_unscored']} unscored")
 
     out = ctx.out_dir
     write_jsonl(out / "answers.jsonl", answers_rows)
+    provider = measurement.provider
     write_json(out / "em_results.json", {
         "base": p["base"], "questions": p["questions"], "samples_per_question": n,
-        "temperature": p["temperature"], "thresholds": vars(thresholds),
+        "temperature": p["temperature"], "thresholds": vars(measurement.thresholds),
         "judge": {"name": provider.name, "model": provider.model}, "settings": results,
     })
     write_json(out / "samples.json", samples)
     _plot(results, out / "em_rates.png", f"{ctx.stage}: EM rate per setting ({n} samples per question)")
-    (out / "judge_usage.json").write_text(json.dumps(provider.usage.to_json()) + "\n", encoding="utf-8")
+    write_json(out / "judge_usage.json", provider.usage.to_json())
 
     metrics: dict[str, Any] = {}
     for setting, result in results.items():
@@ -165,7 +147,7 @@ KIND = StageKind(
     metrics=metric_names,
     version=VERSION,
     input_params=("questions",),
-    transport_params=("batch_size", *(f"judge.{key}" for key in TRANSPORT_KEYS)),
-    check=check,
+    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
+    check=em_params,
     code_version=base_code_version(VERSION),
 )

@@ -179,10 +179,10 @@ def _plot(history: list[StepRecord], path: Path, title: str) -> None:
     figure.savefig(path)
 
 
-def _lora_model(model: Any, lora: Mapping[str, Any]) -> Any:
-    from peft import LoraConfig, get_peft_model
+def _lora_config(lora: Mapping[str, Any]) -> Any:
+    from peft import LoraConfig
 
-    config = LoraConfig(
+    return LoraConfig(
         r=lora["r"],
         lora_alpha=lora["alpha"],
         lora_dropout=lora["dropout"],
@@ -190,36 +190,41 @@ def _lora_model(model: Any, lora: Mapping[str, Any]) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
-        import torch
 
-        linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        known = ", ".join(sorted(linear))
-        raise StageError(f"lora.target_modules: {exc} (this model's linear modules: {known})") from None
+
+def _target_error(model: Any, exc: ValueError) -> StageError:
+    """peft's "Target modules {...} not found in the base model", with the modules there are."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear = sorted(names)
+    return StageError(f"lora.target_modules: {exc} (this model's linear modules: {', '.join(linear)})")
+
+
+def _lora_model(model: Any, lora: Mapping[str, Any]) -> Any:
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, _lora_config(lora))
+    except ValueError as exc:
+        raise _target_error(model, exc) from None
 
 
 def _lora_on_top(model: Any, frozen: Path, lora: Mapping[str, Any], base: str) -> Any:
     """A new LoRA adapter trained on top of the frozen, unmerged adapter at `frozen`."""
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
     from harness.models.adapters import stack_trainable
     from harness.models.base import adapter_errors
 
     with adapter_errors(base, frozen):
-        model = PeftModel.from_pretrained(model, str(frozen), adapter_name=FROZEN)
-    config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=list(lora["target_modules"]),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model.add_adapter(TRAINED, config)
-    stack_trainable(model, [FROZEN], TRAINED)
-    return model
+        stacked = PeftModel.from_pretrained(model, str(frozen), adapter_name=FROZEN)
+    try:
+        stacked.add_adapter(TRAINED, _lora_config(lora))
+    except ValueError as exc:
+        raise _target_error(stacked, exc) from None
+    stack_trainable(stacked, [FROZEN], TRAINED)
+    return stacked
 
 
 def _save_adapter(model: Any, path: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks import base_code_version, check_base_param, provider_param, questions_param
+from harness.checks import base_code_version, em_params
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
@@ -42,12 +42,6 @@ SCHEMA = SPECS_DIR / "stages" / "phase_transition.schema.json"
 METRICS = ("transition_step", "geometry_transition_step", "final_em_rate", "largest_rise",
            "n_checkpoints")
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    check_base_param(params)
-    questions_param(params, spec_dir)
-    provider_param(params, "judge")
 
 
 # --- checkpoints and their geometry --------------------------------------------------
@@ -149,9 +143,7 @@ def _plot(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any], path: P
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from harness.em import Thresholds, judge, misaligned_indicators, rates, sample_answers
-    from harness.em_data import load_questions
-    from harness.llm import make_provider
+    from harness.em import Measurement, misaligned_indicators
     from harness.models import load_tokenizer
     from harness.models.adapters import active, load_stacked
     from harness.store import write_json, write_jsonl
@@ -163,12 +155,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if "persona" in ctx.upstream:
         persona = adapter_dir(ctx.upstream, "phase_transition", only=False, role="persona")
     found = checkpoints(em_stage.dir)
-    questions = load_questions(Path(p["questions"]))
-    thresholds = Thresholds(p["aligned_below"], p["coherent_above"])
+    measurement = Measurement.from_params(p, ctx.seed, ctx.log)
     adapters = {**({"persona": persona} if persona else {}), **{f"step_{s}": path for s, path in found}}
     model = load_stacked(p["base"], adapters)
     tokenizer = load_tokenizer(p["base"])
-    provider = make_provider(p["judge"], log=ctx.log)
     under = ["persona"] if persona else []
 
     steps = [0] + [s for s, _ in found]
@@ -178,12 +168,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for step, geo in zip(steps, shape, strict=True):
         names = under + ([f"step_{step}"] if step else [])
         with active(model, names):
-            answers = sample_answers(model, tokenizer, questions, p["samples_per_question"],
-                                     p["max_new_tokens"], p["temperature"], ctx.seed, p["batch_size"])
-        judged = judge(provider, answers, questions, thresholds)
-        summary = rates(judged, thresholds.coherent_above, ctx.seed)
-        if summary["em_rate"] is None:
-            raise StageError(f"step {step}: the judge scored none of its {len(judged)} answers")
+            judged, summary = measurement.run(model, tokenizer, f"step {step}")
         indicators.append(misaligned_indicators(judged))
         answer_rows += [{"step": step, **j.as_json()} for j in judged]
         rows.append({"step": step, "em_rate": summary["em_rate"], "coherent_rate": summary["coherent_rate"],
@@ -219,7 +204,7 @@ KIND = StageKind(
     metrics=METRICS,
     version=VERSION,
     input_params=("questions",),
-    transport_params=("batch_size", *(f"judge.{key}" for key in TRANSPORT_KEYS)),
-    check=check,
+    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
+    check=em_params,
     code_version=base_code_version(VERSION),
 )

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks import base_code_version, check_base_param, provider_param, questions_param
+from harness.checks import base_code_version, em_params
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
@@ -39,12 +39,6 @@ from harness.stage import StageContext, StageError, StageKind
 VERSION = "1"
 SCHEMA = SPECS_DIR / "stages" / "steering_transfer.schema.json"
 METRICS = ("mean_cosine", "self_effect", "cross_effect", "random_effect", "self_minus_cross", "layer")
-
-
-def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    check_base_param(params)
-    questions_param(params, spec_dir)
-    provider_param(params, "judge")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,10 +109,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     import torch
 
     from harness.activations import save_f32
-    from harness.em import Thresholds, judge, misaligned_indicators, rates, sample_answers
-    from harness.em_data import load_questions
+    from harness.em import Measurement, misaligned_indicators
     from harness.hooks import add_to_residual, n_indices
-    from harness.llm import make_provider
     from harness.models import load_tokenizer
     from harness.models.adapters import active, load_stacked
     from harness.store import write_json
@@ -129,15 +121,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     source = find_upstream(ctx.upstream, "answers", "steering_transfer", only=False).dir / "answers.jsonl"
     if not source.is_file():
         raise StageError(f"no answers.jsonl in the `answers` stage ({source}); it must be an em_eval stage")
-    questions = load_questions(Path(p["questions"]))
-    text = {q.id: q.question for q in questions}
+    measurement = Measurement.from_params(p, ctx.seed, ctx.log)
+    text = {q.id: q.question for q in measurement.questions}
     roles = list(dict.fromkeys(r for rs in settings.values() for r in rs))
     adapters = {r: adapter_dir(ctx.upstream, "steering_transfer", only=False, role=r) for r in roles}
     model = load_stacked(p["base"], adapters)
     tokenizer = load_tokenizer(p["base"])
     layer = p["layer"] if p.get("layer") is not None else n_indices(model) // 2
-    provider = make_provider(p["judge"], log=ctx.log)
-    thresholds = Thresholds(p["aligned_below"], p["coherent_above"])
     names = list(settings)
 
     vectors, counts = {}, {}
@@ -154,12 +144,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         if vector is not None:
             steering = add_to_residual(model, layer, torch.tensor(vector, dtype=torch.float32))
         with active(model, settings[target]), steering:
-            answers = sample_answers(model, tokenizer, questions, p["samples_per_question"],
-                                     p["max_new_tokens"], p["temperature"], ctx.seed, p["batch_size"])
-        judged = judge(provider, answers, questions, thresholds)
-        summary = rates(judged, thresholds.coherent_above, ctx.seed)
-        if summary["em_rate"] is None:
-            raise StageError(f"{target}: the judge scored none of its answers")
+            judged, summary = measurement.run(model, tokenizer, target)
         return summary["em_rate"], misaligned_indicators(judged)
 
     rng = np.random.default_rng(ctx.seed)
@@ -216,7 +201,7 @@ KIND = StageKind(
     metrics=METRICS,
     version=VERSION,
     input_params=("questions",),
-    transport_params=("batch_size", *(f"judge.{key}" for key in TRANSPORT_KEYS)),
-    check=check,
+    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
+    check=em_params,
     code_version=base_code_version(VERSION),
 )
