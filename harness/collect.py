@@ -11,18 +11,14 @@ from _pytest.outcomes import Skipped
 
 from harness.execution import FAILED, SKIPPED, ExperimentRun, StageResult
 from harness.experiment import Experiment, StageSpec, load_experiment, load_plan
-from harness.hypotheses import (
-    ERROR,
-    Evaluation,
-    HypothesisError,
-    HypothesisFamily,
-    HypothesisPlan,
-    write_lock,
-)
+from harness.hypotheses import ERROR, Evaluation, HypothesisFamily, HypothesisPlan
+from harness.prereg import HypothesisError, write_lock
 from harness.spec.errors import SpecError
 from harness.stage import StageError
 
-_PLUMBING = {Path(__file__).parent / name for name in ("collect.py", "execution.py", "hypotheses.py")}
+_PLUMBING = {
+    Path(__file__).parent / name for name in ("collect.py", "execution.py", "hypotheses.py", "prereg.py")
+}
 LOCK_ITEM = "lock-hypotheses"
 
 

@@ -145,11 +145,6 @@ def test_values_yaml_cannot_construct_are_spec_errors(write, text, line):
     assert f"> {line} | {text.splitlines()[line - 1]}" in str(error)
 
 
-def test_deep_nesting_is_a_spec_error(write):
-    error = spec_error(write("a: " + "[" * 3000 + "]" * 3000 + "\n"))
-    assert "nesting too deep" in str(error)
-
-
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
 def test_empty_file_is_a_document_of_none(write, text):
     path = write(text)
@@ -177,6 +172,50 @@ def test_merge_keys_and_anchors(write):
     assert doc.marks[("train", "lr")].line == 7  # the explicit key, not the anchor's
     assert doc.marks[("train", "epochs")].line == 3  # where the merged value was written
     assert doc.marks[("train", "warmup")].line == 4
+
+
+@pytest.fixture(params=["CSafeLoader", "SafeLoader"])
+def either_loader(request, monkeypatch):
+    """The same rules whether PyYAML's C loader or its pure-Python one parses."""
+    import yaml
+
+    from harness.spec import yamlload
+
+    if not hasattr(yaml, request.param):
+        pytest.skip(f"this PyYAML has no {request.param}")
+    monkeypatch.setattr(yamlload, "_Loader", getattr(yaml, request.param))
+
+
+@pytest.mark.usefixtures("either_loader")
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # YAML 1.1: in a merge list the first mapping holding a key wins
+        ("a: &a {k: 1}\nb: &b {k: 2, j: 3}\nc: {<<: [*a, *b]}\n", {"k": 1, "j": 3}),
+        ("a: &a {k: 1}\nb: &b {k: 2, j: 3}\nc: {<<: [*b, *a]}\n", {"k": 2, "j": 3}),
+        # explicit keys beat merged ones, before or after the merge key
+        ("a: &a {k: 1}\nc: {k: 5, <<: *a}\n", {"k": 5}),
+        ("a: &a {k: 1}\nc: {<<: *a, k: 5}\n", {"k": 5}),
+        # a merged mapping's own merges are resolved first, by the same rules
+        ("a: &a {k: 1, m: 1}\nb: &b {<<: *a, k: 2}\nc: {<<: [*b, {m: 9, n: 9}]}\n", {"k": 2, "m": 1, "n": 9}),
+        # merged values are copies: the anchor's mapping is not changed by the merge
+        ("a: &a {k: {x: 1}}\nc: {<<: *a, j: 0}\n", {"k": {"x": 1}, "j": 0}),
+    ],
+)
+def test_merge_key_semantics_are_the_projects_own(write, text, expected):
+    assert load_yaml(write(text)).data["c"] == expected
+
+
+@pytest.mark.usefixtures("either_loader")
+def test_merge_of_a_scalar_is_a_spec_error_at_its_line(write):
+    error = spec_error(write("a: 1\nc:\n  <<: [{k: 1}, 7]\n"))
+    assert error.problems[0].mark.line == 3
+    assert "`<<` merges a mapping or a list of mappings" in str(error)
+
+
+@pytest.mark.usefixtures("either_loader")
+def test_deep_nesting_is_a_spec_error(write):
+    assert "nesting too deep" in str(spec_error(write("a: " + "[" * 3000 + "]" * 3000 + "\n")))
 
 
 def test_explicit_key_after_merge_is_not_a_duplicate(write):

@@ -45,14 +45,15 @@ def load_yaml(file: Path) -> Document:
         if node is None:
             return Document(None, {(): Mark(file, 1, 1)})
         marks: dict[SpecPath, Mark] = {}
-        _walk(loader, node, (), file, marks)
-        data = loader.construct_document(node)
+        data = _walk(loader, node, (), file, marks)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         if exc.context_mark and mark.line >= len(text.splitlines()):
             mark = exc.context_mark  # e.g. an unclosed quote: point at where it opened
         where = Mark(file, mark.line + 1, mark.column + 1) if mark else None
         problem = " ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
+        if "nesting depth" in problem:  # libyaml's own bound on flow nesting
+            problem = "nesting too deep"
         raise SpecError.at(f"invalid YAML: {problem}", where) from None
     except yaml.YAMLError as exc:
         raise SpecError.at(f"invalid YAML: {exc}", Mark(file, 1, 1)) from None
@@ -86,23 +87,29 @@ def _mark(node: yaml.Node, file: Path) -> Mark:
     return Mark(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _walk(loader: Any, node: yaml.Node, path: SpecPath, file: Path, marks: dict, stack: tuple = ()) -> None:
-    """Record marks and reject duplicate keys, which safe_load would silently overwrite.
+_MAP, _SEQ, _MERGE = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:merge"
 
-    Keys are compared as the values YAML builds (`true` and `True` are one key), and
-    explicit keys are walked before `<<` merge keys so that their marks win.
+
+def _walk(loader: Any, node: yaml.Node, path: SpecPath, file: Path, marks: dict, stack: tuple = ()) -> Any:
+    """The value of `node`, built by the project's own rules; records marks on the way.
+
+    Duplicate keys, which safe_load would silently overwrite, are refused; keys are
+    compared as the values YAML builds (`true` and `True` are one key). Merge keys follow
+    YAML 1.1's rule whatever PyYAML version is installed: explicit keys beat merged ones,
+    and in `<<: [*a, *b]` the first mapping that has a key wins. Marks follow the value.
     """
     if id(node) in stack:
         raise SpecError.at("recursive YAML alias", _mark(node, file))
     stack += (id(node),)
     marks.setdefault(path, _mark(node, file))
-    if isinstance(node, yaml.MappingNode):
+    if isinstance(node, yaml.MappingNode) and node.tag == _MAP:
+        value: dict[Any, Any] = {}
         seen: dict[Any, Mark] = {}
         merged: list[yaml.Node] = []
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise SpecError.at("mapping keys must be plain scalars", _mark(key_node, file))
-            if key_node.tag == "tag:yaml.org,2002:merge":
+            if key_node.tag == _MERGE:
                 merged.extend(value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node])
                 continue
             key = loader.construct_object(key_node)
@@ -113,9 +120,13 @@ def _walk(loader: Any, node: yaml.Node, path: SpecPath, file: Path, marks: dict,
                 )
             seen[key] = _mark(key_node, file)
             marks.setdefault(path + (key,), seen[key])
-            _walk(loader, value_node, path + (key,), file, marks, stack)
-        for value_node in merged:
-            _walk(loader, value_node, path, file, marks, stack)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _walk(loader, item, path + (index,), file, marks, stack)
+            value[key] = _walk(loader, value_node, path + (key,), file, marks, stack)
+        for merged_node in merged:
+            if not (isinstance(merged_node, yaml.MappingNode) and merged_node.tag == _MAP):
+                raise SpecError.at("`<<` merges a mapping or a list of mappings", _mark(merged_node, file))
+            for key, item in _walk(loader, merged_node, path, file, marks, stack).items():
+                value.setdefault(key, item)
+        return value
+    if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
+        return [_walk(loader, item, path + (i,), file, marks, stack) for i, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)  # scalars and explicitly tagged collections
