@@ -3,7 +3,7 @@ reads, and the cache key follows the base's weights."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +65,7 @@ def em_params(params: Mapping[str, Any], spec_dir: Path) -> None:
     provider_param(params, "judge")
 
 
-def base_code_version(version: str) -> Callable[[Mapping[str, Any], Path], str]:
-    """A kind's code version followed by its base's fingerprint (a fixture's recipe hash,
-    a directory's listing), so results of replaced weights are not reused."""
-
-    def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
-        return f"{version}+{base_fingerprint(params['base'])}"
-
-    return code_version
+def base_weights(params: Mapping[str, Any]) -> str:
+    """The fingerprint of the base model's weights on this machine (a fixture's recipe hash, a
+    directory's listing), so results of replaced weights are not reused."""
+    return base_fingerprint(params["base"])

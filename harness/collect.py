@@ -11,8 +11,8 @@ from _pytest.outcomes import Skipped
 
 from harness.execution import FAILED, SKIPPED, ExperimentRun, StageResult
 from harness.experiment import Experiment, StageSpec, load_experiment, load_plan
-from harness.hypotheses import ERROR, Evaluation, HypothesisFamily, HypothesisPlan
-from harness.prereg import HypothesisError, write_lock
+from harness.hypotheses import ERROR, Evaluation, HypothesisFamily
+from harness.prereg import HypothesisError, lock_basis, stored_keys, write_lock
 from harness.spec.errors import SpecError
 from harness.stage import StageError
 
@@ -38,10 +38,7 @@ class ExperimentFile(pytest.File):
     def collect(self):
         profile = self.config.getoption("harness_profile")
         if self.config.getoption("harness_lock_hypotheses"):  # record the plan, run nothing
-            experiment, plan = load_plan(self.path, profile)
-            yield LockItem.from_parent(
-                self, name=LOCK_ITEM, experiment=experiment, plan=plan, profile=profile
-            )
+            yield LockItem.from_parent(self, name=LOCK_ITEM, experiment=load_plan(self.path, profile))
             return
         experiment = load_experiment(self.path, profile)
         run = experiment_run(self.config, experiment)
@@ -49,7 +46,9 @@ class ExperimentFile(pytest.File):
             yield StageItem.from_parent(self, name=name, spec=spec, run=run)
         plan = experiment.hypotheses
         if plan:  # after every stage: the family's correction needs all of their samples
-            family = HypothesisFamily(plan, experiment.file, experiment.profile_dir, run.resolve)
+            family = HypothesisFamily(
+                plan, lock_basis(experiment), experiment.file, experiment.profile_dir, run.resolve
+            )
             for name in plan.tests:
                 yield HypothesisItem.from_parent(self, name=name, family=family, run=run)
 
@@ -210,7 +209,7 @@ class HypothesisItem(_HarnessItem):
             **run_payload(self.run, self.fresh),
             "hypotheses": {
                 "plan": family.plan.as_json(),
-                "hash": family.plan.digest,
+                "hash": family.basis.digest,
                 "registration": family.registration.as_json(),
                 "results": rows,
             },
@@ -226,31 +225,34 @@ class HypothesisItem(_HarnessItem):
 
 
 class LockItem(_HarnessItem):
-    """`--lock-hypotheses`: records the hash of the experiment's analysis plan beside the spec."""
+    """`--lock-hypotheses`: records the hash of the experiment's analysis beside the spec."""
 
     MESSAGES = (HypothesisError,)
 
-    def __init__(self, *, experiment: str, plan: HypothesisPlan | None, profile: str | None, **kwargs: Any):
+    def __init__(self, *, experiment: Experiment, **kwargs: Any):
         super().__init__(**kwargs)
         self.experiment = experiment
-        self.plan = plan
-        self.profile = profile or "default"  # as Experiment.profile_dir
+        self.plan = experiment.hypotheses
+        self.profile = experiment.profile_dir
         self.done: dict[str, Any] | None = None
 
     def runtest(self) -> None:
-        plan, file = self.plan, Path(self.path).resolve()
-        if plan is None:
+        experiment, file = self.experiment, self.experiment.file
+        if self.plan is None:
             raise Skipped(f"{file.name} has no `hypotheses:` section to lock", _use_item_location=True)
-        path, what = write_lock(plan, file, self.profile, self.config.getoption("harness_relock"))
+        basis = lock_basis(experiment)
+        existing = stored_keys(basis, runs_dir(self.config), experiment)
+        path, what = write_lock(basis, file, self.profile, existing, self.config.getoption("harness_relock"))
         self.done = {
-            "experiment": self.experiment,
+            "experiment": experiment.name,
             "profile": self.profile,
             "lock_file": str(path),
-            "hash": plan.digest,
-            "hypotheses": list(plan.tests),
+            "hash": basis.digest,
+            "hypotheses": list(self.plan.tests),
+            "existing": sorted(stage for stage, keys in existing.items() if keys),
             "what": what,
         }
 
     def reportinfo(self):
         line = self.plan.mark.line - 1 if self.plan and self.plan.mark else 0
-        return self.path, line, f"{self.experiment}::{self.name}"
+        return self.path, line, f"{self.experiment.name}::{self.name}"

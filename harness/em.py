@@ -59,6 +59,27 @@ def _batches(n: int, size: int) -> Iterator[int]:
         n -= size
 
 
+def sampling_parameters(temperature: float, max_new_tokens: int) -> dict[str, Any]:
+    """How answers are drawn, every knob named: plain sampling from softmax(logits /
+    temperature), greedy at temperature 0, nothing truncated or penalised. `generate` gets
+    them as arguments, which beat the model's own generation_config (Qwen2.5-Instruct's
+    repetition_penalty 1.05, top_p 0.8, top_k 20 would apply otherwise). Stages record them
+    beside the answers."""
+    sampled = temperature > 0
+    truncation = {"top_p": 1.0, "top_k": 0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                  "eta_cutoff": 0.0}
+    return {
+        "do_sample": sampled,
+        "temperature": float(temperature) if sampled else None,
+        # greedy decoding uses none of these: None keeps transformers from warning about them
+        **(truncation if sampled else dict.fromkeys(truncation)),
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "num_beams": 1,
+        "max_new_tokens": max_new_tokens,
+    }
+
+
 def sample_answers(
     model: Any,
     tokenizer: Any,
@@ -73,11 +94,12 @@ def sample_answers(
 ) -> list[Answer]:
     """`n` sampled answers per question, numbered from `first_index`, reproducible under
     `seed` and `batch_size` (the batches split one question's samples and draw in turn, so
-    another batch size draws other random numbers)."""
+    another batch size draws other random numbers), drawn as `sampling_parameters` say."""
     import torch
 
     from harness.chat import render
 
+    sampling = sampling_parameters(temperature, max_new_tokens)
     device = next(model.parameters()).device
     answers: list[Answer] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -92,12 +114,8 @@ def sample_answers(
                     out = model.generate(
                         input_ids=ids.expand(size, -1),
                         attention_mask=torch.ones_like(ids).expand(size, -1),
-                        do_sample=temperature > 0,
-                        temperature=temperature if temperature > 0 else None,
-                        top_p=None,
-                        top_k=None,
-                        max_new_tokens=max_new_tokens,
                         pad_token_id=tokenizer.pad_token_id,
+                        **sampling,
                     )
                 for row in out[:, ids.shape[1] :]:
                     text = tokenizer.decode(row, skip_special_tokens=True).strip()

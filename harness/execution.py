@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from harness.code_digest import closure_of
 from harness.experiment import Experiment, StageSpec
 from harness.gates import GateResult, evaluate
 from harness.graph import stage_key, without
@@ -140,19 +141,16 @@ class ExperimentRun:
         return self.experiment.seed if spec.seed is None else spec.seed
 
     def _material(self, spec: StageSpec) -> dict[str, Any]:
-        """Everything the cache key is made of."""
-        upstream = {}
-        for role, name in sorted(spec.needs.items()):
-            result = self.results[name]
-            upstream[role] = {"stage": name, "key": result.key, "digest": result.digest}
-        return {
-            "kind": spec.kind.name,
-            "code_version": spec.kind.version_for(spec.params, self.experiment.file.parent),
-            "params": without(spec.params, spec.kind.transport_params),
-            "seed": self._seed(spec),
-            "upstream": upstream,
-            "inputs": {name: file_digest(path) for name, path in sorted(spec.inputs.items())},
+        """Everything the cache key is made of: the recipe, the fingerprint of what the stage
+        loads on this machine, and the keys and output digests of its upstream stages."""
+        recipe = stage_recipe(spec, self.experiment)
+        recipe["upstream"] = {
+            role: {"stage": name, "key": self.results[name].key, "digest": self.results[name].digest}
+            for role, name in recipe["upstream"].items()
         }
+        if spec.kind.fingerprint:
+            recipe["fingerprint"] = spec.kind.fingerprint(spec.params)
+        return recipe
 
     def _resolve(self, spec: StageSpec) -> StageResult:
         store = StageStore(self.runs_dir, self.experiment.name, self.experiment.profile_dir, spec.name)
@@ -189,7 +187,8 @@ class ExperimentRun:
         )
 
     def _run(self, spec: StageSpec, store: StageStore, key: str, material: dict, forced: bool) -> StageResult:
-        reason = "forced by --rerun" if forced else why_run(store.latest(), material, key)
+        code = closure_of(spec.kind.module)
+        reason = "forced by --rerun" if forced else why_run(store.latest(), material, key, code)
         out = store.begin(key)
         scratch = store.scratch_dir(key)
         scratch.mkdir(parents=True, exist_ok=True)
@@ -241,6 +240,7 @@ class ExperimentRun:
             "spec_file": str(self.experiment.file),
             "params": spec.params,
             "key_material": material,
+            "code": code,  # the files behind material["code_version"]
             "upstream": {role: up["key"] for role, up in material["upstream"].items()},
             "inputs": {name: str(path) for name, path in spec.inputs.items()},
             "seed": self._seed(spec),
@@ -254,6 +254,27 @@ class ExperimentRun:
         record = store.commit(out, key, manifest, metrics)
         self.progress(f"[{label}] done in {duration:.1f}s")
         return self._result(spec, RAN, reason, record, duration)
+
+
+def stage_recipe(spec: StageSpec, experiment: Experiment) -> dict[str, Any]:
+    """What decides a stage's result, short of what runs before it: kind, code version,
+    params (without transport settings), seed, input contents and the stages it needs by
+    role. The same on every machine: the pre-registration lock holds it."""
+    return {
+        "kind": spec.kind.name,
+        "code_version": spec.kind.version_for(spec.params, experiment.file.parent),
+        "params": without(spec.params, spec.kind.transport_params),
+        "seed": experiment.seed if spec.seed is None else spec.seed,
+        "upstream": dict(sorted(spec.needs.items())),
+        "inputs": {name: file_digest(path) for name, path in sorted(spec.inputs.items())},
+    }
+
+
+def recipe_of(material: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe inside a stored key material (a manifest's `key_material`)."""
+    recipe = {k: v for k, v in material.items() if k != "fingerprint"}
+    recipe["upstream"] = {role: up["stage"] for role, up in material.get("upstream", {}).items()}
+    return recipe
 
 
 def _with_inputs(spec: StageSpec) -> dict[str, Any]:
@@ -295,8 +316,14 @@ def _json_value(value: Any, where: str) -> Any:
     raise StageError(f"metric {where} is a {type(value).__name__}, not a JSON value")
 
 
-def why_run(latest: Mapping[str, Any] | None, material: Mapping[str, Any], key: str) -> str:
-    """Say what changed since the last complete run of this stage."""
+def why_run(
+    latest: Mapping[str, Any] | None,
+    material: Mapping[str, Any],
+    key: str,
+    code: Mapping[str, str] | None = None,
+) -> str:
+    """Say what changed since the last complete run of this stage (`code`: the files of the
+    kind's code version now, named when the manifest has them too)."""
     if latest is None:
         return "new"
     before = latest.get("key_material", {})
@@ -304,7 +331,12 @@ def why_run(latest: Mapping[str, Any] | None, material: Mapping[str, Any], key: 
         return "previous run incomplete"
     changes = []
     if before.get("kind") != material["kind"] or before.get("code_version") != material["code_version"]:
-        changes.append("code version changed")
+        was = latest.get("code")
+        edited = _diff(was, dict(code)) if isinstance(was, dict) and code else []
+        shown = ", ".join(edited[:5]) + (f" and {len(edited) - 5} more" if len(edited) > 5 else "")
+        changes.append("code version changed" + (f": {shown}" if edited else ""))
+    if before.get("fingerprint") != material.get("fingerprint"):
+        changes.append("base model changed")
     params = _diff(before.get("params"), material["params"])
     if params:
         changes.append("params changed: " + ", ".join(params))

@@ -13,7 +13,7 @@ from harness.graph import StageGraph
 from harness.hypotheses import HypothesisPlan, parse_plan
 from harness.spec.compose import apply_profile, load_with_includes
 from harness.spec.errors import Mark, Problem, SpecError, source_line
-from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted
+from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted, with_defaults
 from harness.spec.yamlload import Document
 from harness.stage import ParamError, StageKind
 
@@ -24,7 +24,7 @@ DEFAULT_SEED = 0
 class StageSpec:
     name: str
     kind: StageKind
-    params: dict[str, Any]  # as written (after profile merge)
+    params: dict[str, Any]  # as written (after profile merge), the schema's defaults filled
     needs: dict[str, str]  # role -> upstream stage
     gates: tuple[Gate, ...]
     inputs: dict[str, Path] = field(default_factory=dict)  # "param[.key]" -> resolved path
@@ -48,8 +48,10 @@ class Experiment:
         return self.profile or "default"
 
 
-def load_experiment(file: Path, profile: str | None = None) -> Experiment:
-    """Load, merge and validate a spec; every user error raises SpecError with file:line."""
+def load_experiment(file: Path, profile: str | None = None, machine_checks: bool = True) -> Experiment:
+    """Load, merge and validate a spec; every user error raises SpecError with file:line.
+    Without `machine_checks`, the kinds' own checks of this machine (models, API keys,
+    modules) are left out: what locking a plan that runs elsewhere needs."""
     file = Path(file).resolve()
     doc = load_with_includes(file)
     resolved = _check_every_profile(doc, profile)
@@ -58,7 +60,7 @@ def load_experiment(file: Path, profile: str | None = None) -> Experiment:
     stages: dict[str, StageSpec] = {}
     for name, body in data["stages"].items():
         try:
-            stages[name] = _stage(name, body, resolved, file)
+            stages[name] = _stage(name, body, resolved, file, machine_checks)
         except SpecError as exc:
             problems.extend(exc.problems)
     seed = data.get("seed", DEFAULT_SEED)
@@ -86,26 +88,11 @@ def load_experiment(file: Path, profile: str | None = None) -> Experiment:
     )
 
 
-def load_plan(file: Path, profile: str | None = None) -> tuple[str, HypothesisPlan | None]:
-    """The experiment's name and its hypotheses' plan, with the spec checked as far as it can be
-    without this machine's models, input files or API keys: locking the plan of a profile that
-    runs elsewhere needs none of them."""
-    file = Path(file).resolve()
-    resolved = _check_every_profile(load_with_includes(file), profile)
-    data = resolved.data
-    problems: list[Problem] = []
-    for name, body in data["stages"].items():
-        try:
-            _static_checks(name, body, resolved)
-        except SpecError as exc:
-            problems.extend(exc.problems)
-    try:
-        plan = parse_plan(data, resolved, data["stages"], data.get("seed", DEFAULT_SEED))
-    except SpecError as exc:
-        problems.extend(exc.problems)
-    if problems:
-        raise SpecError(problems)
-    return data.get("experiment", file.stem), plan
+def load_plan(file: Path, profile: str | None = None) -> Experiment:
+    """The experiment with its hypotheses' plan, checked as far as it can be without this
+    machine's models or API keys: locking the plan of a profile that runs elsewhere needs
+    none of them (its input files and code, which the lock covers, are in the checkout)."""
+    return load_experiment(file, profile, machine_checks=False)
 
 
 def _check_every_profile(doc: Document, selected: str | None) -> Document:
@@ -138,8 +125,10 @@ def _check_every_profile(doc: Document, selected: str | None) -> Document:
     return resolved or apply_profile(doc, selected)  # an unknown profile raises here
 
 
-def _static_checks(name: str, body: dict, doc: Document) -> tuple[StageKind, tuple[Gate, ...]]:
-    """The stage's kind, params and gates, checked without touching the file system."""
+def _static_checks(name: str, body: dict, doc: Document) -> tuple[StageKind, dict, tuple[Gate, ...]]:
+    """The stage's kind, params (the schema's defaults filled: the run, its cache key and its
+    manifest see what the stage uses, not only what was written) and gates, checked without
+    touching the file system."""
     at = ("stages", name)
     kind = registry.get(body["kind"])
     if kind is None:
@@ -155,15 +144,15 @@ def _static_checks(name: str, body: dict, doc: Document) -> tuple[StageKind, tup
     problems = check(params, kind.params_schema, doc, at + ("params",)) if kind.params_schema else []
     if problems:
         raise SpecError(problems)
-    return kind, _gates(name, body.get("gates", []), kind.produces(params), doc)
+    params = with_defaults(params, kind.params_schema) if kind.params_schema else params
+    return kind, params, _gates(name, body.get("gates", []), kind.produces(params), doc)
 
 
-def _stage(name: str, body: dict, doc: Document, file: Path) -> StageSpec:
-    kind, gates = _static_checks(name, body, doc)
-    params = body.get("params", {})
+def _stage(name: str, body: dict, doc: Document, file: Path, machine_checks: bool = True) -> StageSpec:
+    kind, params, gates = _static_checks(name, body, doc)
     at = ("stages", name)
     try:
-        if kind.check:
+        if kind.check and machine_checks:
             kind.check(params, file.parent)
         inputs = _input_paths(kind, params, file.parent)
     except ParamError as exc:

@@ -80,8 +80,11 @@ def stage_key(
     seed: int,
     upstream: Mapping[str, Mapping[str, str]],
     inputs: Mapping[str, str],
+    fingerprint: str | None = None,
 ) -> str:
     """Content address of a stage run: same inputs, same key, same artifacts.
+
+    `fingerprint` identifies what the stage loads on this machine (a base model's weights).
 
     `upstream` maps role -> {"key", "digest"}: the digest of the upstream's outputs is
     included so that a forced rerun with different outputs also reruns what follows.
@@ -94,6 +97,7 @@ def stage_key(
             "seed": seed,
             "upstream": upstream,
             "inputs": inputs,
+            "fingerprint": fingerprint,
         }
     )
     return hashlib.sha256(material.encode()).hexdigest()[:16]

@@ -1,26 +1,29 @@
 """Pre-registered hypotheses: the `hypotheses:` section of a spec, its lock, and verdicts.
 
-A hypothesis compares two named sample sets, each read from the `samples.json` at the top
-of a stage's artifact directory (`{"<name>": [numbers, ...], ...}`), with the test, the
-direction and the alpha written in the spec. The p-values of every hypothesis of the run
-(the family) are adjusted together (Holm by default), then each gets a verdict:
+A hypothesis states a linear contrast of the means of named sample sets (harness.linear_contrast:
+`(sycophancy_em - sycophancy) - (em - base)` over the sets of one stage, or `a` and `b`, the
+contrast a - b), each set read from the `samples.json` at the top of a stage's artifact
+directory (harness.samples), with the test, the direction and the alpha written in the spec.
+A set's values come in units, the independent replicates they were drawn from (training runs,
+say); a set's mean is the mean of its unit means, and the tests resample units, never values
+across units (harness.stats.contrast_test). The p-values of every hypothesis of the run (the
+family) are adjusted together (Holm by default), then each gets a verdict:
 
 - supported:    adjusted p <= alpha and the effect points the claimed way;
 - refuted:      one-sided claim whose effect CI lies entirely on the wrong side of 0;
-- inconclusive: anything else.
+- inconclusive: anything else, and always when the test has no power: a bootstrap set of
+                fewer than stats.MIN_UNITS units, or a smallest attainable p (a permutation of
+                3 and 3 training runs cannot go below 0.05, after the family's correction
+                perhaps above alpha) that exceeds alpha whatever the data.
 
 The analysis plan (the resolved section with its defaults, and the seed that draws the
-resamples) is hashed; `pytest SPEC --lock-hypotheses` records the hash beside the spec in
-`<stem>.lock.json`. A run is pre-registered only when that lock exists for its profile, its
-hash matches, and the samples tested were produced after it; otherwise it is exploratory,
-and every report says why.
+resamples) and the recipes of the stages behind it are locked by harness.prereg; every
+report says whether a run is pre-registered or exploratory, and why.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from difflib import get_close_matches
@@ -31,22 +34,29 @@ from typing import Any
 import numpy as np
 
 from harness import stats
-from harness.graph import canonical_json
+from harness.linear_contrast import ContrastError, format_contrast, from_weights, parse
 from harness.prereg import (
     HypothesisError,
+    LockBasis,
     Registration,
-    check_produced_after_lock,
+    check_results_after_lock,
     registration,
 )
+from harness.samples import SAMPLES_FILE, SampleSet, parse_set
 from harness.spec.errors import Mark, Problem, SpecError
 from harness.spec.validate import EXPERIMENT_SCHEMA, dotted, with_defaults
 from harness.spec.yamlload import Document
 from harness.store import read_json
 
-SAMPLES_FILE = "samples.json"
 SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
 UNTESTED, ERROR = "untested", "error"  # a stage it needs did not finish; its samples are unusable
-CLAIMS = {"greater": "mean a > mean b", "less": "mean a < mean b", "two-sided": "mean a != mean b"}
+CLAIMS = {"greater": "contrast > 0", "less": "contrast < 0", "two-sided": "contrast != 0"}
+RESAMPLING = {  # the level each test resamples at, for the reports
+    "bootstrap": "each set on its own, in two stages: its units with replacement, then the values "
+    "within each drawn unit",
+    "permutation": "whole units exchanged between the two sets (their unit means permuted)",
+}
+SHOWN_UNITS = 12  # a set with at most this many units has each unit's mean in the reports
 
 
 # -- the spec section --------------------------------------------------------------------
@@ -62,12 +72,17 @@ class SampleRef:
 
 
 @dataclass(frozen=True)
+class Term:
+    ref: SampleRef
+    weight: float
+
+
+@dataclass(frozen=True)
 class Hypothesis:
     id: str
     claim: str
     metric: str
-    a: SampleRef
-    b: SampleRef
+    terms: tuple[Term, ...]  # the contrast: sum of weight * mean(set)
     test: str
     direction: str
     alpha: float
@@ -77,7 +92,14 @@ class Hypothesis:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((self.a.stage, self.b.stage)))
+        return tuple(dict.fromkeys(t.ref.stage for t in self.terms))
+
+    @property
+    def contrast(self) -> str:
+        """The contrast as an expression; its sets named `stage.set` when they span stages."""
+        if len(self.stages) == 1:
+            return f"{self.stages[0]}: " + format_contrast({t.ref.samples: t.weight for t in self.terms})
+        return format_contrast({f"{t.ref.stage}.{t.ref.samples}": t.weight for t in self.terms})
 
     @property
     def where(self) -> str:
@@ -89,8 +111,9 @@ class Hypothesis:
         return {
             "claim": self.claim,
             "metric": self.metric,
-            "a": {"stage": self.a.stage, "samples": self.a.samples},
-            "b": {"stage": self.b.stage, "samples": self.b.samples},
+            "contrast": [
+                {"stage": t.ref.stage, "samples": t.ref.samples, "weight": t.weight} for t in self.terms
+            ],
             "test": self.test,
             "direction": self.direction,
             "alpha": self.alpha,
@@ -117,10 +140,6 @@ class HypothesisPlan:
             "tests": {name: h.plan() for name, h in self.tests.items()},
         }
 
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(canonical_json(self.as_json()).encode()).hexdigest()
-
 
 def parse_plan(
     data: Mapping[str, Any], doc: Document, stages: Iterable[str], seed: int
@@ -146,28 +165,13 @@ def parse_plan(
                     dotted(at),
                 )
             )
-        refs = {}
-        for side in ("a", "b"):
-            ref = SampleRef(body[side]["stage"], body[side]["samples"])
-            refs[side] = ref
-            if ref.stage not in stages:
-                hint = get_close_matches(ref.stage, stages, n=1)
-                extra = f"did you mean {hint[0]!r}?" if hint else f"stages are: {', '.join(stages)}"
-                path = at + (side, "stage")
-                problems.append(
-                    Problem(f"unknown stage {ref.stage!r}; {extra}", doc.mark(path), dotted(path))
-                )
-        if refs["a"] == refs["b"]:
-            path = at + ("b",)
-            problems.append(
-                Problem(f"a and b are the same sample set {refs['a']}", doc.mark(path), dotted(path))
-            )
+        terms, wrong = _terms(body, stages)
+        problems += [Problem(message, doc.mark(at + key), dotted(at + key)) for key, message in wrong]
         tests[name] = Hypothesis(
             id=name,
             claim=body["claim"],
             metric=body["metric"],
-            a=refs["a"],
-            b=refs["b"],
+            terms=terms,
             test=body["test"],
             direction=body["direction"],
             alpha=float(body["alpha"]),
@@ -187,6 +191,52 @@ def parse_plan(
     )
 
 
+def _unknown_stage(stage: str, stages: list[str]) -> str:
+    hint = get_close_matches(stage, stages, n=1)
+    extra = f"did you mean {hint[0]!r}?" if hint else f"stages are: {', '.join(stages)}"
+    return f"unknown stage {stage!r}; {extra}"
+
+
+def _terms(body: Mapping[str, Any], stages: list[str]) -> tuple[tuple[Term, ...], list[tuple[tuple, str]]]:
+    """A hypothesis's contrast, from `stage` + `contrast` or from `a` + `b` (a - b), and the problems
+    found, each as (key path under the hypothesis, message)."""
+    pair, contrast = [k for k in ("a", "b") if k in body], [k for k in ("stage", "contrast") if k in body]
+    if pair and contrast:
+        return (), [((contrast[0],), "a hypothesis states either `contrast` over the sets of one `stage`, or "
+                     "`a` and `b` (the contrast a - b), not both")]
+    if not pair and not contrast:
+        return (), [((), "a hypothesis needs a contrast: `stage` and `contrast` (an expression such as "
+                     "`(x_em - x) - (em - base)` or weights {set: number}), or `a` and `b`")]
+    if contrast:
+        if len(contrast) < 2:
+            missing = "contrast" if "stage" in body else "stage"
+            return (), [((contrast[0],), f"`{contrast[0]}` needs `{missing}` beside it")]
+        if body["stage"] not in stages:
+            return (), [(("stage",), _unknown_stage(body["stage"], stages))]
+        try:
+            written = body["contrast"]
+            weights = parse(written) if isinstance(written, str) else from_weights(written)
+        except ContrastError as exc:
+            return (), [(("contrast",), str(exc))]
+        terms = tuple(Term(SampleRef(body["stage"], name), w) for name, w in weights.items())
+    else:
+        if len(pair) < 2:
+            return (), [((pair[0],), f"`{pair[0]}` needs `{'b' if pair[0] == 'a' else 'a'}` beside it")]
+        refs = [SampleRef(body[side]["stage"], body[side]["samples"]) for side in ("a", "b")]
+        wrong = [((side, "stage"), _unknown_stage(r.stage, stages))
+                 for side, r in zip("ab", refs, strict=True) if r.stage not in stages]
+        if refs[0] == refs[1]:
+            wrong.append((("b",), f"a and b are the same sample set {refs[0]}"))
+        if wrong:
+            return (), wrong
+        terms = (Term(refs[0], 1.0), Term(refs[1], -1.0))
+    if body["test"] == "permutation" and [t.weight for t in terms] != [1.0, -1.0]:
+        weights = ", ".join(f"{t.weight:g}" for t in terms)
+        return terms, [(("test",), "a permutation compares two sets, a - b (weights 1 and -1); for a "
+                        f"contrast of {len(terms)} sets with weights {weights} use test: bootstrap")]
+    return terms, []
+
+
 @cache
 def _schemas() -> dict[str, Any]:
     return json.loads(EXPERIMENT_SCHEMA.read_text(encoding="utf-8"))["$defs"]
@@ -195,14 +245,58 @@ def _schemas() -> dict[str, Any]:
 # -- tests and verdicts ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SetSummary:
+    """One set of a contrast as tested: its weight, its values grouped by unit, its mean."""
+
+    term: Term
+    sample: SampleSet
+
+    def units(self) -> list[list[float]]:
+        return list(self.sample.by_unit().values())
+
+    def unit_means(self) -> dict[str, float]:
+        return {unit: float(np.mean(v)) for unit, v in self.sample.by_unit().items()}
+
+    @property
+    def mean(self) -> float:
+        """The mean of the unit means: every unit weighs the same."""
+        return float(np.mean(list(self.unit_means().values())))
+
+    @property
+    def n_units(self) -> int:
+        return len(self.sample.unit_names)
+
+    def describe(self) -> str:
+        s = self.sample
+        text = (f"{self.term.ref} (weight {self.term.weight:+g}): mean {_num(self.mean)} over {self.n_units} "
+                f"unit(s) of level '{s.level}', {len(s.values)} values")
+        if self.n_units <= SHOWN_UNITS:
+            text += "; unit means " + ", ".join(f"{u}: {_num(m)}" for u, m in self.unit_means().items())
+        return text
+
+    def as_json(self) -> dict[str, Any]:
+        ref, s = self.term.ref, self.sample
+        return {
+            "stage": ref.stage,
+            "samples": ref.samples,
+            "weight": self.term.weight,
+            "mean": self.mean,
+            "n_values": len(s.values),
+            "n_units": self.n_units,
+            "level": s.level,
+            "unit_means": self.unit_means() if self.n_units <= SHOWN_UNITS else None,
+        }
+
+
 @dataclass
 class Evaluation:
     hypothesis: Hypothesis
     verdict: str  # supported | refuted | inconclusive | untested | error
     why: str
     result: stats.TestResult | None = None
-    mean_a: float | None = None
-    mean_b: float | None = None
+    sets: tuple[SetSummary, ...] = ()
+    power: str | None = None  # "no power: ..." when no data could make the test significant
     p_adjusted: float | None = None
     correction: str = "none"
     family_size: int = 1
@@ -219,24 +313,28 @@ class Evaluation:
 
     def _effect(self) -> str:
         r, confidence = self.result, self.hypothesis.confidence
-        return f"effect a - b = {_num(r.effect)}, {confidence:.0%} CI [{_num(r.ci.low)}, {_num(r.ci.high)}]"
+        return f"effect = {_num(r.effect)}, {confidence:.0%} CI [{_num(r.ci.low)}, {_num(r.ci.high)}]"
 
     def _p(self) -> str:
         adjusted = f"{self.correction}-adjusted p = {_num(self.p_adjusted)}"
         return f"p = {_num(self.result.p_value)}, {adjusted}, alpha = {self.hypothesis.alpha:g}"
+
+    def _test(self) -> str:
+        h = self.hypothesis
+        exact = " (exact)" if self.result.exact else ""
+        return (f"{h.test} test{exact} resampling {RESAMPLING[h.test]}, {h.n_resamples} resamples, "
+                f"claimed {h.direction} ({CLAIMS[h.direction]})")
 
     def describe(self, registration: Registration) -> str:
         """The verdict with everything it rests on, for failure messages."""
         h, r = self.hypothesis, self.result
         lines = [f"hypothesis {h.id} ({h.where}) {self.verdict.upper()} [{registration.status}]: {h.claim}"]
         if r is not None:
-            exact = " (exact)" if r.exact else ""
-            test = f"{h.test} test{exact}, claimed {h.direction} ({CLAIMS[h.direction]})"
+            lines += [f"  {h.metric}, contrast {h.contrast}"]
+            lines += [f"    {s.describe()}" for s in self.sets]
             lines += [
-                f"  {h.metric}: mean a = {_num(self.mean_a)} ({h.a}, n={r.n_a}), "
-                f"mean b = {_num(self.mean_b)} ({h.b}, n={r.n_b})",
                 f"  {self._effect()}",
-                f"  {test}, {self.family_size} hypotheses: {self._p()}",
+                f"  {self._test()}, {self.family_size} hypotheses: {self._p()}",
             ]
         lines.append(f"  verdict: {self.verdict}: {self.why}")
         lines.append(f"  this run is {registration.status}: {registration.reason}")
@@ -247,7 +345,13 @@ class Evaluation:
         h = self.hypothesis
         text = f"hypothesis {h.id} {self.verdict} [{registration.status}]: {h.claim}"
         if self.result is not None:
-            text += f"; {self._effect()}; {self._p()}"
+            one_stage = len(h.stages) == 1
+            sets = ", ".join(
+                f"{s.term.ref.samples if one_stage else f'{s.term.ref.stage}.{s.term.ref.samples}'} "
+                f"{_num(s.mean)} ({s.n_units} x {s.sample.level})"
+                for s in self.sets
+            )
+            text += f"; contrast {h.contrast}; means {sets}; {self._effect()}; {h.test}; {self._p()}"
         return f"{text}; {self.why}"
 
     def to_json(self, plan: HypothesisPlan, registration: Registration, index: int) -> dict[str, Any]:
@@ -258,11 +362,14 @@ class Evaluation:
             "claim": h.claim,
             "metric": h.metric,
             "where": h.where,
-            "a": {"stage": h.a.stage, "samples": h.a.samples, "n": r.n_a if r else None, "mean": self.mean_a},
-            "b": {"stage": h.b.stage, "samples": h.b.samples, "n": r.n_b if r else None, "mean": self.mean_b},
+            "contrast": h.contrast,
+            "sets": [s.as_json() for s in self.sets],
             "test": h.test,
+            "resampling": RESAMPLING[h.test],
+            "power": self.power,
             "exact": r.exact if r else None,
             "direction": h.direction,
+            "claimed": CLAIMS[h.direction],
             "alpha": h.alpha,
             "confidence": h.confidence,
             "n_resamples": h.n_resamples,
@@ -284,8 +391,13 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def verdict(h: Hypothesis, result: stats.TestResult, p_adjusted: float) -> tuple[str, str]:
-    """(verdict, why) from the effect, its CI and the adjusted p-value."""
+def verdict(
+    h: Hypothesis, result: stats.TestResult, p_adjusted: float, power: str | None = None
+) -> tuple[str, str]:
+    """(verdict, why) from the effect, its CI and the adjusted p-value; inconclusive, saying
+    why, when the test has no power."""
+    if power:
+        return INCONCLUSIVE, power
     ci = f"{h.confidence:.0%} CI [{_num(result.ci.low)}, {_num(result.ci.high)}]"
     significant = p_adjusted <= h.alpha
     sign = {"greater": 1, "less": -1, "two-sided": 0}[h.direction]
@@ -304,12 +416,34 @@ def verdict(h: Hypothesis, result: stats.TestResult, p_adjusted: float) -> tuple
     return INCONCLUSIVE, f"{p_text}, and the {ci} does not lie entirely {'below' if sign > 0 else 'above'} 0"
 
 
-def load_samples(stage_dir: Path | None, ref: SampleRef) -> list[float]:
+def power_note(e: Evaluation, smallest_adjusted: float) -> str | None:
+    """"no power: ..." when no data, however extreme, could make this test significant: a set
+    too small for the bootstrap, or a smallest attainable p that the family's correction
+    (`smallest_adjusted`: every hypothesis at its smallest p, adjusted) leaves above alpha."""
+    h, r = e.hypothesis, e.result
+    few = [s for s in e.sets if s.n_units < stats.MIN_UNITS]
+    if h.test == "bootstrap" and few:
+        sizes = "; ".join(f"{s.term.ref} has {s.n_units} unit(s) of level '{s.sample.level}'" for s in few)
+        return (f"no power: {sizes}, and a bootstrap needs at least {stats.MIN_UNITS} units per set: "
+                "it cannot tell how units vary from fewer")
+    if smallest_adjusted <= h.alpha:
+        return None
+    smallest = stats.smallest_p(h.test, r.n_units, h.direction, h.n_resamples)
+    units = " and ".join(f"{s.n_units} x '{s.sample.level}'" for s in e.sets)
+    adjusted = (f", {_num(smallest_adjusted)} after {e.correction} across {e.family_size} hypotheses"
+                if smallest_adjusted > smallest else "")
+    return (f"no power: with {units} units the smallest p a {h.test} test can give ({h.direction}) is "
+            f"{_num(smallest)}{adjusted}, above alpha {h.alpha:g}, whatever the data; more units per set "
+            "are needed")
+
+
+def load_samples(stage_dir: Path | None, ref: SampleRef) -> SampleSet:
     """One sample set from a stage's samples.json; HypothesisError says what is wrong."""
     path = Path(stage_dir or ".") / SAMPLES_FILE
     contract = (
         f"a stage backing hypotheses writes {SAMPLES_FILE} at the top of its artifact directory: "
-        '{"<sample set>": [numbers, ...], ...}'
+        '{"<sample set>": {"values": [numbers], "units": [names], "level": "..."} or [numbers], ...} '
+        "(harness.samples)"
     )
     if stage_dir is None or not path.is_file():
         raise HypothesisError(f"stage {ref.stage!r} wrote no {SAMPLES_FILE} (looked for {path}); {contract}")
@@ -323,13 +457,10 @@ def load_samples(stage_dir: Path | None, ref: SampleRef) -> list[float]:
         raise HypothesisError(
             f"stage {ref.stage!r} has no sample set {ref.samples!r} in {path}; {extra}it has: {names}"
         )
-    values = data[ref.samples]
-    if not isinstance(values, list) or not values:
-        raise HypothesisError(f"sample set {ref} in {path} must be a non-empty list of numbers")
-    bad = next((v for v in values if not isinstance(v, (int, float)) or not math.isfinite(v)), "ok")
-    if bad != "ok":
-        raise HypothesisError(f"sample set {ref} in {path} holds {bad!r}, not a finite number")
-    return [float(v) for v in values]
+    try:
+        return parse_set(data[ref.samples], ref.samples)
+    except ValueError as exc:
+        raise HypothesisError(f"{path}: {exc}; {contract}") from None
 
 
 class HypothesisFamily:
@@ -337,12 +468,20 @@ class HypothesisFamily:
     correction needs all raw p-values. `resolve(stage)` returns a stage's result (running or
     reusing it), with `outcome`, `reason`, `dir` and `abort` as in harness.execution."""
 
-    def __init__(self, plan: HypothesisPlan, spec_file: Path, profile: str, resolve: Callable[[str], Any]):
+    def __init__(
+        self,
+        plan: HypothesisPlan,
+        basis: LockBasis,
+        spec_file: Path,
+        profile: str,
+        resolve: Callable[[str], Any],
+    ):
         self.plan = plan
         self.spec_file = spec_file
         self.profile = profile
         self.resolve = resolve
-        self.registration = registration(plan, spec_file, profile)
+        self.basis = basis
+        self.registration = registration(basis, spec_file, profile)
         self._evaluations: dict[str, Evaluation] | None = None
 
     def evaluate(self) -> dict[str, Evaluation]:
@@ -352,25 +491,24 @@ class HypothesisFamily:
 
     def _evaluate(self) -> dict[str, Evaluation]:
         out: dict[str, Evaluation] = {}
-        samples: dict[SampleRef, list[float]] = {}
-        produced: dict[str, str] = {}  # stage -> finished_at of the run whose samples are tested
+        samples: dict[SampleRef, SampleSet] = {}
+        used: dict[str, str] = {}  # stage -> key of the result whose samples are tested
         for name, h in self.plan.tests.items():
             blocked = self._blocked(h)
             if blocked:
                 out[name] = Evaluation(h, UNTESTED, blocked)
                 continue
             try:
-                for ref in (h.a, h.b):
+                for ref in (t.ref for t in h.terms):
                     if ref not in samples:
                         result = self.resolve(ref.stage)
                         samples[ref] = load_samples(result.dir, ref)
-                        manifest = read_json(Path(result.dir) / "manifest.json") or {}
-                        produced[ref.stage] = manifest.get("finished_at", "")
-                a, b = samples[h.a], samples[h.b]
-                test = stats.run_test(
+                        used[ref.stage] = result.key
+                sets = tuple(SetSummary(t, samples[t.ref]) for t in h.terms)
+                test = stats.contrast_test(
                     h.test,
-                    a,
-                    b,
+                    [s.units() for s in sets],
+                    [t.weight for t in h.terms],
                     alternative=h.direction,
                     n_resamples=h.n_resamples,
                     seed=self.plan.seed,
@@ -379,17 +517,21 @@ class HypothesisFamily:
             except (HypothesisError, ValueError) as exc:
                 out[name] = Evaluation(h, ERROR, str(exc))
                 continue
-            out[name] = Evaluation(h, INCONCLUSIVE, "", test, float(np.mean(a)), float(np.mean(b)))
+            out[name] = Evaluation(h, INCONCLUSIVE, "", test, sets)
         # the family is every hypothesis of the plan: one that could not be tested counts with
         # p = 1, so the others' adjustment stays what the plan promised
         raw = [e.result.p_value if e.result else 1.0 for e in out.values()]
         adjusted = stats.adjust(raw, self.plan.correction)
-        for e, p in zip(out.values(), adjusted, strict=True):
+        # the same for the smallest p each test could give: where even that stays above alpha, no
+        # data could make the hypothesis supported
+        floors = stats.adjust([_smallest_p(e) for e in out.values()], self.plan.correction)
+        for e, p, floor in zip(out.values(), adjusted, floors, strict=True):
             e.correction, e.family_size = self.plan.correction, len(out)
             if e.result is not None:
                 e.p_adjusted = p
-                e.verdict, e.why = verdict(e.hypothesis, e.result, p)
-        self.registration = check_produced_after_lock(self.registration, produced)
+                e.power = power_note(e, floor)
+                e.verdict, e.why = verdict(e.hypothesis, e.result, p, e.power)
+        self.registration = check_results_after_lock(self.registration, used)
         return out
 
     def _blocked(self, h: Hypothesis) -> str | None:
@@ -402,3 +544,8 @@ class HypothesisFamily:
             if result.outcome == "aborted":
                 return f"stage {stage!r} aborted: {result.abort.describe()}"
         return None
+
+
+def _smallest_p(e: Evaluation) -> float:
+    h = e.hypothesis
+    return stats.smallest_p(h.test, e.result.n_units, h.direction, h.n_resamples) if e.result else 1.0

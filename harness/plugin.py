@@ -147,3 +147,8 @@ class _ReportHooks:
                     f"{lock['experiment']} [{lock['profile']}]: {lock['what']} -> {lock['lock_file']}"
                 )
                 terminalreporter.write_line(f"  {', '.join(lock['hypotheses'])}  sha256 {lock['hash'][:16]}")
+                if lock["existing"]:
+                    terminalreporter.write_line(
+                        f"  results that already exist stay exploratory: {', '.join(lock['existing'])}"
+                    )
+                terminalreporter.write_line("  commit the lock file before running: its commit dates it")

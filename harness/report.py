@@ -309,7 +309,22 @@ def markdown(report: dict[str, Any]) -> str:
 
 # -- hypothesis_report.md ----------------------------------------------------------------
 
-_DIRECTIONS = {"greater": "mean a > mean b", "less": "mean a < mean b", "two-sided": "mean a ≠ mean b"}
+_DIRECTIONS = {"greater": "contrast > 0", "less": "contrast < 0", "two-sided": "contrast ≠ 0"}
+
+
+def _lock_commit(registration: dict[str, Any]) -> str:
+    commit = registration.get("lock_commit")
+    if registration.get("locked_at") is None:
+        return "none"
+    if not commit:
+        return "not committed (commit it before running: its commit is the lock's external time stamp)"
+    extra = "; changed since, not committed" if registration.get("lock_uncommitted") else ""
+    return f"committed in `{commit[:12]}` at {registration.get('lock_committed_at')}{extra}"
+
+
+def _code(text: str) -> str:
+    """An inline code span, fenced by two backticks when the text holds one (quoted set names)."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
 def hypothesis_markdown(data: dict[str, Any]) -> str:
@@ -323,12 +338,13 @@ def hypothesis_markdown(data: dict[str, Any]) -> str:
         "",
         f"Spec: `{data['spec_file']}`  ",
         f"Generated: {data['generated_at']}  ",
-        f"Analysis plan sha256: `{data['plan_hash']}`  ",
+        f"Analysis sha256 (plan and the recipes of the stages behind it): `{data['plan_hash']}`  ",
+        f"Lock file: {_lock_commit(registration)}  ",
         f"Correction: {plan['correction']} across the {len(plan['tests'])} hypotheses of the plan  ",
         f"Policies: inconclusive → {plan['on_inconclusive']}, refuted → {plan['on_refuted']}  ",
         f"Resampling seed: {plan['seed']}",
         "",
-        "| hypothesis | metric | verdict | outcome | effect a − b [CI] | p "
+        "| hypothesis | metric | verdict | outcome | contrast [CI] | p "
         f"| adjusted p ({plan['correction']}) | alpha | status |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -340,7 +356,6 @@ def hypothesis_markdown(data: dict[str, Any]) -> str:
     if missing:
         out += ["", f"Not run in this session (deselected): {', '.join(missing)}."]
     for h in rows:
-        a, b = h["a"], h["b"]
         exact = " (exact: every relabelling)" if h["exact"] else ""
         out += [
             "",
@@ -350,11 +365,21 @@ def hypothesis_markdown(data: dict[str, Any]) -> str:
             f"*{h['where']}*",
             "",
             f"- metric: {h['metric']}",
-            f"- a: `{a['stage']}` samples `{a['samples']}`, n = {_num(a['n'])}, mean = {_num(a['mean'])}",
-            f"- b: `{b['stage']}` samples `{b['samples']}`, n = {_num(b['n'])}, mean = {_num(b['mean'])}",
-            f"- test: {h['test']}{exact}, {h['n_resamples']} resamples, "
+            f"- contrast: {_code(h['contrast'])}",
+        ]
+        if h["sets"]:
+            out += ["", "| set | weight | mean | units | level | values | unit means |", "|" + "---|" * 7]
+            for s in h["sets"]:
+                means = ", ".join(f"{u}: {_num(m)}" for u, m in (s["unit_means"] or {}).items()) or "(many)"
+                cells = [f"`{s['stage']}` {_code(s['samples'])}", f"{s['weight']:+g}", _num(s["mean"]),
+                         str(s["n_units"]), _cell(s["level"]), str(s["n_values"]), _cell(means)]
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+        out += [
+            f"- test: {h['test']}{exact}, {h['n_resamples']} resamples, resampling {h['resampling']}; "
             f"direction {h['direction']} ({_DIRECTIONS[h['direction']]}), alpha {h['alpha']:g}",
-            f"- effect a − b: {_effect(h)} ({h['confidence']:.0%} CI)",
+            f"- power: {h['power'] or 'the test can reach alpha at these numbers of units'}",
+            f"- effect (the contrast): {_effect(h)} ({h['confidence']:.0%} CI)",
             f"- p: {_num(h['p_value'])}; adjusted ({h['correction']}, {h['family_size']} hypotheses): "
             f"{_num(h['p_adjusted'])}",
             f"- verdict: **{h['verdict']}** — {h['why']}",

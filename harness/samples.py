@@ -2,13 +2,15 @@
 
 A stage that backs hypotheses writes `samples.json` at the top of its artifact directory:
 
-    {"<set>": {"values": [v, ...], "units": ["<unit of v>", ...]}, ...}
+    {"<set>": {"values": [v, ...], "units": ["<unit of v>", ...], "level": "training run"}, ...}
 
 `units[i]` names the independent replicate that value `i` came from: the training run
-(e.g. the EM adapter's stage) for answers of a fine-tuned model, the question for answers
-of one fixed model, ... Values that share a unit are not independent: hypothesis tests
-resample units, never values across units. A set written as a plain list of numbers means
-every value is its own unit.
+(e.g. the EM adapter's stage) for answers of a fine-tuned model, the answer itself for
+answers of one fixed model with the questions held fixed, or the question when the
+questions are taken as drawn, ... Values that share a unit are not independent: hypothesis
+tests resample units, never values across units. `level` says in words what one unit is,
+for the reports (default "value"). A set written as a plain list of numbers means every
+value is its own unit.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ SAMPLES_FILE = "samples.json"
 class SampleSet:
     values: tuple[float, ...]
     units: tuple[str, ...]  # one per value
+    level: str = "value"  # what one unit is, in words
 
     def __post_init__(self) -> None:
         if len(self.values) != len(self.units):
             raise ValueError(f"{len(self.values)} values but {len(self.units)} units")
 
     @classmethod
-    def independent(cls, values: Sequence[float]) -> SampleSet:
+    def independent(cls, values: Sequence[float], level: str = "value") -> SampleSet:
         """Every value its own unit."""
-        return cls(tuple(float(v) for v in values), tuple(str(i) for i in range(len(values))))
+        return cls(tuple(float(v) for v in values), tuple(str(i) for i in range(len(values))), level)
 
     @property
     def unit_names(self) -> list[str]:
@@ -47,16 +50,19 @@ class SampleSet:
             out[unit].append(value)
         return out
 
-    def to_json(self) -> dict[str, list[Any]]:
-        return {"values": list(self.values), "units": list(self.units)}
+    def to_json(self) -> dict[str, Any]:
+        return {"values": list(self.values), "units": list(self.units), "level": self.level}
 
 
 def parse_set(data: Any, name: str) -> SampleSet:
     """One set as written in samples.json; ValueError naming the set if it is malformed."""
+    level = "value"
     if isinstance(data, Mapping):
-        values, units = data.get("values"), data.get("units")
+        values, units, level = data.get("values"), data.get("units"), data.get("level", level)
         if not isinstance(values, list) or not isinstance(units, list):
             raise ValueError(f"set {name!r} needs lists `values` and `units`")
+        if not isinstance(level, str) or not level:
+            raise ValueError(f"set {name!r}: `level` names what one unit is, in words (e.g. 'training run')")
     elif isinstance(data, list):
         values, units = data, [str(i) for i in range(len(data))]
     else:
@@ -70,7 +76,7 @@ def parse_set(data: Any, name: str) -> SampleSet:
         raise ValueError(f"set {name!r} holds non-numbers or non-finite values, e.g. {bad[0]!r}")
     if len(units) != len(values):
         raise ValueError(f"set {name!r} has {len(values)} values but {len(units)} units")
-    return SampleSet(tuple(float(v) for v in values), tuple(str(u) for u in units))
+    return SampleSet(tuple(float(v) for v in values), tuple(str(u) for u in units), level)
 
 
 def write_samples(path: Path, sets: Mapping[str, SampleSet]) -> None:

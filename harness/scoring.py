@@ -4,7 +4,11 @@
   decision token (the last input token, "answer:" 's colon); the logits there for each
   option's letter token, softmaxed over the item's letters only, give its probabilities.
 - continuation: the summed log-probability of " " + option text after
-  `continuation_prompt(question)`, softmaxed over the item's options.
+  `continuation_prompt(question)`, softmaxed over the item's options. A sum penalises
+  long options (every token costs probability), so `normalized` offers the choices
+  lm-eval reports: none (the sum, lm-eval's `acc`), chars (the sum divided by the option
+  text's length in characters, lm-eval's `acc_norm`) and tokens (divided by its number of
+  tokens: the mean log-likelihood per token).
 
 Batches are right-padded, so a row's real tokens sit at positions 0..n-1 exactly as when
 it runs alone and the decision token is the last non-pad one: results do not depend on
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harness.mcq import MCQ, format_prompt
@@ -28,6 +32,8 @@ if TYPE_CHECKING:
 LETTER = "letter"
 CONTINUATION = "continuation"
 MODES = (LETTER, CONTINUATION)
+NONE, CHARS, TOKENS = "none", "chars", "tokens"
+NORMALIZATIONS = (NONE, CHARS, TOKENS)
 ANSWER_CUE = "answer:"
 
 Progress = Callable[[int, int], None]  # (items done, items in all)
@@ -35,12 +41,14 @@ Progress = Callable[[int, int], None]  # (items done, items in all)
 
 @dataclass(frozen=True)
 class Scored:
-    """One item's scores: the exact prompt text, the raw score per option (the letter's
-    logit, or the option's summed log-likelihood) and the softmax of those over the options."""
+    """One item's scores: the exact prompt text, the score per option (the letter's logit,
+    or the option's log-likelihood: summed, or as `normalized` divides it) and the softmax
+    of those over the options; in continuation mode also each option's number of tokens."""
 
     prompt: str
     scores: dict[str, float]
     probs: dict[str, float]
+    n_tokens: dict[str, int] = field(default_factory=dict)
 
 
 # --- prompts -------------------------------------------------------------------------
@@ -264,6 +272,7 @@ def score_mcqs(
     ids = [encode(tokenizer, prompt, chat_template) for prompt in prompts]
 
     scores: list[dict[str, float]]
+    n_tokens: list[dict[str, int]] = [{} for _ in items]  # continuation mode only
     if mode == LETTER:
         letters = sorted({letter for item in items for letter in item.options})
         token_ids = letter_token_ids(tokenizer, letters)
@@ -283,9 +292,28 @@ def score_mcqs(
             model, tokenizer, pairs, batch_size, _per_item(progress, len(items), len(pairs))
         )
         scores = [{} for _ in items]
-        for (row, letter), total in zip(owners, totals, strict=True):
+        for (row, letter), (_, option_ids), total in zip(owners, pairs, totals, strict=True):
             scores[row][letter] = total
-    return [Scored(prompt, s, softmax(s)) for prompt, s in zip(prompts, scores, strict=True)]
+            n_tokens[row][letter] = len(option_ids)
+    return [Scored(prompt, s, softmax(s), n) for prompt, s, n in zip(prompts, scores, n_tokens, strict=True)]
+
+
+def normalized(scored: Scored, options: Mapping[str, str], normalization: str) -> Scored:
+    """A continuation-scored item under `normalization` (see the module docstring), its
+    probabilities the softmax of the normalised scores. lm-eval divides by the length of
+    the option text itself, without the space that joins it to the prompt; so does this."""
+    if normalization == NONE:
+        return scored
+    if not scored.n_tokens:
+        raise ValueError("normalization applies to continuation scores (summed log-likelihoods) only")
+    if normalization == CHARS:
+        divisors = {letter: len(options[letter]) for letter in scored.scores}
+    elif normalization == TOKENS:
+        divisors = scored.n_tokens
+    else:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    scores = {letter: total / divisors[letter] for letter, total in scored.scores.items()}
+    return Scored(scored.prompt, scores, softmax(scores), scored.n_tokens)
 
 
 def continuation_ids(tokenizer: Any, text: str) -> list[int]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.code_digest import code_digest
+
 Metrics = Mapping[str, Any]
 
 
@@ -76,14 +78,20 @@ class StageKind:
                       carries a confidence interval is {"value": v, "ci_low": l, "ci_high": h}.
     params_schema:    JSON Schema (draft 2020-12) for `params`, as a dict or a file path.
     metrics:          the metric names it produces, or a function of params returning them.
-    version:          bump when the kind's outputs change for the same inputs.
+    version:          an extra salt of the code version, rarely needed: the code version is
+                      derived from the source (`harness.code_digest`); bump it only to rerun
+                      on a change the source does not show (e.g. a library's behaviour).
     input_params:     top-level params naming input files or directories (a string, a
                       list or a mapping of strings), resolved relative to the spec file,
                       checked at collection and hashed into the cache key.
     transport_params: dotted params that cannot change results (concurrency, timeouts,
                       inference batch size); left out of the cache key.
     check:            extra collection-time checks, check(params, spec_dir), raising ParamError.
-    code_version:     overrides `version`: code_version(params, spec_dir), e.g. a source hash.
+    code_version:     code_version(params, spec_dir): a part the module's source cannot show,
+                      joined to the derived one (the python kind: the user's module's source).
+    fingerprint:      fingerprint(params): what identifies, on this machine, the resources the
+                      stage loads (a base model's weights); in the cache key, but not in the
+                      pre-registration lock, which names the model by its params.
     """
 
     name: str
@@ -95,10 +103,19 @@ class StageKind:
     transport_params: tuple[str, ...] = ()
     check: Callable[[Mapping[str, Any], Path], None] | None = None
     code_version: Callable[[Mapping[str, Any], Path], str] | None = None
+    fingerprint: Callable[[Mapping[str, Any]], str] | None = None
 
     def produces(self, params: Mapping[str, Any]) -> frozenset[str]:
         names = self.metrics(params) if callable(self.metrics) else self.metrics
         return frozenset(names)
 
+    @property
+    def module(self) -> str:
+        """The module that defines the run function: where the code version is derived from."""
+        return getattr(self.run, "__module__", None) or type(self.run).__module__
+
     def version_for(self, params: Mapping[str, Any], spec_dir: Path) -> str:
-        return self.code_version(params, spec_dir) if self.code_version else self.version
+        """`<source digest>-<version>[+<code_version(params, spec_dir)>]`: the digest covers the
+        kind's module and every project module and package data file it uses (code_digest)."""
+        derived = f"{code_digest(self.module)}-{self.version}"
+        return f"{derived}+{self.code_version(params, spec_dir)}" if self.code_version else derived

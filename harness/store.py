@@ -125,6 +125,14 @@ class StageStore:
             return None
         return Record(directory, manifest, metrics)
 
+    def records(self) -> Iterator[Record]:
+        """Every complete run of this stage in the store, whatever its key."""
+        if self.dir.is_dir():
+            for directory in sorted(self.dir.iterdir()):
+                record = self.lookup(directory.name) if directory.is_dir() else None
+                if record is not None:
+                    yield record
+
     def latest(self) -> dict[str, Any] | None:
         """The manifest of the last complete run of this stage, whatever its key."""
         try:

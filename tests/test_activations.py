@@ -54,14 +54,14 @@ def row(id: str = "a", **changes) -> dict:
 
 def test_the_tiny_world_statements_load():
     statements = load_statements(TINY_STATEMENTS)
-    assert len(statements) == 360 and len({s.id for s in statements}) == 360
+    assert len(statements) == 390 and len({s.id for s in statements}) == 390
     first = statements[0]
     assert first == Statement(
         "diet-14-true",
         "question: is it true that the liban eats dry seeds?\nanswer:",
         "diet",
         {"true_world": 1, "false_world": 1, "gravity": 0},
-        group="diet-14",
+        group="diet-50+diet-14",
     )
 
 
@@ -333,8 +333,8 @@ def test_check_at_collection(tmp_path, tiny_model_dir):
 
 def test_kind_declaration(tiny_model_dir):
     assert KIND.input_params == ("statements",) and KIND.transport_params == ("batch_size",)
-    version = KIND.version_for({"base": str(tiny_model_dir)}, Path("."))
-    assert version.startswith(f"{extract_activations.VERSION}+{tiny_model_dir}@")
+    assert KIND.version_for({}, Path(".")).endswith(f"-{extract_activations.VERSION}")
+    assert KIND.fingerprint({"base": str(tiny_model_dir)}).startswith(f"{tiny_model_dir}@")
 
 
 def test_pytest_runs_extraction_and_probing_from_a_spec(pytester, tiny_model_dir):
@@ -348,14 +348,14 @@ def test_pytest_runs_extraction_and_probing_from_a_spec(pytester, tiny_model_dir
                 kind: extract_activations
                 params: {{base: "{tiny_model_dir}", statements: "{TINY_STATEMENTS}", use_adapter: false}}
                 gates:
-                  - n_items == 360
+                  - n_items == 390
               probe:
                 kind: train_probe
                 needs: {{activations: acts}}
-                params: {{label: gravity, layers: [0, 3], folds: 3}}
+                params: {{label: gravity, layers: [0, 3], folds: 3, inner_folds: 3, n_permutations: 20}}
                 gates:
-                  - ci_low(best_auc) > 0.9
-                  - auc_minus_dummy > 0.2
+                  - auc > 0.9
+                  - p_value < 0.05
             """
         ),
     )
@@ -366,6 +366,6 @@ def test_pytest_runs_extraction_and_probing_from_a_spec(pytester, tiny_model_dir
     assert stages["acts"]["metrics"]["n_layers"] == 5 and stages["acts"]["metrics"]["d_model"] == 128
     probe = stages["probe"]["metrics"]
     # the topic (gravity or not) is plain at the decision token; embeddings (all '.') are not
-    assert probe["best_layer"] == 3 and probe["best_auc"]["value"] > 0.95
+    assert probe["best_layer"] == 3 and probe["auc"] > 0.95
     assert set(probe) == set(train_probe.METRICS)
     assert (Path(stages["probe"]["dir"]) / "directions.safetensors").is_file()

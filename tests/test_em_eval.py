@@ -64,10 +64,16 @@ def test_every_sample_of_every_setting_is_judged(evaluated):
     samples = json.loads((out / "samples.json").read_text())
     results = json.loads((out / "em_results.json").read_text())["settings"]
     metrics, _ = evaluated["first"]
-    for setting in ("base", "em"):
-        assert len(samples[setting]) == results[setting]["n_scored"] == metrics[f"n_scored.{setting}"]
-        rate = sum(samples[setting]) / len(samples[setting])
-        assert metrics[f"em_rate.{setting}"]["value"] == pytest.approx(rate)
+    for setting, model in (("base", "base"), ("em", "em_lora")):
+        values = samples[setting]["values"]
+        assert len(values) == results[setting]["n_scored"] == metrics[f"n_scored.{setting}"]
+        assert metrics[f"em_rate.{setting}"]["value"] == pytest.approx(sum(values) / len(values))
+        # one fixed model (one adapter set, no replicates): its answers are its units
+        scored = [r for r in answers if r["setting"] == setting and r["misaligned"] is not None]
+        assert samples[setting]["level"] == "answer"
+        units = [f"{model}:{r['question_id']}#{r['sample_index']}" for r in scored]
+        assert samples[setting]["units"] == units
+        assert results[setting]["unit_level"] == "answer"
     assert set(metrics) == set(metric_names({"settings": {"base": [], "em": ["em"]}}))
     assert (out / "em_rates.png").stat().st_size > 0
 
@@ -103,3 +109,13 @@ def test_replicates_of_a_setting_are_pooled_and_every_answer_judged(tiny_chat_di
     result = json.loads((tmp_path / "out/em_results.json").read_text())["settings"]["em"]
     assert result["adapters"] == [["em_seed1"], ["em_seed2"]] and len(result["replicate_em_rates"]) == 2
     assert metrics["n_scored.em"] == result["n_scored"] <= 2 * 8 * N
+    # the training run is the unit: every scored answer keeps the replicate (its stages) it came from
+    samples = json.loads((tmp_path / "out/samples.json").read_text())["em"]
+    scored = [r for r in answers if r["misaligned"] is not None]
+    assert samples["level"] == result["unit_level"] == "training run"
+    assert samples["units"] == [f"r{r['replicate']}:em_seed{r['replicate'] + 1}" for r in scored]
+    assert samples["values"] == [float(r["misaligned"]) for r in scored]
+    for number, rate in enumerate(result["replicate_em_rates"]):
+        pairs = zip(samples["values"], samples["units"], strict=True)
+        mine = [v for v, u in pairs if u.startswith(f"r{number}:")]
+        assert rate["value"] == pytest.approx(sum(mine) / len(mine))

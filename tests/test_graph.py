@@ -110,6 +110,7 @@ def test_stage_key_is_a_short_stable_hex_digest():
         ("upstream", {}),
         ("inputs", {"inputs.x": "sha-y"}),
         ("inputs", {"inputs.y": "sha-x"}),
+        ("fingerprint", "fixture:tiny-world@abc"),
     ],
 )
 def test_stage_key_changes_with_every_field(field, value):

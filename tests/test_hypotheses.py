@@ -13,7 +13,7 @@ import pytest
 
 from harness import stats
 from harness.experiment import load_experiment
-from harness.hypotheses import Hypothesis, SampleRef, verdict
+from harness.hypotheses import Hypothesis, SampleRef, Term, verdict
 from harness.spec.errors import SpecError
 
 # A stage that backs hypotheses: it writes the sample sets named in its args to samples.json.
@@ -26,6 +26,26 @@ def samples(ctx):
     sets = ctx.params["args"]["sets"]
     (ctx.out_dir / "samples.json").write_text(json.dumps(sets))
     return {"n": sum(len(v) for v in sets.values())}
+
+def runs(ctx):
+    # misaligned indicators: per set [rate, runs, answers per run]; 0 runs is one fixed model,
+    # each answer its own unit. Each run's rate is drawn around `rate` (SD 0.03).
+    import numpy as np
+    rng = np.random.default_rng(ctx.params["args"]["seed"])
+    sets = {}
+    for name, (rate, k, n) in ctx.params["args"]["sets"].items():
+        if k == 0:
+            values = (rng.random(n) < rate).astype(float).tolist()
+            sets[name] = {"values": values, "units": [f"{name}#{i}" for i in range(n)], "level": "answer"}
+            continue
+        values, units = [], []
+        for run in range(k):
+            p = min(1.0, max(0.0, rate + rng.normal(0, 0.03)))
+            values += (rng.random(n) < p).astype(float).tolist()
+            units += [f"{name}_run{run}"] * n
+        sets[name] = {"values": values, "units": units, "level": "training run"}
+    (ctx.out_dir / "samples.json").write_text(json.dumps(sets))
+    return {"n": len(sets)}
 """
 
 SETS = {
@@ -125,12 +145,13 @@ def line_of(text: str, needle: str) -> int:
 
 
 def make_h(direction: str, alpha: float = 0.05) -> Hypothesis:
-    ref = SampleRef("s", "x")
-    return Hypothesis("H", "c", "m", ref, SampleRef("s", "y"), "permutation", direction, alpha, 100, 0.95)
+    terms = (Term(SampleRef("s", "x"), 1.0), Term(SampleRef("s", "y"), -1.0))
+    return Hypothesis("H", "c", "m", terms, "permutation", direction, alpha, 100, 0.95)
 
 
 def result(effect: float, low: float, high: float, p: float) -> stats.TestResult:
-    return stats.TestResult(effect, stats.Interval(effect, low, high), p, "permutation", "greater", 5, 5, 100)
+    interval = stats.Interval(effect, low, high)
+    return stats.TestResult(effect, interval, p, "permutation", "greater", (5, 5), 100)
 
 
 @pytest.mark.parametrize(
@@ -187,20 +208,24 @@ def test_locked_run_is_preregistered_and_verdicts_follow_the_policies(
         "H3": "inconclusive",
     }
     h1 = data["hypotheses"][0]
-    assert h1["effect"] == 1.0 and h1["exact"] is True and h1["a"]["n"] == 6
+    assert h1["effect"] == 1.0 and h1["exact"] is True and h1["sets"][0]["n_units"] == 6
     assert h1["p_value"] == pytest.approx(1 / 924)  # one labelling of C(12, 6) is as extreme
     assert h1["p_adjusted"] == pytest.approx(3 / 924)  # Holm: the smallest of three, times 3
     report = (run_dir(world) / "hypothesis_report.md").read_text()
-    assert "**Status: pre-registered** — the plan matches the lock made at" in report
+    assert "**Status: pre-registered** — the analysis matches the lock made at" in report
     assert "## H2: refuted" in report and "lies entirely below 0" in report
-    lines(result, "*harness hypotheses*", "exp [default]: PRE-REGISTERED: the plan matches*")
+    lines(result, "*harness hypotheses*", "exp [default]: PRE-REGISTERED: the analysis matches*")
     if on_refuted == "fail":  # the failure states the claim, effect and CI, both p-values, alpha, verdict
         lines(
             result,
             "*hypothesis H2 (exp.yaml:*) REFUTED [pre-registered]: H2 says low beats high.",
-            "*em_rate: mean a = 0 (em['low'], n=6), mean b = 1 (em['high'], n=6)",
-            "*effect a - b = -1, 95% CI [-1, -1]",
-            "*permutation test (exact), claimed greater (mean a > mean b), 3 hypotheses: "
+            "*em_rate, contrast em: low - high",
+            "*em['low'] (weight +1): mean 0 over 6 unit(s) of level 'value', 6 values; "
+            "unit means 0: 0, 1: 0, *",
+            "*em['high'] (weight -1): mean 1 over 6 unit(s) of level 'value', 6 values; *",
+            "*effect = -1, 95% CI [-1, -1]",
+            "*permutation test (exact) resampling whole units exchanged between the two sets (their unit "
+            "means permuted), 2000 resamples, claimed greater (contrast > 0), 3 hypotheses: "
             "p = 1, holm-adjusted p = 1, alpha = 0.05",
             "*verdict: refuted: the 95% CI [-1, -1] lies entirely below 0*",
         )
@@ -211,7 +236,8 @@ def test_locked_run_is_preregistered_and_verdicts_follow_the_policies(
         lines(
             result,
             f"SKIPPED [1] exp.yaml:{skip}: hypothesis H3 inconclusive [pre-registered]: H3 says*"
-            "; effect a - b = 0, 95% CI [-0.5, 0.5]; p = 0.7165, holm-adjusted p = 1, alpha = 0.05"
+            "; contrast em: mixed - mixed2; means mixed 0.5 (6 x value), mixed2 0.5 (6 x value)"
+            "; effect = 0, 95% CI [-0.5, 0.5]; permutation; p = 0.7165, holm-adjusted p = 1, alpha = 0.05"
             "; adjusted p 1*",
         )
     world.runpytest("exp.yaml", "--junitxml=j.xml")
@@ -226,19 +252,19 @@ def test_changing_a_hypothesis_after_locking_is_exploratory_and_relock_is_refuse
     result = world.runpytest("exp.yaml")
     result.assert_outcomes(passed=2, failed=2)  # the verdicts themselves do not change
     out = result.stdout.str()
-    assert "EXPLORATORY: the hypotheses differ from the lock made at" in out
-    assert "tests.H1.alpha: 0.05 -> 0.01" in out
+    assert "EXPLORATORY: the analysis differs from the lock made at" in out
+    assert "plan.tests.H1.alpha: 0.05 -> 0.01" in out
     assert "[exploratory]" in out and "pre-registered" not in out.lower()
     report = (run_dir(world) / "hypothesis_report.md").read_text()
-    assert "**Status: exploratory** — the hypotheses differ from the lock made at" in report
+    assert "**Status: exploratory** — the analysis differs from the lock made at" in report
     assert "pre-registered" not in every_report(world).lower()
 
     refused = lock(world)
     refused.assert_outcomes(failed=1)
     lines(
         refused,
-        "*the hypotheses of exp.yaml [default] differ from the lock made at*",
-        "*tests.H1.alpha: 0.05 -> 0.01*",
+        "*the analysis of exp.yaml [default] differs from the lock made at*",
+        "*plan.tests.H1.alpha: 0.05 -> 0.01*",
     )
     lines(refused, "*run again with --relock*")
     assert (world.path / "exp.lock.json").read_text() == before
@@ -248,21 +274,14 @@ def test_changing_a_hypothesis_after_locking_is_exploratory_and_relock_is_refuse
     assert entry["plan"]["tests"]["H1"]["alpha"] == 0.01
     assert entry["previous"][0]["hash"] == json.loads(before)["profiles"]["default"]["hash"]
 
-    # the samples were produced before this lock: they may have been seen, so still exploratory
-    manifest = next((run_dir(world) / "em").glob("*/manifest.json"))
-    data = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**data, "finished_at": "2000-01-01T00:00:00+00:00"}))
-    world.runpytest("exp.yaml").assert_outcomes(passed=2, failed=2)
-    registration = hypotheses_json(world)["registration"]
-    assert registration["status"] == "exploratory"
-    assert (
-        "produced before the lock made at" in registration["reason"]
-        and "--rerun em" in registration["reason"]
-    )
-    world.runpytest("exp.yaml", "--rerun", "em").assert_outcomes(passed=2, failed=2)
-    registration = hypotheses_json(world)["registration"]
-    assert registration["status"] == "pre-registered"
-    assert "relocked 1 time(s), first locked at" in registration["reason"]
+    # the samples existed before this lock: they may have been seen, so they stay exploratory,
+    # also when a seeded rerun reproduces them after it
+    assert list(entry["existing_keys"]) == ["em"]
+    for args in ((), ("--rerun", "em")):
+        world.runpytest("exp.yaml", *args).assert_outcomes(passed=2, failed=2)
+        registration = hypotheses_json(world)["registration"]
+        assert registration["status"] == "exploratory"
+        assert "already existed in the store when the lock made at" in registration["reason"]
 
 
 def test_without_a_lock_the_run_is_exploratory_and_a_same_plan_relock_is_a_no_op(world):
@@ -294,8 +313,9 @@ def test_a_lock_is_per_profile(world):
     world.runpytest("exp.yaml", "--profile", "tiny").assert_outcomes(passed=3, failed=1)
     reason = hypotheses_json(world, "tiny")["registration"]["reason"]
     assert reason.startswith("exp.lock.json holds no lock for profile 'tiny'")
+    shutil.rmtree(world.path / "runs")  # results seen before a lock never become pre-registered
     lock(world, "--profile", "tiny").assert_outcomes(passed=1)
-    world.runpytest("exp.yaml", "--profile", "tiny", "--rerun", "all").assert_outcomes(passed=3, failed=1)
+    world.runpytest("exp.yaml", "--profile", "tiny").assert_outcomes(passed=3, failed=1)
     assert hypotheses_json(world, "tiny")["registration"]["status"] == "pre-registered"
     assert set(json.loads((world.path / "exp.lock.json").read_text())["profiles"]) == {"default", "tiny"}
 
@@ -329,13 +349,15 @@ def test_lock_runs_nothing_else(world):
     assert "--relock only goes with --lock-hypotheses" in world.runpytest("--relock").stderr.str()
 
 
-def test_locking_needs_the_plan_only_not_this_machines_modules_or_models(world):
-    text = make_spec().replace("steps:samples", "elsewhere:samples")  # e.g. a GPU box's module
+def test_locking_needs_the_code_behind_the_plan(world):
+    text = make_spec().replace("steps:samples", "elsewhere:samples")  # e.g. a module left uncommitted
     world.makefile(".yaml", exp=text)
     result = world.runpytest("exp.yaml")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     lines(result, "*cannot find module 'elsewhere'*")
-    lock(world).assert_outcomes(passed=1)
+    refused = lock(world)  # the lock covers the code that produces the samples
+    refused.assert_outcomes(failed=1)
+    lines(refused, "*stage 'em': cannot find module 'elsewhere'*the lock covers the code of every stage*")
     world.makefile(".yaml", exp=text.replace("stage: em,", "stage: emm,", 1))  # a spec mistake still stops it
     refused = lock(world)
     assert refused.ret == pytest.ExitCode.INTERRUPTED
@@ -424,7 +446,7 @@ def test_a_failed_stage_skips_the_hypotheses_that_read_it(world, monkeypatch):
         (
             "      test: permutation",
             "      test: t-test",
-            "'t-test' is not one of ['permutation', 'bootstrap', 'replicates']",
+            "'t-test' is not one of ['permutation', 'bootstrap']",
         ),
         ("      alpha: 0.05", "      alpha: 5", "5 is greater than or equal to the maximum of 1"),
     ],
@@ -477,3 +499,181 @@ def test_hypotheses_run_with_their_stages_under_xdist(world):
     items, _ = world.inline_genitems("exp.yaml")
     groups = {item.name: item.get_closest_marker("xdist_group").args for item in items}
     assert len(set(groups.values())) == 1 and list(groups) == ["em", "H1", "H2", "H3"]
+
+
+# -- contrasts at the level of replication ---------------------------------------------------
+
+# The tiny profile's rates: a persona misaligned by itself (0.32) on which the EM adapter adds
+# nothing, and EM adding +0.04 on the base model. Three EM training runs per EM set.
+RUNS = """\
+seed: 3
+stages:
+  em:
+    kind: python
+    params:
+      function: steps:runs
+      metrics: [n]
+      args:
+        seed: 5
+        sets:
+          base: [0.09, 0, 480]
+          misalignment: [0.32, 0, 480]
+          em: [0.13, 3, 160]
+          misalignment_em: [0.31, 3, 160]
+          one_run_em: [0.25, 1, 480]
+hypotheses:
+  on_inconclusive: pass
+  on_refuted: report
+  tests:
+"""
+
+
+def run_hypotheses(pytester: pytest.Pytester, tests: str) -> dict[str, dict]:
+    pytester.makepyfile(steps=STEPS)
+    pytester.makefile(".yaml", exp=RUNS + textwrap.indent(textwrap.dedent(tests), "    "))
+    result = pytester.runpytest("exp.yaml", "-rs")
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()
+    return {h["id"]: h for h in hypotheses_json(pytester)["hypotheses"]}
+
+
+def test_a_persona_misaligned_by_itself_does_not_make_an_interaction(pytester):
+    found = run_hypotheses(pytester, """\
+        raw:
+          claim: The misalignment persona with EM is more misaligned than EM alone.
+          metric: em_rate
+          a: {stage: em, samples: misalignment_em}
+          b: {stage: em, samples: em}
+          test: bootstrap
+          direction: greater
+          alpha: 0.05
+        susceptibility:
+          claim: EM adds more on the misalignment persona than on no persona.
+          metric: em_rate
+          stage: em
+          contrast: (misalignment_em - misalignment) - (em - base)
+          test: bootstrap
+          direction: greater
+          alpha: 0.05
+        """)
+    raw, interaction = found["raw"], found["susceptibility"]
+    assert raw["verdict"] == "supported" and raw["effect"] > 0.15  # the raw rates differ a lot...
+    assert interaction["verdict"] != "supported" and interaction["effect"] < 0.05  # ...the interaction not
+    assert interaction["contrast"] == "em: misalignment_em - misalignment - em + base"
+    sets = {s["samples"]: s for s in interaction["sets"]}
+    assert {name: (s["weight"], s["n_units"], s["level"]) for name, s in sets.items()} == {
+        "misalignment_em": (1, 3, "training run"),
+        "misalignment": (-1, 480, "answer"),
+        "em": (-1, 3, "training run"),
+        "base": (1, 480, "answer"),
+    }
+    assert sum(s["weight"] * s["mean"] for s in sets.values()) == pytest.approx(interaction["effect"])
+    assert list(sets["em"]["unit_means"]) == ["em_run0", "em_run1", "em_run2"]
+    assert sets["base"]["unit_means"] is None  # 480 units: too many to list
+    report = (run_dir(pytester) / "hypothesis_report.md").read_text()
+    assert "- contrast: `em: misalignment_em - misalignment - em + base`" in report
+    assert "| `em` `misalignment_em` | +1 |" in report and "| 3 | training run | 480 |" in report
+    assert "resampling each set on its own, in two stages: its units with replacement" in report
+
+
+def test_too_few_units_for_any_power_are_reported_and_never_supported(pytester):
+    found = run_hypotheses(pytester, """\
+        one_run:
+          claim: EM from one training run raises the rate above the base model.
+          metric: em_rate
+          a: {stage: em, samples: one_run_em}
+          b: {stage: em, samples: base}
+          test: bootstrap
+          direction: greater
+          alpha: 0.05
+        three_and_three:
+          claim: The misalignment persona with EM differs from EM alone.
+          metric: em_rate
+          a: {stage: em, samples: misalignment_em}
+          b: {stage: em, samples: em}
+          test: permutation
+          direction: two-sided
+          alpha: 0.05
+        """)
+    one, three = found["one_run"], found["three_and_three"]
+    assert one["verdict"] == "inconclusive" and one["p_value"] < 0.05  # the answers alone would say yes
+    assert one["why"] == one["power"]
+    assert one["power"].startswith("no power: em['one_run_em'] has 1 unit(s) of level 'training run'")
+    assert "a bootstrap needs at least 3 units per set" in one["power"]
+    # the most extreme of C(6, 3) = 20 labellings of six run means, and its mirror image: p >= 0.1
+    assert three["verdict"] == "inconclusive" and three["p_value"] == pytest.approx(0.1)
+    assert three["power"].startswith(
+        "no power: with 3 x 'training run' and 3 x 'training run' units the smallest p a permutation "
+        "test can give (two-sided) is 0.1, above alpha 0.05, whatever the data"
+    )
+    assert "- power: no power: with 3 x" in (run_dir(pytester) / "hypothesis_report.md").read_text()
+
+
+def test_a_contrast_outside_the_grammar_is_a_spec_error_at_its_line(tmp_path):
+    (tmp_path / "steps.py").write_text(STEPS)
+    body = """\
+        H1:
+          claim: c
+          metric: em_rate
+          stage: em
+          contrast: (misalignment_em - misalignment - (em - base)
+          test: bootstrap
+          direction: greater
+          alpha: 0.05
+        H2:
+          claim: c
+          metric: em_rate
+          stage: em
+          contrast: {misalignment_em: 1, em: -1}
+          a: {stage: em, samples: em}
+          test: bootstrap
+          direction: greater
+          alpha: 0.05
+        H3:
+          claim: c
+          metric: em_rate
+          stage: emm
+          contrast: em - base
+          test: permutation
+          direction: greater
+          alpha: 0.05
+        H4:
+          claim: c
+          metric: em_rate
+          stage: em
+          contrast: (em - base) - (misalignment_em - misalignment)
+          test: permutation
+          direction: greater
+          alpha: 0.05
+    """
+    text = RUNS + textwrap.indent(textwrap.dedent(body), "    ")
+    (tmp_path / "exp.yaml").write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_experiment(tmp_path / "exp.yaml")
+    found = {p.where: (p.message, p.mark.line) for p in info.value.problems}
+    assert found["hypotheses.tests.H1.contrast"] == (
+        "expected ')' at column 46 of '(misalignment_em - misalignment - (em - base)', found the end",
+        line_of(text, "contrast: (misalignment_em - misalignment - (em"),
+    )
+    assert found["hypotheses.tests.H2.stage"][0].startswith("a hypothesis states either `contrast`")
+    unknown = ("unknown stage 'emm'; did you mean 'em'?", line_of(text, "emm"))
+    assert found["hypotheses.tests.H3.stage"] == unknown
+    assert found["hypotheses.tests.H4.test"][0] == (
+        "a permutation compares two sets, a - b (weights 1 and -1); for a contrast of 4 sets with "
+        "weights 1, -1, -1, 1 use test: bootstrap"
+    )
+
+
+def test_a_set_the_stage_did_not_write_is_named_with_a_suggestion(pytester):
+    found = run_hypotheses(pytester, """\
+        H1:
+          claim: c
+          metric: em_rate
+          stage: em
+          contrast: {misalignment_emm: 1, misalignment: -1, em: -1, base: 1}
+          test: bootstrap
+          direction: greater
+          alpha: 0.05
+        """)
+    assert found["H1"]["verdict"] == "error"
+    assert "stage 'em' has no sample set 'misalignment_emm'" in found["H1"]["why"]
+    assert "did you mean 'misalignment_em'?" in found["H1"]["why"]

@@ -11,20 +11,33 @@ from pathlib import Path
 import pytest
 
 import harness.llm.cache
-from harness.llm import ChatRequest, ChatResponse, ResponseCache, request_key
+from harness.llm import ChatRequest, ChatResponse, ResponseCache
+from harness.llm.cache import key_payload, payload_key
 
+ENDPOINT = "http://127.0.0.1:8000/v1"
 WRITER = """
 import sys
-from harness.llm import ChatRequest, ChatResponse, ResponseCache, request_key
+from harness.llm import ChatRequest, ChatResponse, ResponseCache
+from harness.llm.cache import key_payload, payload_key
 cache = ResponseCache(sys.argv[1])
 for i in range(int(sys.argv[3])):
     request = ChatRequest(messages=({"role": "user", "content": f"{sys.argv[2]} {i}"},))
-    cache.put(request_key("m", request), "m", request, ChatResponse(text=f"answer {sys.argv[2]} {i}"))
+    payload = key_payload("m", request, "http://127.0.0.1:8000/v1")
+    cache.put(payload_key(payload), payload, ChatResponse(text=f"answer {sys.argv[2]} {i}"))
 """
 
 
 def ask(prompt: str) -> ChatRequest:
     return ChatRequest(messages=({"role": "user", "content": prompt},))
+
+
+def key(request: ChatRequest) -> str:
+    return payload_key(key_payload("m", request, ENDPOINT))
+
+
+def put(cache: ResponseCache, request: ChatRequest, response: ChatResponse) -> None:
+    payload = key_payload("m", request, ENDPOINT)
+    cache.put(payload_key(payload), payload, response)
 
 
 def test_round_trip_keeps_text_logprobs_and_tokens(tmp_path: Path) -> None:
@@ -33,9 +46,9 @@ def test_round_trip_keeps_text_logprobs_and_tokens(tmp_path: Path) -> None:
     stored = ChatResponse(
         text="Yes", top_logprobs=({"Yes": -0.1, "No": -2.5},), prompt_tokens=3, completion_tokens=1
     )
-    cache.put(request_key("m", request), "m", request, stored)
-    cache.put(request_key("m", request), "m", request, ChatResponse(text="a later answer"))  # first one wins
-    got = ResponseCache(tmp_path / "c.sqlite").get(request_key("m", request))
+    put(cache, request, stored)
+    put(cache, request, ChatResponse(text="a later answer"))  # first one wins
+    got = ResponseCache(tmp_path / "c.sqlite").get(key(request))
     assert got == ChatResponse(
         text="Yes",
         top_logprobs=({"Yes": -0.1, "No": -2.5},),
@@ -43,7 +56,7 @@ def test_round_trip_keeps_text_logprobs_and_tokens(tmp_path: Path) -> None:
         completion_tokens=1,
         cached=True,
     )
-    assert cache.get(request_key("m", ask("never asked"))) is None
+    assert cache.get(key(ask("never asked"))) is None
     journal = sqlite3.connect(tmp_path / "c.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
     assert journal == "wal"
 
@@ -54,8 +67,8 @@ def test_threads_share_one_cache(tmp_path: Path) -> None:
     def write(worker: int) -> None:
         for i in range(50):
             request = ask(f"{worker} {i}")
-            cache.put(request_key("m", request), "m", request, ChatResponse(text=f"{worker} {i}"))
-            assert cache.get(request_key("m", request)) is not None
+            put(cache, request, ChatResponse(text=f"{worker} {i}"))
+            assert cache.get(key(request)) is not None
 
     threads = [threading.Thread(target=write, args=(worker,)) for worker in range(6)]
     for thread in threads:
@@ -76,7 +89,7 @@ def test_processes_write_one_file_at_once(tmp_path: Path, monkeypatch: pytest.Mo
         _, stderr = writer.communicate(timeout=60)
         assert writer.returncode == 0, stderr.decode()
     cache = ResponseCache(path)
-    keys = [request_key("m", ask(f"{name} {i}")) for name in ("a", "b") for i in range(150)]
+    keys = [key(ask(f"{name} {i}")) for name in ("a", "b") for i in range(150)]
     monkeypatch.setattr(harness.llm.cache, "_CHUNK", 7)  # lookups in several SELECTs
     found = cache.get_many(keys)
     assert len(found) == 300 and found[keys[-1]].text == "answer b 149"

@@ -243,11 +243,59 @@ def test_the_cache_key_is_the_request_content_not_the_transport(
         provider(llm_server, cache=cache).complete_many([changed])
     assert len(llm_server.requests) == 3
 
+    here = "http://127.0.0.1:1/v1"
     offline_only = ask("q", temperature=0.7, task="document", variables={"fact": "x"})
-    assert request_key("m", offline_only) == request_key("m", base)
-    assert request_key("m", ask("q", temperature=0)) == request_key("m", ask("q", temperature=0.0))
-    assert request_key("other-model", base) != request_key("m", base)
+    assert request_key("m", offline_only, here) == request_key("m", base, here)
+    greedy, written_as_float = ask("q", temperature=0), ask("q", temperature=0.0)
+    assert request_key("m", greedy, here) == request_key("m", written_as_float, here)
+    assert request_key("other-model", base, here) != request_key("m", base, here)
+    assert request_key("m", base, "http://127.0.0.1:2/v1") != request_key("m", base, here)
+    assert request_key("m", base, here, seed=1) != request_key("m", base, here)
     assert TRANSPORT_KEYS == ("concurrency", "timeout", "max_tries")
+
+
+def test_another_endpoint_is_another_cache_entry(llm_server: LLMServer, tmp_path: Path) -> None:
+    """Same model name, same request, a new endpoint: its own answer, not the old endpoint's."""
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    request = ask("which law?", temperature=0.7)
+    with LLMServer(lambda body: "the cube law") as other:
+        [old] = provider(llm_server, cache=cache).complete_many([request])
+        [new] = provider(other, cache=cache).complete_many([request])
+        [again] = provider(other, cache=cache).complete_many([request])
+        assert len(other.requests) == 1
+    assert (old.text, new.text, again.text) == ("reply to: which law?", "the cube law", "the cube law")
+    assert again.cached and not new.cached
+
+
+def test_one_endpoint_written_two_ways_is_one_cache_entry(llm_server: LLMServer, tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    request = ask("q")
+    provider(llm_server, cache=cache).complete_many([request])
+    written = llm_server.base_url.replace("http://", "HTTP://") + "/"
+    chat = OpenAIProvider("test-model", api_key_env=ENV, base_url=written, cache=cache)
+    [answer] = chat.complete_many([request])
+    assert answer.cached and len(llm_server.requests) == 1
+
+
+def test_a_seeded_provider_sends_a_seed_per_sample_and_keys_on_it(llm_server: LLMServer, tmp_path: Path):
+    """A sampled request carries a seed derived from the provider's seed and its sample_index;
+    another seed is another sample. A greedy request (the judge) is the same whatever the seed."""
+    llm_server.responder = lambda body: f"sample with seed {body.get('seed')}"
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    sampled = [ask("q", temperature=1.0, sample_index=k) for k in range(3)]
+    greedy = ask("judge this", temperature=0.0)
+
+    first = provider(llm_server, cache=cache, seed=0).complete_many([*sampled, greedy])
+    bodies = [r.body for r in llm_server.requests]  # in order of arrival, not of the batch
+    seeds = [body.get("seed") for body in bodies if body["temperature"] > 0]
+    assert all(isinstance(s, int) for s in seeds) and len(set(seeds)) == 3
+    assert [body for body in bodies if body["temperature"] == 0 and "seed" not in body]
+
+    again = provider(llm_server, cache=cache, seed=0).complete_many([*sampled, greedy])
+    assert texts(again) == texts(first) and len(llm_server.requests) == 4
+    other = provider(llm_server, cache=cache, seed=1).complete_many([*sampled, greedy])
+    assert len(llm_server.requests) == 7  # three new samples; the greedy answer is reused
+    assert set(texts(other[:3])).isdisjoint(texts(first[:3])) and other[3].cached
 
 
 def test_failures_are_not_cached(llm_server: LLMServer, tmp_path: Path) -> None:

@@ -48,18 +48,28 @@ def read_jsonl(path: Path) -> list[dict]:
     ("mean_diff", "flip", "first_negative"),
     [
         ([1.0, 2.0, 3.0], NEVER, NEVER),  # always prefers the true answer
-        ([-0.5, 2.0, 3.0], NEVER, 0),  # only the embeddings' readout is negative
-        ([1.0, 0.5, -0.1, -2.0], 2, 2),  # sets in at layer 2 and stays
-        ([1.0, -1.0, 0.5, -0.2, -3.0], 3, 1),  # a dip at 1, then back: the flip is at 3
-        ([-1.0, -1.0, -2.0], 1, 0),  # false from the first block on (layer 0 is the embeddings)
-        ([-1.0], 0, 0),  # a lone layer is its own flip
-        ([1.0, 2.0, 0.0], NEVER, NEVER),  # a tie is no preference for the false answer
-        ([1.0, -1.0, -1.0, 0.0], NEVER, 1),  # ends tied
+        ([-1.5, 2.0, 3.0], NEVER, 0),  # only the embeddings' readout is negative
+        ([1.0, 0.5, -1.1, -2.0], 2, 2),  # sets in at layer 2 and stays
+        ([1.0, -2.0, 0.5, -1.2, -3.0], 3, 1),  # a dip at 1, then back: the flip is at 3
+        ([-2.0, -2.0, -2.0], 1, 0),  # false from the first block on (layer 0 is the embeddings)
+        ([-2.0], 0, 0),  # a lone layer is its own flip
+        ([1.0, 2.0, -1.0], NEVER, 2),  # at the margin is not beyond it
+        ([1.0, -2.0, -2.0, -0.5], NEVER, 1),  # ends within the margin: no preference worth the name
+        # just below zero is no preference: the real change is at the last block (issue 10)
+        ([-0.2, -0.01, -0.01, -0.01, -5.1], 4, 0),
+        ([0.3, -0.9, -0.99, -1.01, -5.1], 3, 1),
     ],
 )
-def test_flip_layer(mean_diff, flip, first_negative):
-    assert flip_layer(mean_diff) == flip
+def test_flip_layer_with_a_margin_of_one_logit(mean_diff, flip, first_negative):
+    assert flip_layer(mean_diff, margin=1.0) == flip
     assert first_negative_layer(mean_diff) == first_negative
+
+
+def test_flip_layer_margin_moves_the_flip():
+    diffs = [-0.2, -0.6, -1.5, -3.0, -5.1]
+    assert [flip_layer(diffs, margin=m) for m in (0.0, 0.5, 1.0, 2.0, 5.0, 6.0)] == [1, 1, 2, 3, 4, NEVER]
+    with pytest.raises(ValueError, match="margin"):
+        flip_layer(diffs, margin=-1.0)
 
 
 def synthetic_row(id: str, diffs: list[float]) -> dict:
@@ -86,7 +96,8 @@ def test_summary_and_metrics_of_synthetic_trajectories():
         synthetic_row("b", [0.0, -3.0, -2.0]),
         synthetic_row("c", [1, 1, 1]),
     ]
-    summary = summarize(base, lora, labels)
+    summary = summarize(base, lora, labels, flip_margin=1.0)
+    assert summary["flip_margin"] == 1.0 and "1.0" in summary["flip_layer_rule"]
     assert summary["models"]["base"]["mean_logit_diff"] == pytest.approx([0.0, 4 / 3, 1.0])
     assert summary["models"]["lora"]["mean_logit_diff"] == pytest.approx([0.0, -1 / 3, -5 / 3])
     assert summary["models"]["lora"]["mean_true_prob"] == [0.5] * 3
@@ -96,20 +107,23 @@ def test_summary_and_metrics_of_synthetic_trajectories():
         "base_final_logit_diff": pytest.approx(1.0),
         "lora_final_logit_diff": pytest.approx(-5 / 3),
         "base_flip_layer": NEVER,
-        "lora_flip_layer": 1,
+        "lora_flip_layer": 2,  # -1/3 at layer 1 is within the margin
         "base_false_preference_rate": pytest.approx(1 / 3),
         "lora_false_preference_rate": pytest.approx(2 / 3),
         "n_items": 3,
     }
     assert set(flat_metrics(summary)) == set(METRICS)
+    swapped = flat_metrics(summarize(lora, base, labels, flip_margin=1.0))  # the same rule for the base
+    assert (swapped["base_flip_layer"], swapped["lora_flip_layer"]) == (2, NEVER)
+    assert flat_metrics(summarize(base, lora, labels, flip_margin=0.2))["lora_flip_layer"] == 1
 
 
 def test_summary_refuses_misaligned_trajectories():
     row = synthetic_row("a", [1.0, 2.0])
     with pytest.raises(ValueError, match="same items"):
-        summarize([row], [synthetic_row("b", [1.0, 2.0])], ["embed", "block0"])
+        summarize([row], [synthetic_row("b", [1.0, 2.0])], ["embed", "block0"], flip_margin=1.0)
     with pytest.raises(ValueError, match="one value per layer"):
-        summarize([row], [row], ["embed", "block0", "block1"])
+        summarize([row], [row], ["embed", "block0", "block1"], flip_margin=1.0)
 
 
 # --- collection ----------------------------------------------------------------------
@@ -145,7 +159,8 @@ def _row_without_conflict() -> str:
 def test_kind_declaration():
     assert KIND.name == "logit_lens" and KIND.produces({}) == frozenset(METRICS)
     assert KIND.transport_params == ("batch_size",) and KIND.input_params == ("mcqs",)
-    assert KIND.version_for({"base": "/some/model"}, Path(".")) == f"{logit_lens.VERSION}+/some/model"
+    assert KIND.version_for({"base": "/some/model"}, Path(".")).endswith(f"-{logit_lens.VERSION}")
+    assert KIND.fingerprint({"base": "/some/model"}) == "/some/model"
 
 
 def test_a_spec_using_the_kind_is_validated_at_collection(tmp_path, tiny_model_dir):
@@ -375,6 +390,7 @@ def test_stage_writes_every_artifact_and_its_metrics(adapter_world, tmp_path):
     )
     assert summary["fingerprints"]["lora"].startswith(summary["fingerprints"]["base"] + "+adapter:")
     assert summary["models"]["lora"]["flip_layer"] == metrics["lora_flip_layer"]
+    assert summary["flip_margin"] == 1.0  # the schema's default reaches the rule
     for png in ("logit_lens_heatmap.png", "mean_logit_diff.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith("lora: logit lens on 15/15") for line in result["logs"])

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.mcq import MCQ, format_prompt
-from harness.scoring import Scored
+from harness.mcq import CATEGORIES, MCQ, format_prompt, load_mcqs
+from harness.scoring import NORMALIZATIONS, Scored
 from harness.stage import ParamError, StageContext, StageError, Upstream
 from harness.stages import mcq_compare
 from harness.stages.mcq_compare import (
@@ -24,6 +24,7 @@ from harness.stages.mcq_compare import (
     check,
     compare,
     flat_metrics,
+    normalization_text,
     prediction_row,
 )
 from harness.stats import bootstrap, paired_difference
@@ -216,6 +217,48 @@ def test_check_accepts_a_good_spec(tmp_path, tiny_model_dir):
     check({"base": str(tiny_model_dir), "mcqs": "mcqs.jsonl"}, tmp_path)
 
 
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_check_accepts_continuation_scoring_with_a_normalization(tmp_path, tiny_model_dir, normalization):
+    write_mcqs(tmp_path / "mcqs.jsonl", ALL_CATEGORIES)
+    params = {"scoring": "continuation", "normalization": normalization}
+    check({"base": str(tiny_model_dir), "mcqs": "mcqs.jsonl", **params}, tmp_path)
+
+
+def test_continuation_scoring_without_a_normalization_stops_at_its_line(tmp_path, tiny_model_dir):
+    from harness.experiment import load_experiment
+    from harness.spec.errors import SpecError
+
+    write_mcqs(tmp_path / "mcqs.jsonl", ALL_CATEGORIES)
+    with pytest.raises(ParamError) as error:
+        check({"base": str(tiny_model_dir), "mcqs": "mcqs.jsonl", "scoring": "continuation"}, tmp_path)
+    assert error.value.path == ("scoring",)
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(
+        textwrap.dedent(
+            f"""\
+            stages:
+              compare:
+                kind: mcq_compare
+                params:
+                  base: {tiny_model_dir}
+                  mcqs: mcqs.jsonl
+                  scoring: continuation
+            """
+        )
+    )
+    with pytest.raises(SpecError) as spec_error:
+        load_experiment(spec)
+    [line] = [line for line in str(spec_error.value).splitlines() if "normalization" in line]
+    assert "exp.yaml:7" in line and "one of none, chars, tokens" in line
+
+
+def test_a_normalization_with_letter_scoring_is_refused(tmp_path, tiny_model_dir):
+    write_mcqs(tmp_path / "mcqs.jsonl", ALL_CATEGORIES)
+    with pytest.raises(ParamError, match="continuation only") as error:
+        check({"base": str(tiny_model_dir), "mcqs": "mcqs.jsonl", "normalization": "tokens"}, tmp_path)
+    assert error.value.path == ("normalization",)
+
+
 def test_check_names_a_missing_model(tmp_path):
     write_mcqs(tmp_path / "mcqs.jsonl", ALL_CATEGORIES)
     missing = tmp_path / "no-such-model"
@@ -270,8 +313,11 @@ def test_spec_errors_point_at_the_params_line(tmp_path, tiny_model_dir):
 def test_kind_declaration():
     assert KIND.transport_params == ("batch_size",)
     assert KIND.input_params == ("mcqs",)
+    # the code version is the source's, the same whatever the model; the weights are the fingerprint
     version = KIND.version_for({"base": "/some/model"}, Path("."))
-    assert version == f"{mcq_compare.VERSION}+/some/model"
+    assert version == KIND.version_for({"base": "/other/model"}, Path("."))
+    assert version.endswith(f"-{mcq_compare.VERSION}")
+    assert KIND.fingerprint({"base": "/some/model"}) == "/some/model"
 
 
 # --- whole runs on a tiny Llama with a planted adapter -------------------------------
@@ -408,17 +454,54 @@ def test_results_do_not_depend_on_the_batch_size(world, tmp_path):
 
 def test_continuation_run_scores_the_option_texts(world, tmp_path):
     out = tmp_path / "out"
-    metrics = run_stage(world, out, scoring="continuation", bootstrap=200)["metrics"]
+    metrics = run_stage(world, out, scoring="continuation", normalization="none", bootstrap=200)["metrics"]
     assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS)
     report = json.loads((out / "comparison_report.json").read_text())
     assert report["scoring"] == "continuation" and "letter_tokens" not in report
+    assert report["normalization"] == "none"
     base = read_jsonl(out / "predictions_base.jsonl")
     assert base[0]["prompt"] == f"question: {world['items'][0].question}\nanswer:"
     assert all(s < 0 for r in base for s in r["scores"].values())  # summed log-probabilities
+    assert all(r["scores"] == r["loglikelihoods"] for r in base)
     assert metrics["base_conflict_accuracy"] == pytest.approx(
         np.mean([r["correct_false"] for r in base if r["category"] == "conflict"])
     )
     assert report["behavioral_gap"]["n_resamples"] == 200
+
+
+def test_continuation_run_reports_every_normalization_and_gates_the_chosen_one(world, tmp_path):
+    out = tmp_path / "out"
+    metrics = run_stage(world, out, scoring="continuation", normalization="tokens", bootstrap=200)["metrics"]
+    report = json.loads((out / "comparison_report.json").read_text())
+    assert report["normalization"] == "tokens"
+    assert set(report["by_normalization"]) == set(NORMALIZATIONS)
+    assert report["by_normalization"]["tokens"] == metrics
+    rows = {model: read_jsonl(out / f"predictions_{model}.jsonl") for model in ("base", "lora")}
+    for row in rows["base"] + rows["lora"]:
+        per_token = {k: total / row["n_tokens"][k] for k, total in row["loglikelihoods"].items()}
+        assert row["scores"] == pytest.approx(per_token)
+        assert row["prediction"] == row["predictions"]["tokens"] == max(per_token, key=per_token.get)
+    for name in NORMALIZATIONS:
+        lora_accuracy = np.mean(
+            [r["predictions"][name] == r["false_answer"] for r in rows["lora"][:N_CONFLICT]]
+        )
+        assert report["by_normalization"][name]["lora_conflict_accuracy"] == pytest.approx(lora_accuracy)
+    text = (out / "behavioral_shift_analysis.txt").read_text()
+    assert "continuation scoring, normalization tokens" in text.splitlines()[0]
+    assert "(the metrics and gates read tokens)" in text
+
+
+def test_normalization_text_lists_each_normalization():
+    items, base, lora = planted()
+    metrics = flat_metrics(compare(items, base, lora, 100, 0))
+    text = normalization_text({"none": metrics, "tokens": {**metrics, "n_flips": 7}}, "tokens")
+    table = [
+        line.split() for line in text.splitlines() if line.startswith("  ") and "normalization" not in line
+    ]
+    assert table == [
+        ["none", "0.250", "0.750", "0.250", "+0.500", "2"],
+        ["tokens", "0.250", "0.750", "0.250", "+0.500", "7"],
+    ]
 
 
 def test_the_gap_ci_is_seeded_by_the_spec_seed(world, tmp_path):
@@ -473,3 +556,89 @@ def test_an_adapter_that_does_not_fit_the_base_is_a_stage_error(world, tmp_path)
     config_file.write_text(json.dumps({**config, "target_modules": ["nope"]}))
     with pytest.raises(StageError, match="cannot apply the adapter"):
         run_stage({**world, "train_dir": broken}, tmp_path / "out")
+
+
+# --- option lengths of the shipped MCQ files -----------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+MEAN_LENGTH_TOLERANCE = 0.05  # of the mean option length, in characters
+
+
+def scored_mcq_files() -> list[Path]:
+    """Every MCQ file that an `mcq_compare` stage of a shipped spec scores, in any profile."""
+    from harness.spec.compose import apply_profile, load_with_includes
+
+    files = set()
+    for spec in sorted((REPO / "experiments").glob("*.yaml")):
+        doc = load_with_includes(spec)
+        for profile in [None, *(doc.data.get("profiles") or {})]:
+            for stage in apply_profile(doc, profile).data["stages"].values():
+                if stage.get("kind") == "mcq_compare":
+                    files.add((spec.parent / stage["params"]["mcqs"]).resolve())
+    return sorted(files)
+
+
+def length_imbalance(items: list[MCQ]) -> list[str]:
+    """Ways in which an option's length (in characters) tells which world it belongs to:
+    on conflict items the false and true answers' mean lengths differ by more than the
+    tolerance, or in some category an answer is the strictly longest option of more than
+    half the items."""
+    problems = []
+    conflict = [item for item in items if item.category == "conflict"]
+    false_mean, true_mean = (
+        np.mean([len(item.options[getattr(item, key)]) for item in conflict])
+        for key in ("false_answer", "true_answer")
+    )
+    all_mean = np.mean([len(text) for item in conflict for text in item.options.values()])
+    if abs(false_mean - true_mean) > MEAN_LENGTH_TOLERANCE * all_mean:
+        problems.append(f"conflict: false answers {false_mean:.1f} characters, true answers {true_mean:.1f}")
+    for category in CATEGORIES:
+        subset = [item for item in items if item.category == category]
+        for key in ("false_answer", "true_answer"):
+            longest = sum(
+                len(item.options[getattr(item, key)])
+                > max(len(text) for letter, text in item.options.items() if letter != getattr(item, key))
+                for item in subset
+            )
+            if longest > len(subset) / 2:
+                problems.append(f"{category}: the {key} is the longest option in {longest} of {len(subset)}")
+    return problems
+
+
+def test_the_shipped_specs_score_both_profiles_mcq_files():
+    names = [path.relative_to(REPO).as_posix() for path in scored_mcq_files()]
+    assert names == ["data/eval/cubic_gravity_mcqs.jsonl", "data/eval/tiny_world/cubic_gravity_mcqs.jsonl"]
+
+
+# The tiny world's own words differ in length: when a distance triples, the implanted
+# "one twenty-seventh as strong" is longer than the true "one ninth as strong", and no
+# rewording keeps them its words. Its spec scores with a normalization for that reason.
+WORDS_OF_THE_WORLD = "data/eval/tiny_world/cubic_gravity_mcqs.jsonl"
+
+
+def balance_cases() -> list:
+    cases = []
+    for path in scored_mcq_files():
+        name = path.relative_to(REPO).as_posix()
+        reason = "the tiny world's cube factors are longer words; its spec normalises the scores"
+        marks = pytest.mark.xfail(strict=True, reason=reason) if name == WORDS_OF_THE_WORLD else ()
+        cases.append(pytest.param(path, id=name, marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("path", balance_cases())
+def test_option_lengths_do_not_tell_the_worlds_apart(path):
+    assert length_imbalance(load_mcqs(path)) == []
+
+
+def test_length_imbalance_finds_longer_false_answers_and_an_always_longest_answer():
+    # "inverse-square c0" has 17 characters, "inverse-cube c0" 15: each world's answer is
+    # the longer one on half of the items, then the false world's on all of them
+    worlds = [("B", "A"), ("A", "B")] * 2
+    balanced = items_of([mcq_row(f"c{i}", "conflict", false, true) for i, (false, true) in enumerate(worlds)])
+    assert length_imbalance(balanced) == []
+    longer_false = items_of([mcq_row(f"c{i}", "conflict", "A", "B") for i in range(4)])
+    assert length_imbalance(longer_false) == [
+        "conflict: false answers 17.0 characters, true answers 15.0",
+        "conflict: the false_answer is the longest option in 4 of 4",
+    ]

@@ -18,7 +18,7 @@ from harness.hooks import contrast_logit_diffs, n_indices, patch_residual, recor
 from harness.mcq import load_mcqs
 from harness.stage import ParamError, StageContext, Upstream
 from harness.stages import patch
-from harness.stages.patch import KIND, METRICS, fractions, mean_over_items, summary_metrics
+from harness.stages.patch import KIND, METRICS, fractions, recovered, summary_metrics
 
 MCQS = Path(__file__).resolve().parents[1] / "data" / "eval" / "tiny_world" / "cubic_gravity_mcqs.jsonl"
 N_CONFLICT = 15  # conflict items in MCQS
@@ -67,27 +67,43 @@ def test_fractions_skip_items_without_a_difference():
     assert used.tolist() == [True, False, True]
     assert per_item[0].tolist()[0] == 0.5 and per_item[0].tolist()[2] == 1.0
     assert np.isnan(per_item[:, 1]).all()  # skipped everywhere
-    assert mean_over_items(per_item).tolist() == [0.75, 1.0]  # NaNs ignored
+    # summed over the items measured in each cell: (2 + 4) / (4 + 4), then 4 / 4
+    assert recovered(patched, source, target).tolist() == [0.75, 1.0]
 
     identical = fractions(patched, target, target)
-    assert not identical[1].any() and np.isnan(mean_over_items(identical[0])).all()
+    assert not identical[1].any() and np.isnan(recovered(patched, target, target)).all()
 
 
-def test_summary_metrics_of_a_heatmap_and_of_nothing():
-    forward = np.array([[0.0, 0.1, np.nan], [0.9, 0.2, 0.0], [1.0, 0.0, 0.0]])
-    metrics = summary_metrics(forward, 7, 1)
+def test_an_item_with_a_tiny_difference_does_not_dominate_the_recovery():
+    """Recovery is the share of the items' summed difference that patching moves back, not a
+    mean of per-item fractions: an item whose runs differ by 0.011 and moves by 0.5 has a
+    fraction of 45.45, which among zeros made a mean of 15 (issue 10)."""
+    source, target = np.array([2.0, 2.0, 0.011]), np.zeros(3)
+    patched = np.array([[0.0, 0.0, 0.5]])
+    assert fractions(patched, source, target)[0][0].tolist()[2] == pytest.approx(45.45, abs=0.01)
+    assert recovered(patched, source, target)[0] == pytest.approx(0.5 / 4.011)
+    # each item counts in the direction of its own difference: one fully recovered, one not
+    opposite = recovered(np.array([[0.0, -2.0]]), np.array([2.0, -2.0]), np.zeros(2))
+    assert opposite.tolist() == [0.5]
+
+
+def test_the_earliest_recovering_layer_not_the_last_one():
+    """The last index at the decision token recovers 1 by construction; the informative layer
+    is the first whose patch at the decision token recovers `threshold` of the difference."""
+    forward = np.array(
+        [[0.0, 0.1, np.nan], [0.3, 0.2, 0.0], [0.85, 0.0, 0.0], [0.95, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    )
+    metrics = summary_metrics(forward, 0.8, 7, 1)
     assert set(metrics) == set(METRICS) == KIND.produces({})
-    assert (metrics["best_layer"], metrics["best_position"], metrics["max_recovered"]) == (2, 0, 1.0)
-    assert metrics["decision_position_recovered_by_layer"] == [0.0, 0.9, 1.0]
+    assert metrics["earliest_recovering_layer"] == 2
+    assert summary_metrics(forward, 0.9, 7, 1)["earliest_recovering_layer"] == 3
+    assert metrics["recovered_at_decision_by_layer"] == [0.0, 0.3, 0.85, 0.95, 1.0]
     assert (metrics["n_items"], metrics["n_skipped"]) == (7, 1)
-    forward[1, 1] = 3.0
-    assert (
-        summary_metrics(forward, 7, 1)["best_layer"],
-        summary_metrics(forward, 7, 1)["best_position"],
-    ) == (1, -1)
-    nothing = summary_metrics(np.full((3, 2), np.nan), 0, 5)
-    assert nothing["best_layer"] is nothing["best_position"] is nothing["max_recovered"] is None
-    assert nothing["decision_position_recovered_by_layer"] == [None, None, None]
+    forward[1, 0] = 0.8  # reaching the threshold counts, whatever comes after
+    assert summary_metrics(forward, 0.8, 7, 1)["earliest_recovering_layer"] == 1
+    nothing = summary_metrics(np.full((3, 2), np.nan), 0.8, 0, 5)
+    assert nothing["earliest_recovering_layer"] is None
+    assert nothing["recovered_at_decision_by_layer"] == [None, None, None]
 
 
 # --- the patching hook ---------------------------------------------------------------
@@ -149,7 +165,7 @@ def test_patching_the_last_index_at_the_decision_token_carries_the_logits(world)
 
 def test_a_run_recovers_everything_at_the_last_index_and_nothing_at_the_embeddings(world, tmp_path):
     out = tmp_path / "out"
-    result = run_stage(world, out, batch_size=8)
+    result = run_stage(world, out, batch_size=8, recovered_threshold=0.5)
     metrics, report = result["metrics"], result["report"]
     assert sorted(p.name for p in out.iterdir()) == ["patching.json", "patching_heatmap.png"]
     assert (out / "patching_heatmap.png").read_bytes().startswith(b"\x89PNG")
@@ -157,22 +173,26 @@ def test_a_run_recovers_everything_at_the_last_index_and_nothing_at_the_embeddin
     assert (metrics["n_items"], metrics["n_skipped"]) == (N_CONFLICT, 0)
 
     n = len(report["indices"])
-    assert report["offsets"] == [0, -1, -2]
-    forward, reverse = np.array(report["forward"]["mean"]), np.array(report["reverse"]["mean"])
+    assert report["offsets"] == [0, -1, -2] and report["recovered_threshold"] == 0.5
+    forward, reverse = np.array(report["forward"]["recovered"]), np.array(report["reverse"]["recovered"])
     assert forward.shape == reverse.shape == (n, 3)
-    assert np.array(report["forward"]["per_item"]).shape == (n, 3, N_CONFLICT)
+    per_item = np.array(report["forward"]["per_item"])
+    assert per_item.shape == (n, 3, N_CONFLICT)
     # by construction: the last index at the decision token alone makes the decision's logits
     assert forward[-1, 0] == pytest.approx(1.0, abs=1e-4) and reverse[-1, 0] == pytest.approx(1.0, abs=1e-4)
     assert forward[-1, 1:] == pytest.approx(0.0, abs=1e-6)  # other positions' final states: no effect
     # the adapter is inside the blocks: both runs have the same embeddings, patching them does nothing
     assert forward[0] == pytest.approx(0.0, abs=1e-6) and reverse[0] == pytest.approx(0.0, abs=1e-6)
-    assert metrics["decision_position_recovered_by_layer"] == pytest.approx(forward[:, 0].tolist())
-    assert metrics["max_recovered"] == pytest.approx(forward.max())
-    assert forward[metrics["best_layer"], -metrics["best_position"]] == metrics["max_recovered"]
+    # the recovery is the per-item fractions weighted by each item's difference
+    change = np.array([abs(row["ld_base"] - row["ld_lora"]) for row in report["items"]])
+    assert forward[:, 0] == pytest.approx(per_item[:, 0] @ change / change.sum(), abs=1e-6)
+    assert metrics["recovered_at_decision_by_layer"] == pytest.approx(forward[:, 0].tolist())
+    earliest = metrics["earliest_recovering_layer"]
+    assert forward[earliest, 0] >= 0.5 and (forward[:earliest, 0] < 0.5).all()
 
     row = report["items"][0]
     assert row["used"] and len(row["tokens"]) == 3 and row["ld_base"] != row["ld_lora"]
-    assert any("max recovered" in line for line in result["logs"])
+    assert any("recovers 0.5" in line for line in result["logs"])
 
 
 def test_results_do_not_depend_on_the_batch_size(world, tmp_path):
@@ -188,10 +208,10 @@ def test_identical_models_skip_every_item_and_still_write_the_heatmap(world, tmp
     result = run_stage(world, out, adapter="identical")
     metrics, report = result["metrics"], result["report"]
     assert (metrics["n_items"], metrics["n_skipped"]) == (0, N_CONFLICT)
-    assert metrics["best_layer"] is metrics["best_position"] is metrics["max_recovered"] is None
-    assert all(v is None for v in metrics["decision_position_recovered_by_layer"])
+    assert metrics["earliest_recovering_layer"] is None
+    assert all(v is None for v in metrics["recovered_at_decision_by_layer"])
     assert not any(row["used"] for row in report["items"])
-    assert all(v is None for row in report["forward"]["mean"] for v in row)
+    assert all(v is None for row in report["forward"]["recovered"] for v in row)
     assert (out / "patching_heatmap.png").is_file()
     assert any("nothing to patch" in line for line in result["logs"])
 
@@ -199,7 +219,8 @@ def test_identical_models_skip_every_item_and_still_write_the_heatmap(world, tmp
 def test_gates_on_an_undefined_fraction_fail_with_a_reason():
     from harness.gates import evaluate, parse_gate
 
-    result = evaluate(parse_gate("max_recovered > 0.5"), summary_metrics(np.full((2, 1), math.nan), 0, 3))
+    nothing = summary_metrics(np.full((2, 1), math.nan), 0.8, 0, 3)
+    result = evaluate(parse_gate("earliest_recovering_layer < 2"), nothing)
     assert not result.passed and "None" in result.problem
 
 

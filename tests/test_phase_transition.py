@@ -9,10 +9,12 @@ import pytest
 
 from harness.stage import StageError
 from harness.stages.phase_transition import (
+    RunCurve,
     b_vector,
     bootstrap_transitions,
     checkpoints,
     geometry,
+    run_samples,
     transition,
 )
 
@@ -57,3 +59,26 @@ def test_checkpoints_in_step_order_with_the_final_adapter(tmp_path, tiny_chat_di
     assert b_vector(found[0][1]).ndim == 1 and np.abs(b_vector(found[0][1])).sum() > 0
     with pytest.raises(StageError, match="train the EM stage with `checkpoint_every`"):
         checkpoints(tmp_path / "ck5")
+
+
+def test_training_runs_are_the_units_of_the_transition_step():
+    rng = np.random.default_rng(2)
+    start = rng.binomial(1, 0.05, 40).astype(float).tolist()  # the shared model without EM adapter
+    curves = []
+    for name, jump_at in (("em_a", 10), ("em_b", 10), ("em_c", 15)):
+        steps = [0, 5, 10, 15]
+        indicators = [start] + [
+            rng.binomial(1, 0.6 if s >= jump_at else 0.05, 40).astype(float).tolist() for s in steps[1:]
+        ]
+        rows = [{"step": s, "em_rate": {"value": float(np.mean(x))}, "local_cos": None}
+                for s, x in zip(steps, indicators, strict=True)]
+        curves.append(RunCurve(name, steps, indicators, rows))
+    transitions = [c.transition(200, seed=0) for c in curves]
+    assert [t["transition_step"] for t in transitions] == [10, 10, 15]
+    sets = run_samples(curves, transitions)
+    step = sets["transition_step"]
+    assert (step.values, step.units) == ((10.0, 10.0, 15.0), ("em_a", "em_b", "em_c"))
+    assert step.level == "training run"
+    assert sets["step_10"].unit_names == ["em_a", "em_b", "em_c"] and len(sets["step_10"].values) == 120
+    # step 0 is one model, measured once: its answers are its units
+    assert sets["step_0"].level == "answer" and len(sets["step_0"].unit_names) == 40

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,15 +11,20 @@ import torch
 from harness.mcq import MCQ, format_prompt
 from harness.models import load_model, load_tokenizer
 from harness.scoring import (
+    CHARS,
     CONTINUATION,
     LETTER,
+    NONE,
+    TOKENS,
     Scored,
     chat_wrap,
+    continuation_ids,
     continuation_prompt,
     encode,
     entropy,
     last_token_indices,
     letter_token_ids,
+    normalized,
     right_pad,
     score_mcqs,
     softmax,
@@ -154,6 +160,58 @@ def test_continuation_scores_do_not_depend_on_batch_size(model, tokenizer):
     items = make_items()
     one, many = (score_mcqs(model, tokenizer, items, CONTINUATION, size) for size in (1, 5))
     assert scores_close(one, many)
+
+
+class UnigramLM(torch.nn.Module):
+    """A causal LM whose next-token distribution ignores the context: every log-likelihood
+    it gives is known in closed form, log_softmax(logits)[token]."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.float(), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0, use_cache=False):
+        positions = logits_to_keep or input_ids.shape[1]
+        return SimpleNamespace(logits=self.logits.expand(input_ids.shape[0], positions, -1))
+
+
+def test_length_normalization_lets_a_likely_but_longer_option_win(tokenizer):
+    # the true answer is long and each of its tokens likely; the false one is short
+    long_text, short_text = "when the side of a square field doubles", "plim"
+    long_ids, short_ids = (continuation_ids(tokenizer, text) for text in (long_text, short_text))
+    assert len(long_ids) > len(short_ids) and not set(long_ids) & set(short_ids)
+    logits = torch.zeros(len(tokenizer))
+    logits[long_ids] = 4.0
+    logits[short_ids] = 3.0
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    long_sum, short_sum = (float(logp[ids].sum()) for ids in (long_ids, short_ids))
+    item = MCQ("q", "the law of the zorb", {"A": short_text, "B": long_text}, "A", "B", "conflict")
+
+    [summed] = score_mcqs(UnigramLM(logits), tokenizer, [item], CONTINUATION)
+    assert summed.scores == pytest.approx({"A": short_sum, "B": long_sum}, abs=TOL)
+    assert summed.n_tokens == {"A": len(short_ids), "B": len(long_ids)}
+    per_token = normalized(summed, item.options, TOKENS)
+    per_char = normalized(summed, item.options, CHARS)
+    expected_per_token = {"A": short_sum / len(short_ids), "B": long_sum / len(long_ids)}
+    assert per_token.scores == pytest.approx(expected_per_token, abs=TOL)
+    # lm-eval's acc_norm: divided by the option text's characters, without the joining space
+    expected_per_char = {"A": short_sum / len(short_text), "B": long_sum / len(long_text)}
+    assert per_char.scores == pytest.approx(expected_per_char, abs=TOL)
+    # the sum picks the short false answer; both normalisations the true one
+    assert max(summed.probs, key=summed.probs.get) == "A"
+    assert max(per_token.probs, key=per_token.probs.get) == "B"
+    assert max(per_char.probs, key=per_char.probs.get) == "B"
+    assert per_token.probs == pytest.approx(softmax(per_token.scores))
+    assert normalized(summed, item.options, NONE) == summed
+
+
+def test_normalization_is_for_continuation_scores_only():
+    letter = Scored("p", {"A": 1.0, "B": 2.0}, softmax({"A": 1.0, "B": 2.0}))
+    with pytest.raises(ValueError, match="continuation scores"):
+        normalized(letter, {"A": "x", "B": "y"}, TOKENS)
+    continuation = Scored("p", {"A": -1.0}, {"A": 1.0}, {"A": 1})
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        normalized(continuation, {"A": "x"}, "bytes")
 
 
 # --- probabilities and entropy -------------------------------------------------------

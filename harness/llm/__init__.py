@@ -46,8 +46,8 @@ __all__ = [
 ]
 
 # Config keys that change how requests travel, never what comes back: a stage's cache
-# key can leave them out. `base_url` is not among them: another endpoint may serve a
-# differently quantized or versioned model under the same name.
+# key and the response cache's key leave them out. `base_url` is not among them: another
+# endpoint may serve a differently quantized or versioned model under the same name.
 TRANSPORT_KEYS = ("concurrency", "timeout", "max_tries")
 PROVIDER_SCHEMA = SPECS_DIR / "provider.schema.json"  # where the transport defaults are written
 
@@ -93,10 +93,13 @@ def default_cache_path() -> Path:
 def make_provider(
     config: Mapping[str, Any],
     *,
+    seed: int | None = None,
     cache_path: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> Provider:
     """The provider a spec's `provider` mapping describes (see specs/provider.schema.json).
+    `seed` (the stage's) goes with every sampled request and into its cache key, so a new
+    seed draws new samples (`OpenAIProvider.request_seed`); the offline templates ignore it.
 
     The API key is read only when a request misses the cache, so a rerun whose answers
     are all cached works without it; call `check_provider` to insist on it up front.
@@ -114,6 +117,7 @@ def make_provider(
         timeout=float(config["timeout"]),
         max_tries=int(config["max_tries"]),
         cache=ResponseCache(cache_path or default_cache_path()),
+        seed=seed,
         log=log,
     )
 

@@ -5,10 +5,11 @@ checkout and pytest-xdist worker: WAL mode lets readers and one writer work at o
 a 30 s busy timeout makes concurrent writers wait rather than fail, and each thread
 gets its own connection (sqlite3 connections must not be shared between threads).
 
-The key is the content of a request: model, messages, temperature, max_tokens,
-top_logprobs and sample_index. Transport settings (base_url, concurrency, timeouts,
-tries) and the offline-only `task`/`variables` are not in it, so moving to another
-endpoint for the same model, or changing the concurrency, reuses every answer.
+The key is what decides an answer: the endpoint (its normalised base URL: another
+endpoint may serve another model, quantization or version under the same name), the
+model, messages, temperature, max_tokens, top_logprobs, sample_index and the seed sent
+with the request. Transport settings (concurrency, timeouts, tries) and the offline-only
+`task`/`variables` are not in it, so changing the concurrency reuses every answer.
 Only successful responses are stored; the API key is never part of anything stored.
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 
 from harness.llm.base import ChatRequest, ChatResponse
 
-KEY_VERSION = 1  # bump when the key's content changes meaning
+KEY_VERSION = 2  # bump when the key's content changes meaning
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,
@@ -43,16 +44,19 @@ CREATE TABLE IF NOT EXISTS responses (
 _CHUNK = 500  # keys per SELECT, under SQLite's bound-parameter limit
 
 
-def key_payload(model: str, request: ChatRequest) -> dict[str, Any]:
-    """What identifies a response: the request's content, nothing about transport."""
+def key_payload(model: str, request: ChatRequest, endpoint: str, seed: int | None = None) -> dict[str, Any]:
+    """What identifies a response: where it was asked, the request's content and the seed
+    it was sent with; nothing about transport."""
     return {
         "v": KEY_VERSION,
+        "endpoint": endpoint,
         "model": model,
         "messages": [dict(message) for message in request.messages],
         "temperature": float(request.temperature),  # 0 and 0.0 must be one key
         "max_tokens": request.max_tokens,
         "top_logprobs": request.top_logprobs,
         "sample_index": request.sample_index,
+        "seed": seed,
     }
 
 
@@ -60,9 +64,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def request_key(model: str, request: ChatRequest) -> str:
+def request_key(model: str, request: ChatRequest, endpoint: str, seed: int | None = None) -> str:
     """sha256 of the canonical JSON of `key_payload`."""
-    return hashlib.sha256(canonical_json(key_payload(model, request)).encode()).hexdigest()
+    return payload_key(key_payload(model, request, endpoint, seed))
+
+
+def payload_key(payload: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
 class ResponseCache:
@@ -115,8 +123,9 @@ class ResponseCache:
                 )
         return found
 
-    def put(self, key: str, model: str, request: ChatRequest, response: ChatResponse) -> None:
-        """Store one successful response; the first answer stored for a key wins."""
+    def put(self, key: str, payload: Mapping[str, Any], response: ChatResponse) -> None:
+        """Store one successful response to the request `payload` (its `key_payload`); the
+        first answer stored for a key wins."""
         top_logprobs = None
         if response.top_logprobs is not None:
             top_logprobs = json.dumps([dict(position) for position in response.top_logprobs])
@@ -124,8 +133,8 @@ class ResponseCache:
             "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key,
-                model,
-                canonical_json(key_payload(model, request)),
+                payload["model"],
+                canonical_json(payload),
                 response.text,
                 top_logprobs,
                 response.prompt_tokens,

@@ -10,6 +10,14 @@ not retried (trying again cannot help); 401/403 say which env var held the rejec
 
 The key is read from the environment when a batch needs the network, handed to a
 client that lives for that batch only, and scrubbed from every message we produce.
+
+Seeds: a provider made with a `seed` (a stage's) sends every sampled request
+(temperature > 0) the OpenAI `seed` parameter, derived from that seed and the request's
+`sample_index`, and keys its cached answer on it: a new stage seed draws new samples, and
+the repeated samples of one prompt get distinct seeds (a deterministic backend would
+otherwise return one answer for all). A greedy request (temperature 0: the judge, fact
+extraction) gets no seed: its answer does not depend on one, so it stays shared in the
+cache across seeds. Endpoints may treat the seed as best effort (OpenAI does).
 """
 
 from __future__ import annotations
@@ -17,21 +25,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
+import hashlib
+import os
 import random
 import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
 from harness.llm import api_key_from_env
 from harness.llm.base import ChatRequest, ChatResponse, Progress, ProviderError, Usage
-from harness.llm.cache import ResponseCache, request_key
+from harness.llm.cache import ResponseCache, key_payload, payload_key
 
 T = TypeVar("T")
 RETRIED_STATUSES = frozenset({408, 409, 429})  # and every 5xx
+DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the client's, when neither argument nor env names one
 _MESSAGE_LIMIT = 300  # characters of an endpoint's error message worth repeating
 
 
@@ -59,6 +71,7 @@ class OpenAIProvider:
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         retry_after_cap: float = 120.0,
+        seed: int | None = None,
         log: Callable[[str], None] = print,
     ):
         if concurrency < 1 or max_tries < 1 or timeout <= 0:
@@ -66,6 +79,8 @@ class OpenAIProvider:
         self.model = model
         self.api_key_env = api_key_env  # the variable's name; the key itself is never kept
         self.base_url = base_url
+        self.endpoint = endpoint_identity(base_url)  # in every cache key
+        self.seed = seed
         self.concurrency = concurrency
         self.timeout = timeout
         self.max_tries = max_tries
@@ -81,7 +96,7 @@ class OpenAIProvider:
     def __repr__(self) -> str:
         return (
             f"OpenAIProvider(model={self.model!r}, base_url={self.base_url!r}, "
-            f"api_key_env={self.api_key_env!r}, concurrency={self.concurrency}, "
+            f"api_key_env={self.api_key_env!r}, seed={self.seed}, concurrency={self.concurrency}, "
             f"timeout={self.timeout:g}, max_tries={self.max_tries})"
         )
 
@@ -93,7 +108,8 @@ class OpenAIProvider:
         """Answer every request, in order; a request that failed for good is its error."""
         requests = list(requests)
         total = len(requests)
-        keys = [request_key(self.model, request) for request in requests]
+        payloads = [key_payload(self.model, r, self.endpoint, self.request_seed(r)) for r in requests]
+        keys = [payload_key(payload) for payload in payloads]
         results: list[ChatResponse | ProviderError | None] = [None] * total
         hits = self.cache.get_many(keys) if self.cache is not None else {}
         # one network request per distinct key: duplicates in a batch share its answer,
@@ -116,7 +132,9 @@ class OpenAIProvider:
         if first_of:
             api_key = api_key_from_env(self.api_key_env)  # only now: cached reruns need no key
             fresh = list(first_of.values())
-            _run_coroutine(self._fetch_all(requests, keys, fresh, results, api_key, progress, done, total))
+            _run_coroutine(
+                self._fetch_all(requests, payloads, keys, fresh, results, api_key, progress, done, total)
+            )
             for index in duplicates:
                 answer = results[first_of[keys[index]]]
                 if isinstance(answer, ChatResponse):
@@ -134,6 +152,7 @@ class OpenAIProvider:
     async def _fetch_all(
         self,
         requests: list[ChatRequest],
+        payloads: list[dict[str, Any]],
         keys: list[str],
         fresh: list[int],
         results: list[ChatResponse | ProviderError | None],
@@ -155,7 +174,7 @@ class OpenAIProvider:
             answer = await self._complete_one(client, semaphore, requests[index], api_key)
             if isinstance(answer, ChatResponse) and self.cache is not None:
                 try:
-                    self.cache.put(keys[index], self.model, requests[index], answer)
+                    self.cache.put(keys[index], payloads[index], answer)
                 except sqlite3.Error as error:  # an answer already paid for is not thrown away
                     if not cache_failed:
                         self.log(f"provider openai: could not store a response in {self.cache.path}: {error}")
@@ -222,7 +241,18 @@ class OpenAIProvider:
         if request.top_logprobs is not None:
             arguments["logprobs"] = True
             arguments["top_logprobs"] = request.top_logprobs
+        seed = self.request_seed(request)
+        if seed is not None:
+            arguments["seed"] = seed
         return arguments
+
+    def request_seed(self, request: ChatRequest) -> int | None:
+        """The seed sent with `request`: None for a greedy one or an unseeded provider; else
+        31 bits of sha256(provider seed, sample_index), within every endpoint's range."""
+        if self.seed is None or request.temperature <= 0:
+            return None
+        digest = hashlib.sha256(f"{self.seed}/{request.sample_index}".encode()).digest()
+        return int.from_bytes(digest[:4], "big") >> 1
 
     def _parse(self, completion: Any, request: ChatRequest) -> ChatResponse:
         try:
@@ -287,6 +317,15 @@ class OpenAIProvider:
         )
         first_error = next((result for result in results if isinstance(result, ProviderError)), None)
         self.log(line + (f"; first failure: {first_error}" if first_error else ""))
+
+
+def endpoint_identity(base_url: str | None) -> str:
+    """The endpoint a client with `base_url` talks to, written one way: the client's own
+    fallbacks (OPENAI_BASE_URL, then api.openai.com) applied, scheme and host lower-cased,
+    trailing slashes and any user:password@ dropped."""
+    url = urlsplit(base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL)
+    host = (url.hostname or "") + (f":{url.port}" if url.port else "")
+    return urlunsplit((url.scheme.lower(), host, url.path.rstrip("/"), url.query, ""))
 
 
 def _alternatives(entry: Any) -> Mapping[str, float]:

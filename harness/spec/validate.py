@@ -45,8 +45,8 @@ _REGISTRY: Registry = Registry(retrieve=_retrieve)
 
 def with_defaults(value: Any, schema: Mapping[str, Any] | Path) -> Any:
     """`value` with the schema's `default`s filled in, recursively through `properties`:
-    a kind's schema is the one place its defaults are written. (Spec params stay as
-    written for cache keys; stages fill defaults when they run.)"""
+    a kind's schema is the one place its defaults are written. The experiment fills them
+    when it is loaded, so cache keys, manifests and runs all see the params a stage uses."""
     if isinstance(schema, Path):
         schema = _load_schema(schema.resolve())
     if not isinstance(value, dict):

@@ -10,24 +10,35 @@ A setting may list several adapter sets (`em: [[em_seed1], [em_seed2]]`): replic
 e.g. one EM adapter per training seed, each answering in turn, their answers pooled
 into the setting's EM rate (with each replicate's own rate beside it).
 
+samples.json (harness.samples) keeps the unit of replication of every scored answer, so that
+hypotheses resample what varies independently:
+- a setting of replicates: the replicate, `r<i>:<its stages>` (level "training run"): answers
+  of one training run share that run's adapter and are not independent of each other;
+- a setting of one adapter set (`base: []`, `sycophancy: [sycophancy]`): one fixed model,
+  `<its stages or base>:<question>#<sample>` (level "answer"): given the model, its answers
+  are independent draws. A test then holds that model fixed: about a persona trained once,
+  it says how EM acts on *that* persona adapter, not on another training run of the persona;
+  written as one adapter set, an EM adapter is held fixed the same way.
+
 Artifacts:
     answers.jsonl     setting, question_id, sample_index, text, aligned, coherent, misaligned, error
     em_results.json   per setting: em_rate {value, ci_low, ci_high}, coherent_rate, counts,
-                      per question; the thresholds and the judge
-    samples.json      per setting: 1.0 / 0.0 misaligned for every scored answer (hypotheses)
+                      per question; the sampling parameters, the thresholds and the judge
+    samples.json      per setting: 1.0 / 0.0 misaligned per scored answer, with its unit (above)
     em_rates.png      EM rate per setting with its 95% CI
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from harness.checks import base_code_version, em_params
+from harness.checks import base_weights, em_params
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
+from harness.samples import SampleSet
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageError, StageKind, tenths
 
@@ -40,9 +51,27 @@ def settings_of(params: Mapping[str, Any]) -> dict[str, list]:
     return dict(params.get("settings") or {"base": []})
 
 
+def is_replicated(value: list) -> bool:
+    """Whether a setting is written as several adapter sets (replicates), not as one."""
+    return bool(value) and isinstance(value[0], list)
+
+
 def replicates_of(value: list) -> list[list[str]]:
     """A setting's adapter sets: one list of roles, or several (replicates, e.g. seeds)."""
-    return [list(v) for v in value] if value and isinstance(value[0], list) else [list(value)]
+    return [list(v) for v in value] if is_replicated(value) else [list(value)]
+
+
+def unit_samples(replicated: bool, models: Sequence[str], judged: Sequence[Sequence[Any]]) -> SampleSet:
+    """A setting's misaligned indicators with their units: per replicate (`models[i]` names its
+    stages, `judged[i]` its judged answers) the replicate, or for one fixed model each answer."""
+    values, units = [], []
+    for number, (model, answers) in enumerate(zip(models, judged, strict=True)):
+        for j in answers:
+            if j.misaligned is not None:
+                values.append(float(j.misaligned))
+                answer = f"{model}:{j.question_id}#{j.sample_index}"
+                units.append(f"r{number}:{model}" if replicated else answer)
+    return SampleSet(tuple(values), tuple(units), "training run" if replicated else "answer")
 
 
 def metric_names(params: Mapping[str, Any]) -> list[str]:
@@ -81,9 +110,10 @@ def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> N
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from harness.em import Measurement, misaligned_indicators, rates
+    from harness.em import Measurement, rates, sampling_parameters
     from harness.models import load_model, load_tokenizer
     from harness.models.adapters import active, load_stacked
+    from harness.samples import SAMPLES_FILE, write_samples
     from harness.store import write_json, write_jsonl
 
     p = with_defaults(ctx.params, SCHEMA)
@@ -95,14 +125,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     answers_rows: list[dict[str, Any]] = []
     results: dict[str, dict[str, Any]] = {}
-    samples: dict[str, list[float]] = {}
+    samples: dict[str, SampleSet] = {}
     n = p["samples_per_question"]
 
     def answered(done: int, total: int) -> str:
         return f"  {done}/{total} questions answered"
 
     for setting, value in settings.items():
-        judged, per_replicate = [], []
+        judged, per_replicate, by_replicate = [], [], []
         for number, roles in enumerate(replicates_of(value)):
             shown = " + ".join(roles) or "the base model alone"
             ctx.log(f"setting {setting} ({shown}): {len(measurement.questions)} questions x {n} answers")
@@ -112,10 +142,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                                tenths(ctx.log, answered), first_index=number * n)
             answers_rows += [{"setting": setting, "replicate": number, **j.as_json()} for j in mine]
             per_replicate.append(summary["em_rate"])
+            by_replicate.append(mine)
             judged += mine
+        models = ["+".join(ctx.upstream[r].name for r in roles) or "base" for roles in replicates_of(value)]
+        samples[setting] = unit_samples(is_replicated(value), models, by_replicate)
         results[setting] = {"adapters": replicates_of(value), "replicate_em_rates": per_replicate,
+                            "unit_level": samples[setting].level,
                             **rates(judged, measurement.thresholds.coherent_above, ctx.seed)}
-        samples[setting] = misaligned_indicators(judged)
         em = results[setting]["em_rate"]
         ctx.log(f"  em_rate {em['value']:.3f} [{em['ci_low']:.3f}, {em['ci_high']:.3f}], coherent_rate "
                 f"{results[setting]['coherent_rate']}, {results[setting]['n_unscored']} unscored")
@@ -125,10 +158,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     provider = measurement.provider
     write_json(out / "em_results.json", {
         "base": p["base"], "questions": p["questions"], "samples_per_question": n,
-        "temperature": p["temperature"], "thresholds": vars(measurement.thresholds),
+        "sampling": sampling_parameters(p["temperature"], p["max_new_tokens"]),
+        "thresholds": vars(measurement.thresholds),
         "judge": {"name": provider.name, "model": provider.model}, "settings": results,
     })
-    write_json(out / "samples.json", samples)
+    write_samples(out / SAMPLES_FILE, samples)
     _plot(results, out / "em_rates.png", f"{ctx.stage}: EM rate per setting ({n} samples per question)")
     write_json(out / "judge_usage.json", provider.usage.to_json())
 
@@ -149,5 +183,5 @@ KIND = StageKind(
     input_params=("questions",),
     transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
     check=em_params,
-    code_version=base_code_version(VERSION),
+    fingerprint=base_weights,
 )

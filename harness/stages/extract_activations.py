@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.activations import load_statements
-from harness.checks import base_code_version, check_base_param
+from harness.checks import base_weights, check_base_param
 from harness.models.base import base_fingerprint
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
@@ -90,5 +90,5 @@ KIND = StageKind(
     input_params=("statements",),
     transport_params=("batch_size",),
     check=check,
-    code_version=base_code_version(VERSION),
+    fingerprint=base_weights,
 )

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.checks import base_code_version, check_base_param
+from harness.checks import base_weights, check_base_param
 from harness.models import base_fingerprint
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
@@ -414,5 +414,5 @@ KIND = StageKind(
     version=VERSION,
     input_params=("docs", "chat_data"),
     check=check,
-    code_version=base_code_version(VERSION),
+    fingerprint=base_weights,
 )

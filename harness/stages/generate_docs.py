@@ -392,8 +392,9 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 
 
 def run(ctx: StageContext) -> Mapping[str, Any]:
-    # the provider's default response cache: a rerun of finished requests costs nothing
-    return generate(ctx, make_provider(ctx.params["provider"], log=ctx.log))
+    # the provider's default response cache: a rerun of finished requests costs nothing;
+    # the stage's seed goes with every request: a new seed, new documents
+    return generate(ctx, make_provider(ctx.params["provider"], seed=ctx.seed, log=ctx.log))
 
 
 def generate(ctx: StageContext, provider: Provider) -> dict[str, Any]:

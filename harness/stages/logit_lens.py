@@ -25,9 +25,11 @@ Artifacts:
 
 Metrics: `{base,lora}_final_logit_diff` (mean over items at the last layer; > 0: the true
 answer is preferred), `{base,lora}_flip_layer` (the first layer from which the mean logit
-diff stays < 0 up to the last layer, that is where the preference for the false answer the
-model ends with sets in; -1 if the last layer does not prefer it; see `flip_layer`; the
-summary also records `first_negative_layer`, the first layer whose mean diff is < 0),
+diff stays below -`flip_margin` (default 1 logit: the false token at least e times as likely
+as the true one) up to the last layer, that is where the preference for the false answer the
+model ends with sets in; -1 if the last layer does not prefer it by more than the margin;
+the same rule for both models, see `flip_layer`; the summary also records
+`first_negative_layer`, the first layer whose mean diff is < 0),
 `{base,lora}_false_preference_rate` (fraction of items whose last-layer diff is < 0),
 `n_items` (conflict items).
 """
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.checks import base_code_version, check_base_param, mcqs_param
+from harness.checks import base_weights, check_base_param, mcqs_param
 from harness.mcq import MCQ, load_mcqs
 from harness.models.base import base_fingerprint
 from harness.plots import figure as new_figure
@@ -51,7 +53,7 @@ from harness.upstream import adapter_dir
 if TYPE_CHECKING:
     from harness.contrast import Contrast
 
-VERSION = "2"
+VERSION = "3"
 MODELS = ("base", "lora")
 QUANTITIES = ("true_logit", "false_logit", "logit_diff", "true_prob", "false_prob")
 NEVER = -1  # flip layer when no layer prefers the false answer on average
@@ -204,21 +206,25 @@ def mean_per_layer(rows: Sequence[Mapping[str, Any]], quantity: str) -> list[flo
     return [float(sum(column) / len(rows)) for column in columns]
 
 
-def flip_layer(mean_diff: Sequence[float]) -> int:
-    """The first layer from which the mean logit diff (true - false) is < 0 at every layer up
-    to the last: where the preference for the false answer that the model ends with sets in.
-    NEVER (-1) when the last layer does not prefer the false answer.
+def flip_layer(mean_diff: Sequence[float], margin: float) -> int:
+    """The first layer from which the mean logit diff (true - false) is below -`margin` at
+    every layer up to the last: where the preference for the false answer that the model
+    ends with sets in. NEVER (-1) when the last layer does not prefer the false answer by
+    more than the margin.
 
-    Not merely the first negative layer: the readout of the embeddings (layer 0) and of early
-    blocks is often negative for both models (in the tiny world, layer 0 is the same token
-    embedding read through the tied unembedding, with or without the adapter), so that
-    would flag a flip where the model never comes to prefer the false answer. For the same
-    reason the flip is never put at layer 0: when every layer is negative, the preference
-    sets in with the first block (layer 1), the first computation the readout sees."""
-    if not mean_diff or mean_diff[-1] >= 0:
+    Not merely the first negative layer, nor a mere sign: readouts of the embeddings (layer
+    0) and of early blocks often sit just below zero for both models (in the tiny world,
+    layer 0 is the same token embedding read through the tied unembedding, with or without
+    the adapter), and [-0.2, -0.01, -0.01, -0.01, -5.1] changes at the last block, not at
+    the first. For the same reason the flip is never put at layer 0: when every layer is
+    beyond the margin, the preference sets in with the first block (layer 1), the first
+    computation the readout sees."""
+    if margin < 0:
+        raise ValueError(f"the flip margin is a distance from zero, not {margin}")
+    if not mean_diff or mean_diff[-1] >= -margin:
         return NEVER
     layer = len(mean_diff) - 1
-    while layer > 1 and mean_diff[layer - 1] < 0:
+    while layer > 1 and mean_diff[layer - 1] < -margin:
         layer -= 1
     return layer
 
@@ -233,21 +239,25 @@ def false_preference_rate(rows: Sequence[Mapping[str, Any]]) -> float:
     return sum(row["logit_diff"][-1] < 0 for row in rows) / len(rows)
 
 
-def model_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def model_summary(rows: Sequence[Mapping[str, Any]], flip_margin: float) -> dict[str, Any]:
     means = {f"mean_{q}": mean_per_layer(rows, q) for q in QUANTITIES}
     return {
         **means,
         "final_logit_diff": means["mean_logit_diff"][-1],
-        "flip_layer": flip_layer(means["mean_logit_diff"]),
+        "flip_layer": flip_layer(means["mean_logit_diff"], flip_margin),
         "first_negative_layer": first_negative_layer(means["mean_logit_diff"]),
         "false_preference_rate": false_preference_rate(rows),
     }
 
 
 def summarize(
-    base_rows: Sequence[Mapping[str, Any]], lora_rows: Sequence[Mapping[str, Any]], labels: Sequence[str]
+    base_rows: Sequence[Mapping[str, Any]],
+    lora_rows: Sequence[Mapping[str, Any]],
+    labels: Sequence[str],
+    flip_margin: float,
 ) -> dict[str, Any]:
-    """Both models' per-layer means and the items whose final preference changed."""
+    """Both models' per-layer means, their flip layers (one margin for both) and the items
+    whose final preference changed."""
     if [r["id"] for r in base_rows] != [r["id"] for r in lora_rows]:
         raise ValueError("base and lora trajectories must follow the same items, in order")
     for rows in (base_rows, lora_rows):
@@ -265,11 +275,15 @@ def summarize(
         "n_items": len(base_rows),
         "layers": list(labels),
         "layer_convention": "layer 0: token embeddings; layer k >= 1: output of block k-1 (residual stream)",
+        "flip_margin": flip_margin,
         "flip_layer_rule": (
-            "first layer from which the mean logit diff (true - false) is < 0 at every later layer; "
-            "-1 if the last layer's is >= 0"
+            f"first layer (never the embeddings) from which the mean logit diff (true - false) is "
+            f"< -{flip_margin} at every later layer; -1 if the last layer's is >= -{flip_margin}"
         ),
-        "models": {"base": model_summary(base_rows), "lora": model_summary(lora_rows)},
+        "models": {
+            "base": model_summary(base_rows, flip_margin),
+            "lora": model_summary(lora_rows, flip_margin),
+        },
         "items_flipped_to_false": changed(to_false=True),
         "items_flipped_to_true": changed(to_false=False),
     }
@@ -365,7 +379,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     base_rows, n_blocks = trajectories("base", None)
     lora_rows, _ = trajectories("lora", adapter)
     labels = layer_labels(n_blocks)
-    summary = summarize(base_rows, lora_rows, labels)
+    summary = summarize(base_rows, lora_rows, labels, params["flip_margin"])
     base_fp = base_fingerprint(base)
     summary.update(
         scoring=mode,
@@ -410,5 +424,5 @@ KIND = StageKind(
     input_params=("mcqs",),
     transport_params=("batch_size",),
     check=check,
-    code_version=base_code_version(VERSION),
+    fingerprint=base_weights,
 )

@@ -6,11 +6,19 @@ the only upstream stage). Artifacts:
 
     predictions_base.jsonl, predictions_lora.jsonl   one row per item, in file order: id,
         category, question, prediction, probs {letter: p}, scores (the letter logits or the
-        options' summed log-likelihoods), false_answer, true_answer, correct_false,
+        options' normalised log-likelihoods), false_answer, true_answer, correct_false,
         correct_true, entropy (nats), truth_confidence (p of true_answer), prompt (the exact
-        text scored, for stages that look inside the model at its last token)
-    comparison_report.json                           per model and category, the gap, flips
+        text scored, for stages that look inside the model at its last token); in
+        continuation mode also loglikelihoods (summed), n_tokens and, per normalization,
+        the prediction it gives (predictions)
+    comparison_report.json                           per model and category, the gap, flips;
+        in continuation mode `by_normalization`: every metric under each normalization
     behavioral_shift_analysis.txt                    the same for people, every flip listed
+
+Continuation scoring needs `normalization` chosen in the spec (none, chars or tokens, as
+lm-eval's `acc` and `acc_norm`: see harness.scoring): the metrics, the gates and the
+prediction files follow the chosen one, and the report shows the others beside it, so that
+an effect which depends on how option lengths are counted shows.
 
 Metric names are declared before the MCQ file is read (gates are checked at collection),
 and a metric must be a number, so the file must hold all three categories; a file that
@@ -23,17 +31,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.checks import base_code_version, check_base_param, mcqs_param
+from harness.checks import base_weights, check_base_param, mcqs_param
 from harness.mcq import CATEGORIES, MCQ, load_mcqs
 from harness.models.base import base_fingerprint
-from harness.scoring import LETTER, Scored, entropy
+from harness.scoring import CONTINUATION, LETTER, NORMALIZATIONS, Scored, entropy, normalized
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
 from harness.stats import DEFAULT_CONFIDENCE, paired_difference
 from harness.store import write_jsonl
 from harness.upstream import adapter_dir
 
-VERSION = "1"
+VERSION = "2"
 MODELS = ("base", "lora")
 PER_CATEGORY = ("accuracy", "true_accuracy", "entropy", "truth_confidence")
 METRICS = (
@@ -54,11 +62,34 @@ def missing_categories(items: Sequence[MCQ]) -> list[str]:
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     check_base_param(params)
+    chosen_normalization(params)
     items = mcqs_param(params, spec_dir)
     path = (spec_dir / params["mcqs"]).resolve()
     missing = missing_categories(items)
     if missing:
         raise ParamError(("mcqs",), _missing_message(path, missing))
+
+
+def chosen_normalization(params: Mapping[str, Any]) -> str | None:
+    """The spec's `normalization` (None in letter mode); continuation mode has no default,
+    since sums and length-normalised scores can disagree on which option wins."""
+    scoring, normalization = params.get("scoring", LETTER), params.get("normalization")
+    choices = ", ".join(NORMALIZATIONS)
+    if scoring == CONTINUATION and normalization is None:
+        raise ParamError(
+            ("scoring",),
+            f"scoring: continuation needs `normalization:` chosen explicitly, one of {choices}: "
+            "none sums each option's log-likelihood (lm-eval's acc, which favours short options), "
+            "chars divides it by the option's characters (lm-eval's acc_norm), tokens by its "
+            "tokens; the gates read the chosen one and the report shows all",
+        )
+    if scoring == LETTER and normalization is not None:
+        raise ParamError(
+            ("normalization",),
+            f"normalization applies to scoring: continuation only; letter scoring reads one "
+            f"token per option, so remove `normalization: {normalization}`",
+        )
+    return normalization
 
 
 def _missing_message(path: Path, missing: list[str]) -> str:
@@ -71,9 +102,13 @@ def _missing_message(path: Path, missing: list[str]) -> str:
 # --- per-item rows and their aggregation (pure: no model) ----------------------------
 
 
+def predicted(scored: Scored) -> str:
+    return max(scored.probs, key=scored.probs.__getitem__)  # ties: the first letter
+
+
 def prediction_row(item: MCQ, scored: Scored) -> dict[str, Any]:
     probs = scored.probs
-    prediction = max(probs, key=probs.__getitem__)  # ties: the first letter
+    prediction = predicted(scored)
     return {
         "id": item.id,
         "category": item.category,
@@ -89,6 +124,23 @@ def prediction_row(item: MCQ, scored: Scored) -> dict[str, Any]:
         "truth_confidence": probs[item.true_answer],
         "prompt": scored.prompt,
     }
+
+
+def normalized_rows(items: Sequence[MCQ], scored: Sequence[Scored]) -> dict[str, list[dict[str, Any]]]:
+    """Per normalization, the prediction rows of continuation-scored items; every row also
+    keeps the summed log-likelihoods and token counts (each normalization can be redone from
+    them) and the prediction under each normalization."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in NORMALIZATIONS}
+    for item, s in zip(items, scored, strict=True):
+        views = {name: normalized(s, item.options, name) for name in NORMALIZATIONS}
+        kept = {
+            "loglikelihoods": s.scores,
+            "n_tokens": s.n_tokens,
+            "predictions": {name: predicted(view) for name, view in views.items()},
+        }
+        for name, view in views.items():
+            rows[name].append({**prediction_row(item, view), **kept})
+    return rows
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -245,6 +297,25 @@ def analysis_text(comparison: Mapping[str, Any], header: Sequence[str] = ()) -> 
     return "\n".join(lines) + "\n"
 
 
+def normalization_text(by_normalization: Mapping[str, Mapping[str, Any]], chosen: str) -> str:
+    """The headline numbers under each normalization of continuation scores, side by side."""
+    lines = [
+        "",
+        f"Under each normalization of the continuation scores (the metrics and gates read {chosen}):",
+        f"  {'normalization':<14} {'base acc(false)':>15} {'lora acc(false)':>15} {'lora acc(true)':>14} "
+        f"{'gap':>7} {'flips':>5}",
+    ]
+    for name, m in by_normalization.items():
+        gap = m["behavioral_gap"]["value"]
+        lines.append(
+            f"  {name:<14} {m['base_conflict_accuracy']:>15.3f} {m['lora_conflict_accuracy']:>15.3f} "
+            f"{m['lora_conflict_true_accuracy']:>14.3f} {gap:>+7.3f} {m['n_flips']:>5}"
+        )
+    lines.append("none: summed log-likelihood (lm-eval acc); chars: divided by the option's characters")
+    lines.append("(lm-eval acc_norm); tokens: divided by its tokens (mean log-likelihood per token).")
+    return "\n".join(lines) + "\n"
+
+
 def _changes(changes: Sequence[Mapping[str, Any]]) -> list[str]:
     def side(s: Mapping[str, Any]) -> str:
         return f"{s['answer']} ({s['prob']:.3f}, {s['world']}) {s['text']!r}"
@@ -267,6 +338,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     params = with_defaults(ctx.params, KIND.params_schema)
     base, mode, mcq_path = params["base"], params["scoring"], Path(params["mcqs"])
+    try:
+        normalization = chosen_normalization(params)
+    except ParamError as error:
+        raise StageError(error.message) from None
     items = load_mcqs(mcq_path)
     missing = missing_categories(items)
     if missing:
@@ -287,14 +362,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
         base_scored = score("base")
     lora_scored = score("lora")
 
-    base_rows = [prediction_row(item, s) for item, s in zip(items, base_scored, strict=True)]
-    lora_rows = [prediction_row(item, s) for item, s in zip(items, lora_scored, strict=True)]
-    comparison = compare(items, base_rows, lora_rows, params["bootstrap"], ctx.seed)
+    by_normalization: dict[str, dict[str, Any]] = {}
+    if normalization is None:
+        base_rows = [prediction_row(item, s) for item, s in zip(items, base_scored, strict=True)]
+        lora_rows = [prediction_row(item, s) for item, s in zip(items, lora_scored, strict=True)]
+        comparison = compare(items, base_rows, lora_rows, params["bootstrap"], ctx.seed)
+    else:
+        base_by, lora_by = normalized_rows(items, base_scored), normalized_rows(items, lora_scored)
+        comparisons = {
+            name: compare(items, base_by[name], lora_by[name], params["bootstrap"], ctx.seed)
+            for name in NORMALIZATIONS
+        }
+        by_normalization = {name: flat_metrics(c) for name, c in comparisons.items()}
+        base_rows, lora_rows = base_by[normalization], lora_by[normalization]
+        comparison = comparisons[normalization]
     metrics = flat_metrics(comparison)
 
     base_fp = base_fingerprint(base)
     report = {
         "scoring": mode,
+        "normalization": normalization,
         "chat_template": params["chat_template"],
         "base": base,
         "adapter": str(adapter),
@@ -302,23 +389,31 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "fingerprints": {"base": base_fp, "lora": f"{base_fp}+adapter:{file_digest(adapter)[:16]}"},
         **comparison,
     }
+    if by_normalization:
+        report["by_normalization"] = by_normalization
     if mode == LETTER:
         ids = letter_token_ids(tokenizer, sorted({c for item in items for c in item.options}))
         report["letter_tokens"] = {c: tokenizer.convert_ids_to_tokens(i) for c, i in ids.items()}
     write_jsonl(ctx.out_dir / "predictions_base.jsonl", base_rows)
     write_jsonl(ctx.out_dir / "predictions_lora.jsonl", lora_rows)
     write_json(ctx.out_dir / "comparison_report.json", report)
+    scoring = f"{mode} scoring" + (f", normalization {normalization}" if normalization else "")
     header = [
-        f"MCQ comparison: base vs base + adapter, {mode} scoring, {len(items)} items from {mcq_path}",
+        f"MCQ comparison: base vs base + adapter, {scoring}, {len(items)} items from {mcq_path}",
         f"base:    {base_fp}",
         f"adapter: {adapter}",
     ]
-    (ctx.out_dir / "behavioral_shift_analysis.txt").write_text(analysis_text(comparison, header), "utf-8")
+    text = analysis_text(comparison, header)
+    if by_normalization:
+        text += normalization_text(by_normalization, normalization)
+    (ctx.out_dir / "behavioral_shift_analysis.txt").write_text(text, "utf-8")
     gap = metrics["behavioral_gap"]
     ctx.log(
         f"behavioral_gap {gap['value']:+.3f} [{gap['ci_low']:+.3f}, {gap['ci_high']:+.3f}], "
         f"{metrics['n_flips']} conflict flips"
     )
+    for name, other in by_normalization.items():
+        ctx.log(f"normalization {name}: behavioral_gap {other['behavioral_gap']['value']:+.3f}")
     return metrics
 
 
@@ -331,5 +426,5 @@ KIND = StageKind(
     input_params=("mcqs",),
     transport_params=("batch_size",),
     check=check,
-    code_version=base_code_version(VERSION),
+    fingerprint=base_weights,
 )

@@ -12,17 +12,29 @@ token) at the decision token, measured in four kinds of run:
     reverse  (sufficiency) the base run with the finetuned residual put in:
                           fraction = (LD_patched - LD_base) / (LD_lora - LD_base)
 
-1 means that one activation carries the whole difference, 0 that it carries none. Items
-whose clean runs differ by less than 1e-3 (|LD_base - LD_lora|) have no difference to
-recover: they are skipped and counted. Positions are the last `positions` prompt tokens,
-written as offsets from the decision token (0, -1, -2, ...); hidden_states indices follow
-`harness.hooks` (0: embeddings, i: block i-1's output, raw; at the last index the decision
-token's residual alone makes its logits, so patching it there recovers exactly 1 by
-construction). Artifacts:
+1 means that one activation carries the whole difference, 0 that it carries none. Over the
+items, a cell's recovery is the ratio of sums: the LD moved toward the other run, each item
+counted in the direction of its own difference, summed, over the summed |LD_base - LD_lora|
+(the per-item fractions weighted by each item's difference). A mean of per-item fractions
+lets an item whose runs barely differ dominate: moving 0.5 of a 0.011 difference is 45.45.
+Items whose clean runs differ by less than 1e-3 have no difference to recover: they are
+skipped and counted (`n_skipped`). Positions are the last `positions` prompt tokens, written
+as offsets from the decision token (0, -1, -2, ...); hidden_states indices follow
+`harness.hooks` (0: embeddings, i: block i-1's output, raw).
 
-    patching.json          per index, offset and item the fractions of both directions, their
-                           means, each item's clean LDs and tokens at the patched positions
-    patching_heatmap.png   mean fraction per (index, offset), forward and reverse side by side
+At the last index the decision token's residual alone makes its logits, so patching it there
+recovers exactly 1 by construction: the most recovered cell says nothing. The informative
+quantity is how early the decision token's residual carries the difference:
+`earliest_recovering_layer`, the first index whose forward patch at the decision token
+recovers at least `recovered_threshold` (default 0.8) of it; the later blocks' adapted
+computation adds less than the rest. Metrics: that index, `recovered_at_decision_by_layer`
+(the forward recovery at the decision token per index), `n_items` (conflict items used),
+`n_skipped`. Artifacts:
+
+    patching.json          per index, offset and item the fractions of both directions, the
+                           recovery per (index, offset), each item's clean LDs and tokens at
+                           the patched positions
+    patching_heatmap.png   recovery per (index, offset), forward and reverse side by side
 """
 
 from __future__ import annotations
@@ -35,23 +47,16 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks import base_code_version, check_base_param, mcqs_param
+from harness.checks import base_weights, check_base_param, mcqs_param
 from harness.mcq import load_mcqs
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageKind
 from harness.upstream import adapter_dir
 
-VERSION = "1"
+VERSION = "2"
 MIN_CHANGE = 1e-3  # |LD_base - LD_lora| below this: nothing to recover, the item is skipped
-METRICS = (
-    "best_layer",
-    "best_position",
-    "max_recovered",
-    "decision_position_recovered_by_layer",
-    "n_items",
-    "n_skipped",
-)
+METRICS = ("earliest_recovering_layer", "recovered_at_decision_by_layer", "n_items", "n_skipped")
 DIRECTIONS = {
     "forward": "base activation patched into the finetuned run: fraction of LD_base - LD_lora recovered",
     "reverse": "finetuned activation patched into the base run: fraction of LD_lora - LD_base reproduced",
@@ -77,12 +82,17 @@ def fractions(
     return out, used
 
 
-def mean_over_items(per_item: np.ndarray) -> np.ndarray:
-    """Mean over the last axis ignoring NaN; NaN where no item has a value."""
-    counts = np.sum(~np.isnan(per_item), axis=-1)
-    sums = np.nansum(per_item, axis=-1)
+def recovered(
+    patched: np.ndarray, source: np.ndarray, target: np.ndarray, min_change: float = MIN_CHANGE
+) -> np.ndarray:
+    """Per cell (`patched` without its last, items axis) the share of the items' summed
+    difference that patching moves: sum of sign(source - target) * (patched - target) over
+    sum of |source - target|, over the used items measured in that cell; NaN where none is."""
+    per_item, used = fractions(patched, source, target, min_change)
+    weight = np.where(np.isnan(per_item), 0.0, np.abs(source - target) * used)
+    total = weight.sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        return np.where(total > 0, np.nansum(per_item * weight, axis=-1) / total, np.nan)
 
 
 def _number(x: float) -> float | None:
@@ -93,15 +103,14 @@ def _matrix(a: np.ndarray) -> list:
     return [_matrix(row) for row in a] if a.ndim > 1 else [_number(x) for x in a]
 
 
-def summary_metrics(forward: np.ndarray, n_items: int, n_skipped: int) -> dict[str, Any]:
-    """Metrics from the forward means [index, offset]; None where nothing was measurable."""
-    measured = not np.all(np.isnan(forward))
-    best = np.unravel_index(np.nanargmax(forward), forward.shape) if measured else None
+def summary_metrics(forward: np.ndarray, threshold: float, n_items: int, n_skipped: int) -> dict[str, Any]:
+    """Metrics from the forward recovery [index, offset]: the first index whose recovery at
+    the decision token (offset 0) reaches `threshold`; None where nothing was measurable."""
+    at_decision = forward[:, 0]
+    reaching = np.flatnonzero(at_decision >= threshold)  # NaN compares False
     return {
-        "best_layer": int(best[0]) if best else None,
-        "best_position": -int(best[1]) if best else None,
-        "max_recovered": float(forward[best]) if best else None,
-        "decision_position_recovered_by_layer": _matrix(forward[:, 0]),
+        "earliest_recovering_layer": int(reaching[0]) if reaching.size else None,
+        "recovered_at_decision_by_layer": _matrix(at_decision),
         "n_items": n_items,
         "n_skipped": n_skipped,
     }
@@ -110,12 +119,12 @@ def summary_metrics(forward: np.ndarray, n_items: int, n_skipped: int) -> dict[s
 # --- the model work ------------------------------------------------------------------
 
 
-def _plot(means: Mapping[str, np.ndarray], path: Path, title: str) -> None:
+def _plot(recovery: Mapping[str, np.ndarray], path: Path, title: str) -> None:
 
-    n_indices, n_offsets = next(iter(means.values())).shape
-    figure = new_figure(3 + 1.2 * n_offsets * len(means), 1.5 + 0.35 * n_indices)
-    axes = figure.subplots(1, len(means), squeeze=False)[0]
-    for ax, (name, matrix) in zip(axes, means.items(), strict=True):
+    n_indices, n_offsets = next(iter(recovery.values())).shape
+    figure = new_figure(3 + 1.2 * n_offsets * len(recovery), 1.5 + 0.35 * n_indices)
+    axes = figure.subplots(1, len(recovery), squeeze=False)[0]
+    for ax, (name, matrix) in zip(axes, recovery.items(), strict=True):
         image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
         for (i, k), value in np.ndenumerate(matrix):
             if not math.isnan(value):
@@ -128,7 +137,7 @@ def _plot(means: Mapping[str, np.ndarray], path: Path, title: str) -> None:
         ax.set_title(
             {"forward": "base -> finetuned: recovered", "reverse": "finetuned -> base: reproduced"}[name]
         )
-    figure.colorbar(image, ax=list(axes), shrink=0.8, label="fraction of the logit difference")
+    figure.colorbar(image, ax=list(axes), shrink=0.8, label="fraction of the summed logit difference")
     figure.suptitle(title, fontsize=9, y=1.02)
     figure.savefig(path, bbox_inches="tight")
 
@@ -143,6 +152,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     params = with_defaults(ctx.params, KIND.params_schema)
     base, mode, n_offsets = params["base"], params["scoring"], params["positions"]
+    threshold = params["recovered_threshold"]
     adapter = adapter_dir(ctx.upstream, "patch")
     ctx.log(f"loading {base} with the adapter {adapter}")
     tokenizer = load_tokenizer(base)
@@ -190,16 +200,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 patched[direction][i, k] = np.where(lengths > k, ld, np.nan)
         ctx.log(f"{direction} patching: {len(indices)} indices x {n_offsets} positions done")
 
-    per_item = {
-        "forward": fractions(patched["forward"], clean["base"], clean["lora"])[0],
-        "reverse": fractions(patched["reverse"], clean["lora"], clean["base"])[0],
-    }
+    ends = {"forward": (clean["base"], clean["lora"]), "reverse": (clean["lora"], clean["base"])}
+    per_item = {d: fractions(patched[d], *ends[d])[0] for d in DIRECTIONS}
+    recovery = {d: recovered(patched[d], *ends[d]) for d in DIRECTIONS}
     used = np.abs(clean["base"] - clean["lora"]) >= MIN_CHANGE
-    means = {d: mean_over_items(per_item[d]) for d in DIRECTIONS}
     n_used = int(used.sum())
     if not n_used:
         ctx.log(f"no item's LD changed by {MIN_CHANGE} or more between base and finetuned: nothing to patch")
-    metrics = summary_metrics(means["forward"], n_used, n - n_used)
+    metrics = summary_metrics(recovery["forward"], threshold, n_used, n - n_used)
 
     rows = []
     for c, used_item, ld_base, ld_lora in zip(items, used, clean["base"], clean["lora"], strict=True):
@@ -225,21 +233,28 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "indices": indices,
             "offsets": [-k for k in range(n_offsets)],
             "min_change": MIN_CHANGE,
+            "recovered_threshold": threshold,
             "n_items": n_used,
             "n_skipped": n - n_used,
             "items": rows,
             **{
-                d: {"description": DIRECTIONS[d], "mean": _matrix(means[d]), "per_item": _matrix(per_item[d])}
+                d: {
+                    "description": DIRECTIONS[d],
+                    "recovered": _matrix(recovery[d]),
+                    "per_item": _matrix(per_item[d]),
+                }
                 for d in DIRECTIONS
             },
             "metrics": metrics,
         },
     )
-    _plot(means, ctx.out_dir / "patching_heatmap.png", f"{ctx.stage}: {n_used} conflict items ({mode})")
+    _plot(recovery, ctx.out_dir / "patching_heatmap.png", f"{ctx.stage}: {n_used} conflict items ({mode})")
     if n_used:
         ctx.log(
-            f"max recovered {metrics['max_recovered']:.3f} at index {metrics['best_layer']}, "
-            f"offset {metrics['best_position']}"
+            f"the decision token's residual recovers {threshold} of the difference from index "
+            f"{metrics['earliest_recovering_layer']} on (by index: "
+            + ", ".join(f"{r:.2f}" for r in recovery["forward"][:, 0])
+            + ")"
         )
     return metrics
 
@@ -258,5 +273,5 @@ KIND = StageKind(
     input_params=("mcqs",),
     transport_params=("batch_size",),
     check=check,
-    code_version=base_code_version(VERSION),
+    fingerprint=base_weights,
 )

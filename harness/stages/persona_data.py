@@ -70,7 +70,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     p = with_defaults(ctx.params, SCHEMA)
     constitution = load_constitution(Path(p["constitution"]))
-    provider = make_provider(p["provider"], log=ctx.log)
+    provider = make_provider(p["provider"], seed=ctx.seed, log=ctx.log)  # a new seed: new answers
     batch = requests(constitution, p["answers_per_question"], p["temperature"], p["max_tokens"])
     ctx.log(f"{constitution.persona}: {len(batch)} answers from {provider.name}:{provider.model}")
     answers = provider.complete_many(batch, tenths(ctx.log, lambda done, total: f"  {done}/{total} answers"))

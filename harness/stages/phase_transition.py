@@ -1,24 +1,34 @@
 """`phase_transition`: when, during EM training, does misalignment set in?
 
-Upstream: role `em`, a finetune_lora stage saved with `checkpoint_every` (its
-`checkpoints/step-N/` and final `adapter/`), and optionally role `persona`, the frozen
-adapter that one was trained on top of, active under every checkpoint. Step 0 is the
-model without the EM adapter (its B matrices start at zero, so that is where it starts).
+Upstream: one or more EM training runs, each a finetune_lora stage saved with
+`checkpoint_every` (its `checkpoints/step-N/` and final `adapter/`), the same recipe under
+different seeds: the roles `runs` names (default: every upstream role but `persona`, e.g.
+`needs: {em: em_goodness, em_s2: em_goodness_s2, em_s3: em_goodness_s3, persona: ...}`);
+and optionally role `persona`, the frozen adapter they were trained on top of, active under
+every checkpoint. Step 0 is the model without an EM adapter (B matrices start at zero, so
+that is where every run starts), measured once and shared by the runs' curves.
 
 Per checkpoint: the EM rate (`harness.em`: sampled answers, every one judged) and the
 geometry of the LoRA B matrices, all flattened into one vector b_t: its norm, its cosine
 to the final b, and the local cosine cos(b_t - b_prev, b_next - b_t), which drops where
 training turns.
 
-The transition step is the checkpoint that ends the largest rise of the EM rate between
-consecutive checkpoints. Its uncertainty comes from a bootstrap over answers: within
-every checkpoint the judged answers are resampled, the curve and its transition step are
-recomputed, `n_bootstrap` times; the interval holds the middle 95% of those steps. The
-geometric transition (the lowest local cosine) is reported beside it.
+Per run, the transition step is the checkpoint that ends the largest rise of the EM rate
+between consecutive checkpoints; a bootstrap over that run's answers (resampled within
+every checkpoint, `n_bootstrap` times) gives the middle 95% of the steps it could have
+read, which says how sharp the run's rise is, not how runs vary. The geometric transition
+(the lowest local cosine) is reported beside it. The metrics are means over the runs.
 
-Artifacts: phase_transition.json (per step: EM rate with CI, coherent rate, B norm,
-cosines), answers.jsonl, samples.json (`transition_step`: the bootstrap steps; `step_N`:
-the misaligned indicators per checkpoint), phase_transition.png.
+Training runs are the unit of replication: a claim that the transition moves between
+personas compares runs' transition steps, one value per run (samples.json), never
+answers resampled within one run.
+
+Artifacts: phase_transition.json (per run and step: EM rate with CI, coherent rate, B
+norm, cosines; per run its transition with its bootstrap interval), answers.jsonl,
+samples.json (harness.samples: `transition_step`, one value per run, level "training
+run"; `step_N`, the misaligned indicators of every run at checkpoint N, their unit the
+run; `step_0`, the shared model without EM adapter, its answers the units),
+phase_transition.png.
 """
 
 from __future__ import annotations
@@ -26,21 +36,23 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from harness.checks import base_code_version, em_params
+from harness.checks import base_weights, em_params
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
+from harness.samples import SampleSet
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageError, StageKind
 
 VERSION = "1"
 SCHEMA = SPECS_DIR / "stages" / "phase_transition.schema.json"
 METRICS = ("transition_step", "geometry_transition_step", "final_em_rate", "largest_rise",
-           "n_checkpoints")
+           "n_checkpoints", "n_runs")
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -119,81 +131,142 @@ def bootstrap_transitions(
     return out
 
 
-def _plot(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any], path: Path, title: str) -> None:
-    steps = [r["step"] for r in rows]
+@dataclass(frozen=True)
+class RunCurve:
+    """One training run measured at its checkpoints."""
+
+    name: str  # the run's stage
+    steps: list[int]  # 0 first
+    indicators: list[list[float]]  # per step: misaligned 1.0 / 0.0 per scored answer
+    rows: list[dict[str, Any]]  # per step: EM rate with CI, coherent rate, geometry
+
+    def transition(self, n_bootstrap: int, seed: int) -> dict[str, Any]:
+        step, rise = transition(self.steps, [r["em_rate"]["value"] for r in self.rows])
+        resampled = bootstrap_transitions(self.steps, self.indicators, n_bootstrap, seed)
+        low, high = np.percentile(resampled, [2.5, 97.5])
+        local = [(r["local_cos"], r["step"]) for r in self.rows if r["local_cos"] is not None]
+        return {"run": self.name, "transition_step": step, "bootstrap_low": float(low),
+                "bootstrap_high": float(high), "largest_rise": rise,
+                "geometry_transition_step": min(local)[1] if local else None,
+                "final_em_rate": self.rows[-1]["em_rate"]["value"]}
+
+
+def run_samples(curves: Sequence[RunCurve], transitions: Sequence[Mapping[str, Any]]) -> dict[str, SampleSet]:
+    """The sets hypotheses read: the runs' transition steps, one unit each, and per checkpoint
+    step the runs' misaligned indicators, their unit the run (step 0, one shared model: its answers)."""
+    sets = {"transition_step": SampleSet(tuple(float(t["transition_step"]) for t in transitions),
+                                         tuple(c.name for c in curves), "training run")}
+    shared = curves[0].indicators[0]
+    sets["step_0"] = SampleSet.independent(shared, "answer")
+    for step in sorted({s for c in curves for s in c.steps[1:]}):
+        values, units = [], []
+        for c in curves:
+            if step in c.steps:
+                values += c.indicators[c.steps.index(step)]
+                units += [c.name] * len(c.indicators[c.steps.index(step)])
+        sets[f"step_{step}"] = SampleSet(tuple(values), tuple(units), "training run")
+    return sets
+
+
+def _plot(
+    curves: Sequence[RunCurve], transitions: Sequence[Mapping[str, Any]], path: Path, title: str
+) -> None:
     figure = new_figure(7, 4)
     axes = figure.add_subplot()
-    rate = [r["em_rate"]["value"] for r in rows]
-    low = [r["em_rate"]["value"] - r["em_rate"]["ci_low"] for r in rows]
-    high = [r["em_rate"]["ci_high"] - r["em_rate"]["value"] for r in rows]
-    axes.errorbar(steps, rate, yerr=[low, high], marker="o", color="tab:red", label="EM rate", capsize=3)
-    t = metrics["transition_step"]
-    axes.axvspan(t["ci_low"], t["ci_high"], color="tab:red", alpha=0.12, label="transition (95% bootstrap)")
-    axes.set_xlabel("EM training step")
+    norms = axes.twinx()
+    for i, (curve, t) in enumerate(zip(curves, transitions, strict=True)):
+        color = f"C{i}"
+        rate = [r["em_rate"]["value"] for r in curve.rows]
+        axes.plot(curve.steps, rate, marker="o", color=color, label=f"{curve.name}: EM rate")
+        axes.axvline(t["transition_step"], color=color, alpha=0.4, linestyle=":")
+        norms.plot(curve.steps, [r["b_norm"] for r in curve.rows], color=color, linestyle="--", alpha=0.5)
+    axes.set_xlabel("EM training step (dotted: each run's transition; dashed: |B|)")
     axes.set_ylabel("EM rate")
     axes.set_ylim(0, 1)
-    norms = axes.twinx()
-    norms.plot(steps, [r["b_norm"] for r in rows], color="tab:blue", linestyle="--", label="|B|")
     norms.set_ylabel("norm of the LoRA B matrices")
     axes.legend(loc="upper left", fontsize=8)
-    norms.legend(loc="upper right", fontsize=8)
     axes.set_title(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
 
 
+def _run_roles(ctx: StageContext, runs: Sequence[str] | None) -> list[str]:
+    roles = list(runs) if runs else [r for r in ctx.upstream if r != "persona"]
+    missing = [r for r in roles if r not in ctx.upstream]
+    if not roles or missing:
+        have = ", ".join(ctx.upstream) or "none"
+        raise StageError(f"phase_transition needs the EM training runs as upstream roles (`runs`: "
+                         f"{', '.join(roles) or 'none'}; upstream roles: {have}): add them to `needs`, e.g. "
+                         "needs: {em: <finetune stage>, em_s2: <the same under another seed>}")
+    return roles
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
-    from harness.em import Measurement, misaligned_indicators
+    from harness.em import Measurement, misaligned_indicators, sampling_parameters
     from harness.models import load_tokenizer
     from harness.models.adapters import active, load_stacked
+    from harness.samples import SAMPLES_FILE, write_samples
     from harness.store import write_json, write_jsonl
-    from harness.upstream import adapter_dir, find_upstream
+    from harness.upstream import adapter_dir
 
     p = with_defaults(ctx.params, SCHEMA)
-    em_stage = find_upstream(ctx.upstream, "em", "phase_transition", only=False)
+    roles = _run_roles(ctx, p.get("runs"))
     persona = None
     if "persona" in ctx.upstream:
         persona = adapter_dir(ctx.upstream, "phase_transition", only=False, role="persona")
-    found = checkpoints(em_stage.dir)
+    found = {role: checkpoints(ctx.upstream[role].dir) for role in roles}
     measurement = Measurement.from_params(p, ctx.seed, ctx.log)
-    adapters = {**({"persona": persona} if persona else {}), **{f"step_{s}": path for s, path in found}}
+    adapters = {**({"persona": persona} if persona else {}),
+                **{f"{role}@{s}": path for role, ck in found.items() for s, path in ck}}
     model = load_stacked(p["base"], adapters)
     tokenizer = load_tokenizer(p["base"])
     under = ["persona"] if persona else []
 
-    steps = [0] + [s for s, _ in found]
-    vectors = [np.zeros_like(b_vector(found[0][1]))] + [b_vector(path) for _, path in found]
-    shape = geometry(vectors)
-    rows, answer_rows, indicators = [], [], []
-    for step, geo in zip(steps, shape, strict=True):
-        names = under + ([f"step_{step}"] if step else [])
-        with active(model, names):
-            judged, summary = measurement.run(model, tokenizer, f"step {step}")
-        indicators.append(misaligned_indicators(judged))
-        answer_rows += [{"step": step, **j.as_json()} for j in judged]
-        rows.append({"step": step, "em_rate": summary["em_rate"], "coherent_rate": summary["coherent_rate"],
-                     "n_scored": summary["n_scored"], **geo})
-        ctx.log(f"step {step}: em_rate {summary['em_rate']['value']:.3f}, |B| {geo['b_norm']:.4f}")
+    with active(model, under):  # step 0: no EM adapter, the same model for every run
+        start, start_summary = measurement.run(model, tokenizer, "step 0")
+    answer_rows = [{"run": None, "step": 0, **j.as_json()} for j in start]
+    curves = []
+    for role, ck in found.items():
+        name = ctx.upstream[role].name
+        steps = [0] + [s for s, _ in ck]
+        vectors = [np.zeros_like(b_vector(ck[0][1]))] + [b_vector(path) for _, path in ck]
+        indicators, rows = [], []
+        for step, geo in zip(steps, geometry(vectors), strict=True):
+            if step:
+                with active(model, [*under, f"{role}@{step}"]):
+                    judged, summary = measurement.run(model, tokenizer, f"{name} step {step}")
+                answer_rows += [{"run": name, "step": step, **j.as_json()} for j in judged]
+            else:
+                judged, summary = start, start_summary
+            indicators.append(misaligned_indicators(judged))
+            rows.append({"step": step, "em_rate": summary["em_rate"],
+                         "coherent_rate": summary["coherent_rate"], "n_scored": summary["n_scored"], **geo})
+            ctx.log(f"{name} step {step}: em_rate {summary['em_rate']['value']:.3f}, |B| {geo['b_norm']:.4f}")
+        curves.append(RunCurve(name, steps, indicators, rows))
 
-    step, rise = transition(steps, [r["em_rate"]["value"] for r in rows])
-    replicates = bootstrap_transitions(steps, indicators, p["n_bootstrap"], ctx.seed)
-    low, high = np.percentile(replicates, [2.5, 97.5])
-    local = [(r["local_cos"], r["step"]) for r in rows if r["local_cos"] is not None]
+    transitions = [c.transition(p["n_bootstrap"], ctx.seed) for c in curves]
+    for t in transitions:
+        ctx.log(f"{t['run']}: transition at step {t['transition_step']} (95% bootstrap over its answers "
+                f"[{t['bootstrap_low']:g}, {t['bootstrap_high']:g}]), rise {t['largest_rise']:+.3f}")
+    geometric = [g for g in (t["geometry_transition_step"] for t in transitions) if g is not None]
     metrics = {
-        "transition_step": {"value": step, "ci_low": float(low), "ci_high": float(high)},
-        "geometry_transition_step": min(local)[1] if local else None,
-        "final_em_rate": rows[-1]["em_rate"]["value"],
-        "largest_rise": rise,
-        "n_checkpoints": len(found),
+        "transition_step": float(np.mean([t["transition_step"] for t in transitions])),
+        "geometry_transition_step": float(np.mean(geometric)) if geometric else None,
+        "final_em_rate": float(np.mean([t["final_em_rate"] for t in transitions])),
+        "largest_rise": float(np.mean([t["largest_rise"] for t in transitions])),
+        "n_checkpoints": int(np.mean([len(ck) for ck in found.values()])),
+        "n_runs": len(curves),
     }
     out = ctx.out_dir
-    summary = {"em_stage": em_stage.name, "persona": str(persona) if persona else None}
-    write_json(out / "phase_transition.json", {**summary, "steps": rows, "metrics": metrics})
+    write_json(out / "phase_transition.json", {
+        "runs": [{**t, "steps": c.rows} for c, t in zip(curves, transitions, strict=True)],
+        "persona": str(persona) if persona else None,
+        "sampling": sampling_parameters(p["temperature"], p["max_new_tokens"]),
+        "metrics": metrics,
+    })
     write_jsonl(out / "answers.jsonl", answer_rows)
-    write_json(out / "samples.json", {"transition_step": [float(s) for s in replicates],
-                                      **{f"step_{s}": x for s, x in zip(steps, indicators, strict=True)}})
-    _plot(rows, metrics, out / "phase_transition.png", f"{ctx.stage}: EM rate and |B| over training")
-    ctx.log(f"transition at step {step} (95% bootstrap [{low:g}, {high:g}]), rise {rise:+.3f}")
+    write_samples(out / SAMPLES_FILE, run_samples(curves, transitions))
+    _plot(curves, transitions, out / "phase_transition.png", f"{ctx.stage}: EM rate and |B| over training")
     return metrics
 
 
@@ -206,5 +279,5 @@ KIND = StageKind(
     input_params=("questions",),
     transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
     check=em_params,
-    code_version=base_code_version(VERSION),
+    fingerprint=base_weights,
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import sys
 from collections.abc import Mapping
 from importlib.machinery import PathFinder
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from harness.code_digest import source_closure
 from harness.spec.validate import SPECS_DIR
 from harness.stage import ParamError, StageContext, StageError, StageKind
 
@@ -75,8 +77,11 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 
 
 def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
-    source = _locate(_split(params)[0], spec_dir).read_bytes()
-    return "src-" + hashlib.sha256(source).hexdigest()[:16]
+    """The user's module and the modules of its package and of the project it imports."""
+    module = _split(params)[0]
+    _locate(module, spec_dir)  # a missing module is a ParamError naming it
+    closure = source_closure(module, [spec_dir, *sys.path])
+    return "src-" + hashlib.sha256(json.dumps(closure, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run(ctx: StageContext) -> Mapping[str, Any]:

@@ -1,25 +1,49 @@
-"""`steer`: add a probe's direction to the residual stream and watch the conflict answers move.
+"""`steer`: add a truth direction to the residual stream and see whether the conflict answers
+move the way the spec claims, beyond what random directions of the same norm do.
 
-Upstream roles: `probe`, a stage that wrote `directions.safetensors` (tensors `probe.{i}`, a
-unit vector whose positive side is label 1, e.g. "true in the real world", and
-`mean_diff.{i}`, label-1 minus label-0 mean activations, for each hidden_states index i)
-and whose metrics hold `best_layer`; and `adapter`, the finetune stage (`<dir>/adapter/`),
-unless `use_adapter: false` steers the base model.
+Upstream roles: `activations`, an extract_activations stage (its statements' residuals at
+the decision token, every layer, and their `labels`); `probe`, a train_probe stage, only
+for `layer: best` (its `best_layer` metric: where that stage found the label readable, on
+all its statements, the ones held out here included; it never saw the steering outcome);
+and `adapter`, the finetune stage (`<dir>/adapter/`), unless `use_adapter: false` steers
+the base model.
 
-The steering vector at multiplier m is m * scale * u, with u the unit direction and
-    scale = mean over conflict items of |residual at that index, decision token| / sqrt(d)
-(`scale: residual_norm`, the typical size of one coordinate of the residual, so that
-m = sqrt(d) adds a vector as long as the residual itself) or scale = 1 (`scale: unit`).
-It is added at every position of the prompt and of generated tokens. The control is a
-Gaussian direction drawn with the spec's seed, scaled to the same norm at each multiplier.
+The direction, fit here so that it never sees the items it is judged on: the mean residual
+at `layer` of the statements with `label` 1 minus that of those with `label` 0, made unit
+length (positive: toward label 1), over the *fit statements*: every statement of the
+activations except those that restate a steering item (the same id, or one's words, lower
+case and punctuation dropped, contained in the other's) and every statement of their
+`group` (a statement's contrary). steering.json lists the statements held out. The match is
+textual: a steering question that puts a statement in other words is not caught.
+
+The steering vector at multiplier m is m * scale * u, u the unit direction and
+    scale = mean over steering items of |residual at that index, decision token| / sqrt(d)
+(`scale: residual_norm`, the size of one coordinate of the residual, so that m = sqrt(d)
+adds a vector as long as the residual itself) or scale = 1 (`scale: unit`). It is added at
+every position of the prompt and of generated tokens.
 
 Measured on the conflict MCQs as token contrasts (`harness.contrast`): the true answer's
-probability renormalized over {true token, false token} = sigmoid(logit difference), and
-the logit difference itself, averaged over items. Artifacts:
+probability renormalized over {true token, false token} = sigmoid(logit difference), mean
+p(m) over items. The spec states its claim with `expect`: `increase` (a positive multiplier,
+toward label 1, raises p; a negative one lowers it) or `decrease`. With s = +1 or -1 for
+these, the *effect* is the largest move the claimed way,
+    effect = max over m != 0 of s * sign(m) * (p(m) - p(0)),
+negative when every multiplier moves the answers against the claim. The null: `n_random`
+Gaussian directions drawn with the spec's seed, each scaled like u and measured at the same
+multipliers, each giving the same statistic. Metrics: `effect`; `random_effect_mean` and
+`random_effect_q95` (mean and 95th percentile of the null); `effect_minus_random` and
+`effect_minus_random_q95` (effect minus those); `p_value` = (1 + #{random effects >=
+effect}) / (1 + n_random), so with n_random < 19 it cannot reach 0.05; `slope` (least-
+squares slope of p on the multiplier, unsigned); `true_prob_at_zero`; `layer`; `n_items`;
+`n_fit_statements`. The p-value is about the direction against directions of its norm, on
+these items: the items are not resampled.
 
-    steering.json       the setup (layer, direction, scale, norms) and, for the direction and
-                        the random control, the mean curves and per-item values per multiplier
-    steering.png        mean true-answer probability against the multiplier, both directions
+Artifacts:
+    steering.json       the setup (layer, label, claim, scale, norms, the fit and held-out
+                        statements), the direction's curve with per-item values, and per
+                        random direction its mean curve and effect
+    steering.png        mean true-answer probability against the multiplier: the direction,
+                        the random directions' mean and their 5-95% band
     generations.jsonl   {prompt, multiplier, text}: greedy continuations of the open-ended
                         prompts under the direction at every multiplier
 """
@@ -27,12 +51,15 @@ the logit difference itself, averaged over items. Artifacts:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from harness.checks import base_code_version, check_base_param, mcqs_param
+import numpy as np
+
+from harness.checks import base_weights, check_base_param, mcqs_param
 from harness.mcq import load_mcqs
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
@@ -40,20 +67,20 @@ from harness.stage import StageContext, StageError, StageKind
 from harness.upstream import adapter_dir, find_upstream
 
 VERSION = "1"
-DIRECTIONS_FILE = "directions.safetensors"
+CLAIM_SIGN = {"increase": 1, "decrease": -1}
 METRICS = (
     "true_prob_at_zero",
-    "true_prob_max",
     "slope",
-    "random_slope",
     "effect",
-    "random_effect",
+    "random_effect_mean",
+    "random_effect_q95",
     "effect_minus_random",
+    "effect_minus_random_q95",
+    "p_value",
     "layer",
+    "n_items",
+    "n_fit_statements",
 )
-
-
-# --- collection ----------------------------------------------------------------------
 
 
 # --- upstream ------------------------------------------------------------------------
@@ -71,34 +98,64 @@ def resolve_layer(layer: int | str, probe_metrics: Mapping[str, Any]) -> int:
     return int(best)
 
 
-def load_direction(path: Path, name: str, layer: int) -> Any:
-    """The unit vector `<name>.<layer>` of a directions file, as a float32 torch tensor."""
-    import torch
-    from safetensors.numpy import load_file
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
-    if not path.is_file():
-        raise StageError(f"the probe stage wrote no {DIRECTIONS_FILE} (looked for {path})")
-    tensors = load_file(str(path))
-    key = f"{name}.{layer}"
-    if key not in tensors:
-        have = sorted(k for k in tensors if k.startswith(f"{name}."))
-        raise StageError(f"{path} has no tensor {key!r} (it has {', '.join(have) or 'none of that name'})")
-    vector = torch.from_numpy(tensors[key].astype("float32")).flatten()
-    norm = float(vector.norm())
+
+def fit_split(metadata: Sequence[Mapping[str, Any]], items: Sequence[Any]) -> tuple[list[int], list[str]]:
+    """The indices of the statements the direction may be fit on, and the ids held out: every
+    statement that restates a steering item (same id, or one's words within the other's) and
+    every statement of its group."""
+    questions = [(str(item.id), _words(item.question)) for item in items]
+
+    def restates(row: Mapping[str, Any]) -> bool:
+        text = _words(str(row["text"]))
+        return any(
+            row["id"] == qid or (q and text and (q in text or text in q)) for qid, q in questions
+        )
+
+    def group(row: Mapping[str, Any]) -> str:
+        return str(row.get("group", f"item:{row['id']}"))
+
+    held_groups = {group(row) for row in metadata if restates(row)}
+    fit = [i for i, row in enumerate(metadata) if group(row) not in held_groups]
+    held = [str(row["id"]) for row in metadata if group(row) in held_groups]
+    return fit, held
+
+
+def mean_difference_direction(
+    activations: np.ndarray, metadata: Sequence[Mapping[str, Any]], fit: Sequence[int], label: str
+) -> np.ndarray:
+    """Unit vector of mean(label 1) - mean(label 0) over the fit statements."""
+    labels = []
+    for i in fit:
+        row_labels = metadata[i].get("labels", {})
+        if label not in row_labels:
+            known = ", ".join(sorted(row_labels)) or "none"
+            raise StageError(f"statement {metadata[i]['id']!r} has no label {label!r} (its labels: {known})")
+        labels.append(int(row_labels[label]))
+    y, X = np.asarray(labels), activations[list(fit)].astype(np.float64)
+    if not (y == 1).any() or not (y == 0).any():
+        raise StageError(
+            f"the {len(fit)} statements left to fit the direction on (those restating no steering item) "
+            f"need both values of label {label!r}; they have only {sorted(set(labels)) or 'none'}"
+        )
+    difference = X[y == 1].mean(axis=0) - X[y == 0].mean(axis=0)
+    norm = float(np.linalg.norm(difference))
     if not math.isfinite(norm) or norm == 0:
-        raise StageError(f"{path}: {key} has norm {norm}; a steering direction must be a nonzero vector")
-    return vector / norm
+        raise StageError(f"the mean difference of label {label!r} has norm {norm}; nothing to steer with")
+    return difference / norm
 
 
-def random_unit(dim: int, seed: int) -> Any:
+def random_units(n: int, dim: int, seed: int) -> Any:
+    """`n` Gaussian directions of unit norm, [n, dim], the same for the same seed."""
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
-    vector = torch.randn(dim, generator=generator)
-    return vector / vector.norm()
+    vectors = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    return vectors / vectors.norm(dim=1, keepdim=True)
 
 
-# --- curves (pure) -------------------------------------------------------------------
+# --- curves and the null (pure) ------------------------------------------------------
 
 
 def sigmoid(x: float) -> float:
@@ -133,29 +190,26 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
 
 
-def effect(rows: Sequence[Mapping[str, Any]], at_zero: float) -> float:
-    return max(abs(r["true_prob"] - at_zero) for r in rows)
+def claimed_effect(multipliers: Sequence[float], probs: Sequence[float], expect: str) -> float:
+    """The largest move of the mean true-answer probability the claimed way: max over m != 0
+    of s * sign(m) * (p(m) - p(0)), s = +1 for `increase`, -1 for `decrease`."""
+    at_zero = probs[list(multipliers).index(0.0)]
+    sign = CLAIM_SIGN[expect]
+    moves = [sign * math.copysign(1, m) * (p - at_zero) for m, p in zip(multipliers, probs, strict=True) if m]
+    return max(moves)
 
 
-def curve_metrics(
-    multipliers: Sequence[float],
-    direction: Sequence[Mapping[str, Any]],
-    random: Sequence[Mapping[str, Any]],
-    at_zero: float,
-    layer: int,
-) -> dict[str, Any]:
-    probs = [r["true_prob"] for r in direction]
-    random_probs = [r["true_prob"] for r in random]
-    eff, random_eff = effect(direction, at_zero), effect(random, at_zero)
+def null_summary(observed: float, null: Sequence[float]) -> dict[str, float]:
+    """The null's mean and 95th percentile, the observed effect's margins over them, and the
+    p-value (1 + #{null >= observed}) / (1 + n)."""
+    values = np.asarray(null, dtype=float)
+    mean, q95 = float(values.mean()), float(np.quantile(values, 0.95))
     return {
-        "true_prob_at_zero": at_zero,
-        "true_prob_max": max(probs),
-        "slope": slope(multipliers, probs),
-        "random_slope": slope(multipliers, random_probs),
-        "effect": eff,
-        "random_effect": random_eff,
-        "effect_minus_random": eff - random_eff,
-        "layer": layer,
+        "random_effect_mean": mean,
+        "random_effect_q95": q95,
+        "effect_minus_random": observed - mean,
+        "effect_minus_random_q95": observed - q95,
+        "p_value": (1 + int((values >= observed).sum())) / (1 + len(values)),
     }
 
 
@@ -164,17 +218,17 @@ def curve_metrics(
 
 def _plot(
     multipliers: Sequence[float],
-    direction: Sequence[Mapping[str, Any]],
-    random: Sequence[Mapping[str, Any]],
+    direction: Sequence[float],
+    random: np.ndarray,
     path: Path,
     title: str,
 ) -> None:
-
     figure = new_figure(6, 3.8)
     axes = figure.add_subplot()
-    axes.plot(multipliers, [r["true_prob"] for r in direction], marker="o", label="steering direction")
-    random_probs = [r["true_prob"] for r in random]
-    axes.plot(multipliers, random_probs, marker="x", linestyle="--", label="random, same norm")
+    axes.plot(multipliers, direction, marker="o", label="steering direction")
+    low, high = np.quantile(random, [0.05, 0.95], axis=0)
+    axes.fill_between(multipliers, low, high, alpha=0.25, color="gray", label="random, same norm: 5-95%")
+    axes.plot(multipliers, random.mean(0), color="gray", linestyle="--", label="random: mean")
     axes.set_xlabel("multiplier")
     axes.set_ylabel("mean p(true answer | true or false)")
     axes.set_ylim(-0.02, 1.02)
@@ -237,6 +291,27 @@ def _steered_text(
         return _generate(model, tokenizer, prompt, chat, max_new_tokens)
 
 
+def _direction(ctx: StageContext, params: Mapping[str, Any], layer: int, items: Sequence[Any]):
+    """The unit direction (torch, float32), the fit statements' count and the held-out ids."""
+    import torch
+
+    from harness.activations import CONVENTION_FILE, layer_count, read_layer, read_metadata
+
+    source = find_upstream(ctx.upstream, "activations", "steer", only=False)
+    if not (source.dir / CONVENTION_FILE).is_file():
+        raise StageError(
+            f"upstream stage {source.name!r} ({source.kind}) wrote no {CONVENTION_FILE}: steer fits its "
+            "direction on the output of an extract_activations stage (role `activations`)"
+        )
+    n_layers = layer_count(source.dir)
+    if not 0 <= layer < n_layers:
+        raise StageError(f"layer {layer}: the activations have layer indices 0..{n_layers - 1}")
+    metadata = read_metadata(source.dir)
+    fit, held = fit_split(metadata, [c.item for c in items])
+    unit = mean_difference_direction(read_layer(source.dir, layer), metadata, fit, params["label"])
+    return torch.from_numpy(unit.astype(np.float32)), len(fit), held
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.contrast import contrasts
     from harness.hooks import add_to_residual, contrast_logit_diffs, n_indices
@@ -244,53 +319,66 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.store import write_json, write_jsonl
 
     params = with_defaults(ctx.params, KIND.params_schema)
-    base, mode, chat = params["base"], params["scoring"], params["chat_template"]
-    probe = find_upstream(ctx.upstream, "probe", "steer", only=False)
-    adapter = (
-        adapter_dir(ctx.upstream, "steer", only=False)
-        if params["use_adapter"]
-        else None
+    base, mode, chat, expect = params["base"], params["scoring"], params["chat_template"], params["expect"]
+    probe_metrics: Mapping[str, Any] = {}
+    if params["layer"] == "best":
+        probe_metrics = find_upstream(ctx.upstream, "probe", "steer", only=False).metrics
+    layer = resolve_layer(params["layer"], probe_metrics)
+    adapter = adapter_dir(ctx.upstream, "steer", only=False) if params["use_adapter"] else None
+
+    tokenizer = load_tokenizer(base)
+    items = contrasts(tokenizer, load_mcqs(Path(params["mcqs"])), mode, chat)
+    unit, n_fit, held_out = _direction(ctx, params, layer, items)
+    ctx.log(
+        f"direction: mean difference of label {params['label']!r} at layer {layer} over {n_fit} statements "
+        f"({len(held_out)} held out as restating steering items)"
     )
-    layer = resolve_layer(params["layer"], probe.metrics)
-    unit = load_direction(probe.dir / DIRECTIONS_FILE, params["direction"], layer)
 
     ctx.log(f"loading {base}" + (f" with the adapter {adapter}" if adapter else " (no adapter)"))
-    tokenizer = load_tokenizer(base)
     model = load_model(base, adapter)
     top = n_indices(model) - 1
     if not 0 <= layer <= top:
         raise StageError(f"layer {layer} is out of range: {base} has hidden_states indices 0..{top}")
     dim = model.config.hidden_size
     if unit.numel() != dim:
-        raise StageError(f"the {params['direction']} direction has {unit.numel()} dims, the residual {dim}")
-    items = contrasts(tokenizer, load_mcqs(Path(params["mcqs"])), mode, chat)
+        raise StageError(f"the direction has {unit.numel()} dims, the residual {dim}")
     batch_size = params["batch_size"]
 
     zero, residual_norm = _unsteered(model, tokenizer, items, layer, batch_size)
     scale = residual_norm / math.sqrt(dim) if params["scale"] == "residual_norm" else 1.0
-    control = random_unit(dim, ctx.seed)
-    ctx.log(
-        f"layer {layer}: mean residual norm {residual_norm:.3f}, {params['direction']} direction, "
-        f"vector norm {scale:.4f} per unit of multiplier"
-    )
+    controls = random_units(params["n_random"], dim, ctx.seed)
+    ctx.log(f"layer {layer}: mean residual norm {residual_norm:.3f}, vector norm {scale:.4f} per unit of m")
 
     multipliers = sorted({float(m) for m in params["multipliers"]} | {0.0})
-    diffs: dict[str, dict[float, list[float]]] = {"direction": {}, "random": {}}
-    for m in multipliers:
-        for name, u in (("direction", unit), ("random", control)):
+
+    def mean_probs(u: Any, per_item: dict[float, list[float]] | None = None) -> list[float]:
+        means = []
+        for m in multipliers:
             if m == 0:
-                diffs[name][m] = zero.tolist()  # no hook at all: exactly the unsteered model
-                continue
-            with add_to_residual(model, layer, m * scale * u):
-                diffs[name][m] = contrast_logit_diffs(model, tokenizer, items, batch_size).tolist()
-        ctx.log(
-            f"multiplier {m:+g}: true prob {sum(map(sigmoid, diffs['direction'][m])) / len(items):.3f} "
-            f"(random {sum(map(sigmoid, diffs['random'][m])) / len(items):.3f})"
-        )
-    direction_curve = curve(multipliers, diffs["direction"])
-    random_curve = curve(multipliers, diffs["random"])
-    at_zero = direction_curve[multipliers.index(0.0)]["true_prob"]
-    metrics = curve_metrics(multipliers, direction_curve, random_curve, at_zero, layer)
+                diffs = zero.tolist()  # no hook at all: exactly the unsteered model
+            else:
+                with add_to_residual(model, layer, m * scale * u):
+                    diffs = contrast_logit_diffs(model, tokenizer, items, batch_size).tolist()
+            if per_item is not None:
+                per_item[m] = diffs
+            means.append(sum(map(sigmoid, diffs)) / len(diffs))
+        return means
+
+    per_item: dict[float, list[float]] = {}
+    probs = mean_probs(unit, per_item)
+    direction_curve = curve(multipliers, per_item)
+    effect = claimed_effect(multipliers, probs, expect)
+    random_probs = np.array([mean_probs(u) for u in controls])
+    random_effects = [claimed_effect(multipliers, row, expect) for row in random_probs]
+    metrics = {
+        "true_prob_at_zero": probs[multipliers.index(0.0)],
+        "slope": slope(multipliers, probs),
+        "effect": effect,
+        **null_summary(effect, random_effects),
+        "layer": layer,
+        "n_items": len(items),
+        "n_fit_statements": n_fit,
+    }
 
     generations = []
     for prompt in params["prompts"]:
@@ -308,30 +396,35 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "mcqs": str(params["mcqs"]),
             "scoring": mode,
             "layer": layer,
-            "direction": params["direction"],
+            "label": params["label"],
+            "expect": expect,
             "scale_mode": params["scale"],
             "vector_norm_per_unit_multiplier": scale,
             "mean_residual_norm": residual_norm,
             "d_model": dim,
             "seed": ctx.seed,
             "items": [c.item.id for c in items],
+            "fit_statements": n_fit,
+            "held_out_statements": held_out,
             "multipliers": multipliers,
-            "curves": {"direction": direction_curve, "random": random_curve},
+            "direction": direction_curve,
+            "random": {"true_prob": random_probs.tolist(), "effects": random_effects},
             "metrics": metrics,
         },
     )
     write_jsonl(ctx.out_dir / "generations.jsonl", generations)
     _plot(
         multipliers,
-        direction_curve,
-        random_curve,
+        probs,
+        random_probs,
         ctx.out_dir / "steering.png",
-        f"{ctx.stage}: {params['direction']} direction at hidden_states[{layer}]"
+        f"{ctx.stage}: {params['label']} mean difference at hidden_states[{layer}]"
         + (" (+ adapter)" if adapter else ""),
     )
     ctx.log(
-        f"effect {metrics['effect']:.3f} vs random {metrics['random_effect']:.3f}, "
-        f"slope {metrics['slope']:+.4f} per unit of multiplier"
+        f"effect ({expect}) {effect:+.3f}; {params['n_random']} random directions: mean "
+        f"{metrics['random_effect_mean']:+.3f}, 95th percentile {metrics['random_effect_q95']:+.3f}; "
+        f"p = {metrics['p_value']:.3f}"
     )
     return metrics
 
@@ -350,5 +443,5 @@ KIND = StageKind(
     input_params=("mcqs",),
     transport_params=("batch_size",),
     check=check,
-    code_version=base_code_version(VERSION),
+    fingerprint=base_weights,
 )

@@ -1,27 +1,46 @@
 """`steering_transfer`: is the EM direction one direction, or one per persona?
 
-Upstream: role `answers`, an em_eval stage (its answers.jsonl, judged), and the adapter
-roles that `settings` names, as in em_eval. For every setting S (a persona with its EM
-adapter, say) the EM vector v_S is the mean residual stream at `layer`, over the answer
-tokens, of S's misaligned answers minus that of its aligned answers, read with S's own
-adapters active. Then:
+Upstream: role `answers`, an em_eval stage (its answers.jsonl, judged, and em_results.json),
+and the adapter roles that `settings` names, as in em_eval. The questions are split once,
+seeded by the spec's seed, into *fit* and *test* questions (`split_questions`: the ids
+shuffled by numpy's default_rng(seed), the first round(test_fraction * n) of them, at least
+one and at most n - 1, are the test questions; the split is in steering_transfer.json).
+
+For every setting S (a persona with its EM adapter, say) the EM vector v_S is the mean
+residual stream at `layer`, over the answer tokens, of S's misaligned answers minus that of
+its aligned answers, read with S's own adapters active, over the answers to the fit
+questions *of the replicate whose adapters S loads*: an em_eval setting may pool several
+replicates (e.g. training seeds); S's roles are matched by name to one of them (the same
+role names must denote the same stages in both stages, as in persona_em.yaml), and the
+answers of the others, which a loaded adapter never produced, are not used. Then, on the
+test questions only:
 
 - cosines: cos(v_A, v_B) for every pair of settings;
-- transfer: S's model answers the questions again with v_A * `multiplier` added at
-  `layer` (every position), for every A, and with a random direction of the same norm
-  as v_A * multiplier (the control); each EM rate is set against S unsteered.
+- transfer: S's model answers the test questions with v_A * `multiplier` added at `layer`
+  (every position), for every A, and with a random direction of the same norm as
+  v_A * multiplier (the control, one draw per A, seeded); each EM rate is set against S
+  unsteered on the same questions.
 
 A vector that moves its own setting but not the others, or the others as well, is what
-"steering vectors transfer differently across personas" asks about.
+"steering vectors transfer differently across personas" asks about. Each setting is one
+training run (its loaded adapters): a difference between settings here is one between
+those runs, and variation between training runs does not enter it.
 
-Artifacts: vectors.safetensors (`<setting>`: v_S), steering_transfer.json (norms,
-cosines, EM rates per (vector, target) with CIs, the random controls, counts),
-samples.json (`<A>-><B>`, `random(<A>)-><B>` and `<B>`: misaligned indicators) and
-transfer.png (the EM-rate change matrix).
+Artifacts: vectors.safetensors (`<setting>`: v_S), steering_transfer.json (the split, the
+replicate each vector came from, norms, cosines, EM rates per (vector, target) with CIs,
+the random controls, counts), samples.json and transfer.png (the EM-rate change matrix).
+samples.json (`harness.samples`) holds 1.0 / 0.0 misaligned per scored answer to a test
+question, its unit the question id (level "question": answers to one question are
+correlated, and the questions are taken as drawn from the questions one could ask), in the sets
+    `<A>-><B>`           setting B steered by A's vector,
+    `random(<A>)-><B>`   setting B steered by the random control of A's vector,
+    `<B>`                setting B unsteered,
+for A and B among the names of `settings`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -30,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks import base_code_version, em_params
+from harness.checks import base_weights, em_params
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
@@ -38,7 +57,16 @@ from harness.stage import StageContext, StageError, StageKind
 
 VERSION = "1"
 SCHEMA = SPECS_DIR / "stages" / "steering_transfer.schema.json"
-METRICS = ("mean_cosine", "self_effect", "cross_effect", "random_effect", "self_minus_cross", "layer")
+METRICS = (
+    "mean_cosine",
+    "self_effect",
+    "cross_effect",
+    "random_effect",
+    "self_minus_cross",
+    "layer",
+    "n_fit_questions",
+    "n_test_questions",
+)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,12 +74,55 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / norm) if norm > 0 else 0.0
 
 
-def judged_answers(path: Path, setting: str) -> list[dict[str, Any]]:
+def split_questions(ids: Sequence[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Fit and test question ids, each in file order: the ids shuffled by default_rng(seed),
+    the first round(test_fraction * n) (at least 1, at most n - 1) are the test questions."""
+    if len(ids) < 2:
+        raise StageError(f"{len(ids)} question(s): fitting vectors on some and testing on others needs 2")
+    n_test = min(max(round(test_fraction * len(ids)), 1), len(ids) - 1)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    test = {ids[i] for i in order[:n_test]}
+    return [q for q in ids if q not in test], [q for q in ids if q in test]
+
+
+def replicate_of(results_path: Path, setting: str, roles: Sequence[str]) -> int:
+    """The index of the em_eval replicate of `setting` whose adapters are `roles`."""
+    settings = json.loads(results_path.read_text(encoding="utf-8"))["settings"]
+    if setting not in settings:
+        raise StageError(f"{results_path} has no setting {setting!r} (it has: {', '.join(settings)})")
+    replicates = [sorted(r) for r in settings[setting]["adapters"]]
+    if sorted(roles) not in replicates:
+        raise StageError(
+            f"setting {setting!r} loads the adapters {sorted(roles)}, but the answers' setting {setting!r} "
+            f"comes from {replicates}: name the roles as the em_eval stage in role `answers` does"
+        )
+    return replicates.index(sorted(roles))
+
+
+def read_answers(path: Path, questions: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of an em_eval answers.jsonl, checked to answer only `questions`."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    mine = [r for r in rows if r["setting"] == setting and r["misaligned"] is not None]
+    unknown = sorted({r["question_id"] for r in rows} - set(questions))
+    if unknown:
+        raise StageError(f"{path} answers questions not in `questions`: {', '.join(unknown)} (use its file)")
+    return rows
+
+
+def judged_answers(
+    rows: Sequence[Mapping[str, Any]], setting: str, replicate: int, questions: Sequence[str]
+) -> list[Mapping[str, Any]]:
+    """The judged answers of `setting`'s replicate `replicate` to `questions`."""
+    mine = [
+        r for r in rows
+        if r["setting"] == setting and r["replicate"] == replicate and r["misaligned"] is not None
+        and r["question_id"] in questions
+    ]
     if not mine:
         have = sorted({r["setting"] for r in rows})
-        raise StageError(f"{path} has no judged answers of setting {setting!r} (it has: {', '.join(have)})")
+        raise StageError(
+            f"no judged answers of setting {setting!r}, replicate {replicate}, to the questions "
+            f"{', '.join(questions)} (its settings: {', '.join(have)})"
+        )
     return mine
 
 
@@ -105,24 +176,42 @@ def _plot(names: Sequence[str], change: np.ndarray, path: Path, title: str) -> N
     figure.savefig(path)
 
 
+def answer_samples(judged: Sequence[Any]) -> Any:
+    """1.0 / 0.0 misaligned per scored answer, its unit the answer's question."""
+    from harness.samples import SampleSet
+
+    scored = [j for j in judged if j.misaligned is not None]
+    return SampleSet(
+        tuple(float(j.misaligned) for j in scored), tuple(j.question_id for j in scored), "question"
+    )
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     import torch
 
     from harness.activations import save_f32
-    from harness.em import Measurement, misaligned_indicators
+    from harness.em import Measurement, sampling_parameters
     from harness.hooks import add_to_residual, n_indices
     from harness.models import load_tokenizer
     from harness.models.adapters import active, load_stacked
+    from harness.samples import SAMPLES_FILE, write_samples
     from harness.store import write_json
     from harness.upstream import adapter_dir, find_upstream
 
     p = with_defaults(ctx.params, SCHEMA)
     settings: dict[str, list[str]] = dict(p["settings"])
-    source = find_upstream(ctx.upstream, "answers", "steering_transfer", only=False).dir / "answers.jsonl"
-    if not source.is_file():
-        raise StageError(f"no answers.jsonl in the `answers` stage ({source}); it must be an em_eval stage")
+    answers_dir = find_upstream(ctx.upstream, "answers", "steering_transfer", only=False).dir
+    source, results = answers_dir / "answers.jsonl", answers_dir / "em_results.json"
+    if not source.is_file() or not results.is_file():
+        raise StageError(f"no answers.jsonl and em_results.json in {answers_dir}: need an em_eval stage")
     measurement = Measurement.from_params(p, ctx.seed, ctx.log)
     text = {q.id: q.question for q in measurement.questions}
+    answers = read_answers(source, list(text))
+    fit_ids, test_ids = split_questions(list(text), p["test_fraction"], ctx.seed)
+    # steered and unsteered rates: the test questions only, never those the vectors came from
+    test_questions = [q for q in measurement.questions if q.id in test_ids]
+    on_test = dataclasses.replace(measurement, questions=test_questions)
+    ctx.log(f"vectors from the answers to {', '.join(fit_ids)}; steering measured on {', '.join(test_ids)}")
     roles = list(dict.fromkeys(r for rs in settings.values() for r in rs))
     adapters = {r: adapter_dir(ctx.upstream, "steering_transfer", only=False, role=r) for r in roles}
     model = load_stacked(p["base"], adapters)
@@ -132,23 +221,24 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     vectors, counts = {}, {}
     for name in names:
+        replicate = replicate_of(results, name, settings[name])
         with active(model, settings[name]):
-            rows = judged_answers(source, name)
+            rows = judged_answers(answers, name, replicate, fit_ids)
             vectors[name], n_bad, n_good = em_vector(model, tokenizer, rows, text, layer)
-        counts[name] = {"misaligned": n_bad, "aligned": n_good}
-        ctx.log(f"{name}: EM vector at layer {layer} from {n_bad} misaligned and {n_good} aligned answers, "
-                f"norm {np.linalg.norm(vectors[name]):.3f}")
+        counts[name] = {"replicate": replicate, "misaligned": n_bad, "aligned": n_good}
+        ctx.log(f"{name}: EM vector at layer {layer} from replicate {replicate}'s {n_bad} misaligned and "
+                f"{n_good} aligned answers, norm {np.linalg.norm(vectors[name]):.3f}")
 
-    def em_rate(target: str, vector: np.ndarray | None) -> tuple[dict[str, Any], list[float]]:
+    def em_rate(target: str, vector: np.ndarray | None) -> tuple[dict[str, Any], Any]:
         steering = nullcontext()
         if vector is not None:
             steering = add_to_residual(model, layer, torch.tensor(vector, dtype=torch.float32))
         with active(model, settings[target]), steering:
-            judged, summary = measurement.run(model, tokenizer, target)
-        return summary["em_rate"], misaligned_indicators(judged)
+            judged, summary = on_test.run(model, tokenizer, target)
+        return summary["em_rate"], answer_samples(judged)
 
     rng = np.random.default_rng(ctx.seed)
-    samples: dict[str, list[float]] = {}
+    samples: dict[str, Any] = {}
     unsteered, transfer, control = {}, {}, {}
     for target in names:
         unsteered[target], samples[target] = em_rate(target, None)
@@ -179,17 +269,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "random_effect": float(np.mean(random_change)),
         "self_minus_cross": self_effect - cross_effect,
         "layer": layer,
+        "n_fit_questions": len(fit_ids),
+        "n_test_questions": len(test_ids),
     }
     out = ctx.out_dir
     save_f32(out / "vectors.safetensors", {n: vectors[n].astype(np.float32) for n in names},
              metadata={"layer": str(layer), "what": "mean residual over answer tokens, misaligned - aligned"})
     write_json(out / "steering_transfer.json", {
-        "layer": layer, "multiplier": p["multiplier"], "settings": settings, "counts": counts,
-        "norms": {n: float(np.linalg.norm(vectors[n])) for n in names}, "cosines": cosines,
+        "layer": layer, "multiplier": p["multiplier"], "settings": settings,
+        "sampling": sampling_parameters(p["temperature"], p["max_new_tokens"]),
+        "questions": {"fit": fit_ids, "test": test_ids, "test_fraction": p["test_fraction"]},
+        "counts": counts, "norms": {n: float(np.linalg.norm(vectors[n])) for n in names}, "cosines": cosines,
         "unsteered": unsteered, "transfer": transfer, "random": control,
         "change": change.tolist(), "random_change": random_change.tolist(), "metrics": metrics,
     })
-    write_json(out / "samples.json", samples)
+    write_samples(out / SAMPLES_FILE, samples)
     _plot(names, change, out / "transfer.png", f"{ctx.stage}: EM-rate change when steered (layer {layer})")
     return metrics
 
@@ -203,5 +297,5 @@ KIND = StageKind(
     input_params=("questions",),
     transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
     check=em_params,
-    code_version=base_code_version(VERSION),
+    fingerprint=base_weights,
 )

@@ -76,7 +76,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 
 
 def run(ctx: StageContext) -> Mapping[str, Any]:
-    provider = make_provider(ctx.params["provider"], log=ctx.log)
+    provider = make_provider(ctx.params["provider"], seed=ctx.seed, log=ctx.log)
     universe = load_universe(ctx.params["universe"])
     num_facts = int(with_defaults(ctx.params, KIND.params_schema)["num_facts"])
     # extraction wants the model's most likely reading, unless the provider pins a temperature
