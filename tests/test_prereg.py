@@ -122,11 +122,24 @@ def test_results_that_existed_at_locking_stay_exploratory_even_rerun(world):
     locked.stdout.fnmatch_lines(["*results that already exist stay exploratory: em, judge*"])
     entry = json.loads((world.path / "exp.lock.json").read_text())["profiles"]["default"]
     assert set(entry["existing_keys"]) == {"em", "judge"}
-    for args in ((), ("--rerun", "all")):  # a seeded rerun regenerates the same data under the same key
+    # a seeded rerun regenerates the same data, here or in a fresh store elsewhere
+    for args in ((), ("--rerun", "all"), ("--runs-dir", "elsewhere")):
         world.runpytest("exp.yaml", *args).assert_outcomes(passed=3)
-        reg = registration(world)
+        runs = world.path / (args[1] if args[:1] == ("--runs-dir",) else "runs")
+        reg = json.loads((runs / "exp/default/hypotheses.json").read_text())["registration"]
         assert reg["status"] == "exploratory"
-        assert "'em' (key " in reg["reason"] and "already existed in the store when the lock" in reg["reason"]
+        assert "stage 'em' already existed in the store when the lock" in reg["reason"]
+
+
+def test_results_of_other_recipes_at_locking_do_not_count(world):
+    world.runpytest("exp.yaml").assert_outcomes(passed=3)  # results under aligned_below 30
+    world.makefile(".yaml", exp=SPEC.replace("aligned_below: 30", "aligned_below: 45"))
+    lock(world).assert_outcomes(passed=1)  # locked before any result of this analysis exists
+    entry = json.loads((world.path / "exp.lock.json").read_text())["profiles"]["default"]
+    # em's own recipe is unchanged, but the results stored were made from another judge
+    assert entry["existing_keys"] == {}
+    world.runpytest("exp.yaml").assert_outcomes(passed=3)
+    assert registration(world)["status"] == "pre-registered"
 
 
 def test_the_report_shows_the_commit_of_the_lock_file(world):
