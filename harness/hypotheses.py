@@ -27,7 +27,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from difflib import get_close_matches
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -251,11 +251,15 @@ class SetSummary:
     term: Term
     sample: SampleSet
 
+    @cached_property
+    def _by_unit(self) -> dict[str, list[float]]:
+        return self.sample.by_unit()
+
     def units(self) -> list[list[float]]:
-        return list(self.sample.by_unit().values())
+        return list(self._by_unit.values())
 
     def unit_means(self) -> dict[str, float]:
-        return {unit: float(np.mean(v)) for unit, v in self.sample.by_unit().items()}
+        return {unit: float(np.mean(v)) for unit, v in self._by_unit.items()}
 
     @property
     def mean(self) -> float:
@@ -264,7 +268,7 @@ class SetSummary:
 
     @property
     def n_units(self) -> int:
-        return len(self.sample.unit_names)
+        return len(self._by_unit)
 
     def describe(self) -> str:
         s = self.sample

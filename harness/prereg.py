@@ -247,10 +247,6 @@ class Registration:
     changes: list[str] = field(default_factory=list)
     lock_file: dict[str, Any] = field(default_factory=dict)  # lock_commit() of the lock file
 
-    @property
-    def preregistered(self) -> bool:
-        return self.status == PREREGISTERED
-
     def as_json(self) -> dict[str, Any]:
         lock = self.lock or {}
         return {

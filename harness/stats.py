@@ -145,6 +145,13 @@ def _tolerance(observed: float, *samples: np.ndarray) -> float:
     return _TIE_TOLERANCE * scale
 
 
+def monte_carlo_p(observed: float, null: Sequence[float]) -> float:
+    """(1 + #{null >= observed}) / (1 + n): the observed statistic counted among n draws of its
+    null (relabellings, random directions), so p is never 0; ties within float noise count."""
+    values = np.asarray(null, dtype=float)
+    return float((1 + _extreme(values, observed, "greater", 1e-12)) / (1 + len(values)))
+
+
 def _extreme(null: np.ndarray, observed: float, alternative: str, tolerance: float) -> int:
     """How many null differences are at least as extreme as the observed one."""
     if alternative == "greater":

@@ -19,6 +19,7 @@ from harness.stats import (
     cluster_bootstrap_test,
     contrast_test,
     holm,
+    monte_carlo_p,
     permutation_test,
     smallest_p,
 )
@@ -378,3 +379,9 @@ def test_a_permutation_exchanges_whole_units_and_its_smallest_p_is_known():
         contrast_test("permutation", [a, b, a], [1, -1, 1], "greater", 100, 0)
     with pytest.raises(ValueError, match="units of one kind"):
         contrast_test("permutation", [a, [np.array([1.0])] * 4], [1, -1], "greater", 100, 0)
+
+
+def test_monte_carlo_p_counts_the_observed_among_its_null():
+    assert monte_carlo_p(0.9, [0.1, 0.5, 0.2, 0.3]) == pytest.approx(1 / 5)  # never 0
+    assert monte_carlo_p(0.5, [0.1, 0.5, 0.2, 0.6]) == pytest.approx(3 / 5)  # a tie counts
+    assert monte_carlo_p(0.5, [0.5 - 1e-15]) == pytest.approx(1.0)  # float noise is a tie

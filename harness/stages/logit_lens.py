@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.checks import base_weights, check_base_param, mcqs_param
-from harness.mcq import MCQ, load_mcqs
+from harness.mcq import load_mcqs
 from harness.models.base import base_fingerprint
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
@@ -70,10 +70,6 @@ Progress = Callable[[int, int], None]
 
 
 # --- collection ----------------------------------------------------------------------
-
-
-def conflict_items(items: Sequence[MCQ]) -> list[MCQ]:
-    return [item for item in items if item.true_answer != item.false_answer]
 
 
 # --- the lens (torch, TransformerLens) ------------------------------------------------

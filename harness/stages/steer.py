@@ -64,6 +64,7 @@ from harness.mcq import load_mcqs
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageError, StageKind
+from harness.stats import monte_carlo_p
 from harness.upstream import adapter_dir, find_upstream
 
 VERSION = "1"
@@ -209,7 +210,7 @@ def null_summary(observed: float, null: Sequence[float]) -> dict[str, float]:
         "random_effect_q95": q95,
         "effect_minus_random": observed - mean,
         "effect_minus_random_q95": observed - q95,
-        "p_value": (1 + int((values >= observed).sum())) / (1 + len(values)),
+        "p_value": monte_carlo_p(observed, values),
     }
 
 

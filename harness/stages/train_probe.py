@@ -71,6 +71,7 @@ import numpy as np
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageError, StageKind, Upstream
+from harness.stats import monte_carlo_p
 from harness.upstream import find_upstream
 
 VERSION = "3"
@@ -429,7 +430,7 @@ def null_summary(statistic: np.ndarray) -> dict[str, Any]:
         "auc": observed,
         "null_mean": float(null.mean()),
         "null_q95": float(np.quantile(null, 0.95)),
-        "p_value": float((1 + np.sum(null >= observed - 1e-12)) / (1 + len(null))),
+        "p_value": monte_carlo_p(observed, null),
         "null_aucs": null.tolist(),
     }
 
