@@ -7,9 +7,11 @@ import sys
 from pathlib import Path, PurePath
 
 import pytest
+from _pytest.main import wrap_session
 
-from harness.collect import ExperimentFile, HypothesisItem, LockItem, StageItem
+from harness.collect import ExperimentFile, HypothesisItem, LockItem, StageItem, runs_dir
 from harness.report import RunReports
+from harness.store_clean import clean_store
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,6 +53,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="with --lock-hypotheses: replace a lock whose plan differs (the lock keeps a record of it)",
     )
+    group.addoption(
+        "--harness-clean",
+        dest="harness_clean",
+        action="store_true",
+        default=False,
+        help="remove from the runs directory what killed runs left (temporary and replaced outputs, "
+        "scratch of completed keys, dangling LATEST files) and exit; runs no test",
+    )
     parser.addini("harness_runs_dir", "artifact store directory, relative to the ini file", default="runs")
     parser.addini(
         "harness_experiments",
@@ -78,6 +88,32 @@ def _share_cores() -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
+
+
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    if config.getoption("harness_clean"):
+        return wrap_session(config, _clean)
+    return None
+
+
+def _clean(config: pytest.Config, session: pytest.Session) -> int:
+    directory = runs_dir(config)
+    cleaning = clean_store(directory)
+    terminal = config.get_terminal_writer()
+    terminal.sep("-", f"harness clean: {directory}")
+    terminal.line(f"removed {len(cleaning.removed)} leftovers of killed runs")
+    for path in cleaning.removed:
+        terminal.line(f"  {path.relative_to(directory)}")
+    if cleaning.kept:
+        terminal.line(
+            f"kept {len(cleaning.kept)} resume scratch / failed attempts of keys that never completed "
+            "(the next run of the key resumes from them; delete them by hand to start afresh):"
+        )
+        for path in cleaning.kept:
+            terminal.line(f"  {path.relative_to(directory)}")
+    if cleaning.busy:
+        terminal.line(f"left {len(cleaning.busy)} working directories of stages running now")
+    return 0
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):

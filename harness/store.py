@@ -3,6 +3,10 @@
 A stage writes into a temporary directory that is renamed into place only after
 `metrics.json` and a complete `manifest.json` are written, so a directory under a key
 is either complete or absent. A lock per (stage, key) makes concurrent workers safe.
+
+Beside the key directories, a stage directory holds working directories named
+`.<what>-<key>[-...]` (TMP, OLD, SCRATCH, FAILED): a successful run of a key removes its
+own, and `harness.store_clean` removes those of killed runs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from filelock import FileLock
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 LATEST = "LATEST"
+TMP, OLD, SCRATCH, FAILED = ".tmp-", ".old-", ".scratch-", ".failed-"  # prefixes of working dirs
 NOT_OUTPUTS = {MANIFEST, "stage.log"}  # left out of the output digest
 
 
@@ -108,11 +113,20 @@ class StageStore:
     def __init__(self, root: Path, experiment: str, profile: str, stage: str):
         self.dir = Path(root) / experiment / profile / stage
 
+    @classmethod
+    def at(cls, directory: Path) -> StageStore:
+        """The store whose stage directory is `directory`."""
+        profile = directory.parent
+        return cls(profile.parent.parent, profile.parent.name, profile.name, directory.name)
+
+    def lock_file(self, key: str) -> Path:
+        return self.dir / f".{key}.lock"
+
     def key_dir(self, key: str) -> Path:
         return self.dir / key
 
     def scratch_dir(self, key: str) -> Path:
-        return self.dir / f".scratch-{key}"
+        return self.dir / f"{SCRATCH}{key}"
 
     def lookup(self, key: str) -> Record | None:
         """The complete run under `key`, or None. Incomplete directories never count."""
@@ -145,7 +159,7 @@ class StageStore:
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
         self.dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.dir / f".{key}.lock"):
+        with FileLock(self.lock_file(key)):
             yield
 
     def begin(self, key: str) -> Path:
@@ -153,9 +167,9 @@ class StageStore:
 
         Leftovers of attempts that died half-way (same key) are removed first.
         """
-        for stale in self.dir.glob(f".tmp-{key}-*"):
+        for stale in self.dir.glob(f"{TMP}{key}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp = self.dir / f"{TMP}{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         tmp.mkdir(parents=True)
         return tmp
 
@@ -166,17 +180,26 @@ class StageStore:
         write_json(tmp / MANIFEST, manifest)
         final = self.key_dir(key)
         if final.exists():  # forced rerun, or a damaged directory: move it out of the way
-            old = self.dir / f".old-{key}-{uuid.uuid4().hex[:6]}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, self.dir / f"{OLD}{key}-{uuid.uuid4().hex[:6]}")
         os.replace(tmp, final)
         write_text_atomic(self.dir / LATEST, key)
-        shutil.rmtree(self.scratch_dir(key), ignore_errors=True)
+        self.remove_working_dirs(key)
         return Record(final, dict(manifest), dict(metrics))
+
+    def working_dirs(self, key: str) -> list[Path]:
+        """The working directories of `key`: temporary outputs, replaced runs, resume scratch
+        and a kept failed attempt (the owner of each holds the key's lock while it works)."""
+        patterns = (f"{TMP}{key}-*", f"{OLD}{key}-*", f"{SCRATCH}{key}", f"{FAILED}{key}")
+        return sorted(path for pattern in patterns for path in self.dir.glob(pattern))
+
+    def remove_working_dirs(self, key: str) -> None:
+        """After `key` completed: what earlier attempts of it left is of no more use."""
+        for path in self.working_dirs(key):
+            shutil.rmtree(path, ignore_errors=True)
 
     def abandon(self, tmp: Path, key: str) -> Path:
         """Keep a failed attempt's outputs for inspection at `.failed-<key>`."""
-        failed = self.dir / f".failed-{key}"
+        failed = self.dir / f"{FAILED}{key}"
         shutil.rmtree(failed, ignore_errors=True)
         os.replace(tmp, failed)
         return failed
