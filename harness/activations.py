@@ -348,7 +348,7 @@ def write_activations(
 ) -> Extracted:
     """An activations directory from `batches` ([batch, n_layers, d_model] rows of the
     statements, in order), consumed one at a time."""
-    from harness.store import write_json, write_jsonl
+    from harness.store import relative_path, write_json, write_jsonl
 
     out_dir = Path(out_dir)
     writer: LayerWriter | None = None
@@ -380,7 +380,7 @@ def write_activations(
         "n_items": writer.n_items,
         "dtype": "float32",
         "model": model_name,
-        "adapter": str(adapter) if adapter is not None else None,
+        "adapter": relative_path(adapter, out_dir) if adapter is not None else None,
     }
     write_json(out_dir / CONVENTION_FILE, convention)
     return Extracted(writer.n_items, writer.n_layers, writer.d_model, writer.file_bytes())

@@ -3,13 +3,48 @@ reads, and the cache key follows the base's weights."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from harness.mcq import MCQ, load_mcqs
+from harness.mcq import read_mcqs
 from harness.models import ModelNotFound, base_fingerprint, check_base
 from harness.stage import ParamError, StageError
+
+# Past this size collection checks the rows in a data file's first SAMPLE_BYTES, in seconds
+# and bounded memory; the stage reads, and so checks, every row when it runs.
+SAMPLE_BYTES = 64 << 20
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MCQFile:
+    """What collection learnt of an MCQ file: its rows' categories, and whether it read all."""
+
+    categories: frozenset[str]
+    complete: bool
+
+
+# (check, path, size, mtime) -> what the check found: several stages read one file, and a
+# second collection in the process (pytester, --lock-hypotheses) reads nothing again
+_checked: dict[tuple[str, str, int, int], Any] = {}
+
+
+def checked_once(path: Path, check: Callable[[Path, int | None], T]) -> T:
+    """check(path, sample) once per file content (path, size, mtime) in this process, its
+    StageError too; `sample` is SAMPLE_BYTES for a file past that size, else None."""
+    stat = path.stat()
+    key = (check.__qualname__, str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _checked:
+        try:
+            _checked[key] = check(path, SAMPLE_BYTES if stat.st_size > SAMPLE_BYTES else None)
+        except StageError as error:
+            _checked[key] = error
+    found = _checked[key]
+    if isinstance(found, StageError):
+        raise StageError(str(found))
+    return found
 
 
 def check_base_param(params: Mapping[str, Any]) -> None:
@@ -20,32 +55,43 @@ def check_base_param(params: Mapping[str, Any]) -> None:
         raise ParamError(("base",), str(error)) from None
 
 
-def mcqs_param(params: Mapping[str, Any], spec_dir: Path, conflict_for: str | None = None) -> list[MCQ]:
-    """The MCQ file's items; a bad row fails at the `mcqs:` line. `conflict_for` names
+def mcqs_param(params: Mapping[str, Any], spec_dir: Path, conflict_for: str | None = None) -> MCQFile:
+    """What the MCQ file holds; a bad row fails at the `mcqs:` line. `conflict_for` names
     what needs conflict items, when the stage measures only those."""
     path = (spec_dir / params["mcqs"]).resolve()
     if not path.is_file():
         raise ParamError(("mcqs",), f"MCQ file not found: {params['mcqs']} (looked for {path})")
     try:
-        items = load_mcqs(path)
+        found = checked_once(path, _mcq_file)
     except StageError as error:
         raise ParamError(("mcqs",), str(error)) from None
-    if conflict_for and not any(item.true_answer != item.false_answer for item in items):
+    if conflict_for and found.complete and "conflict" not in found.categories:
         raise ParamError(("mcqs",), f"{path}: no conflict questions; {conflict_for} is measured on them")
-    return items
+    return found
+
+
+def _mcq_file(path: Path, sample: int | None) -> MCQFile:
+    """The MCQ file's rows checked one at a time (with `sample`, those in its first bytes)."""
+    return MCQFile(frozenset(item.category for item in read_mcqs(path, sample)), complete=sample is None)
 
 
 def questions_param(params: Mapping[str, Any], spec_dir: Path) -> None:
     """An EM questions file that does not load fails at the `questions:` line (a missing
     one is reported by the input-path check)."""
-    from harness.em_data import load_questions
-
     path = spec_dir / str(params["questions"])
     if path.is_file():
         try:
-            load_questions(path)
+            checked_once(path, _questions_file)
         except StageError as error:
             raise ParamError(("questions",), str(error)) from None
+
+
+def _questions_file(path: Path, sample: int | None) -> None:
+    """A YAML document is read whole: past the sample size the stage checks it when it runs."""
+    from harness.em_data import load_questions
+
+    if sample is None:
+        load_questions(path)
 
 
 def provider_param(params: Mapping[str, Any], key: str) -> None:

@@ -13,9 +13,10 @@ from harness.graph import StageGraph
 from harness.hypotheses import HypothesisPlan, parse_plan
 from harness.spec.compose import apply_profile, load_with_includes
 from harness.spec.errors import Mark, Problem, SpecError, source_line
-from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted, with_defaults
+from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted, is_name, with_defaults
 from harness.spec.yamlload import Document
 from harness.stage import ParamError, StageKind
+from harness.upstream import unfilled
 
 DEFAULT_SEED = 0
 
@@ -57,6 +58,10 @@ def load_experiment(file: Path, profile: str | None = None, machine_checks: bool
     resolved = _check_every_profile(doc, profile)
     data = resolved.data
     problems: list[Problem] = []
+    try:
+        experiment_name = _experiment_name(data, file)
+    except SpecError as exc:
+        problems.extend(exc.problems)
     stages: dict[str, StageSpec] = {}
     for name, body in data["stages"].items():
         try:
@@ -78,7 +83,7 @@ def load_experiment(file: Path, profile: str | None = None, machine_checks: bool
 
     graph = StageGraph({n: s.needs for n, s in stages.items()}, edge_mark)
     return Experiment(
-        name=data.get("experiment", file.stem),
+        name=experiment_name,
         file=file,
         profile=profile,
         seed=seed,
@@ -86,6 +91,20 @@ def load_experiment(file: Path, profile: str | None = None, machine_checks: bool
         description=data.get("description", ""),
         hypotheses=hypotheses,
     )
+
+
+def _experiment_name(data: dict, file: Path) -> str:
+    """`experiment:`, else the file's name without extension. It names the experiment's
+    store, so it follows the rule of stage names: a file `...yaml` would be named `..`."""
+    if "experiment" in data:
+        return data["experiment"]  # checked by the schema
+    if not is_name(file.stem):
+        raise SpecError.at(
+            f"the experiment is named after its file, and {file.stem!r} is not a valid name "
+            "(a letter or _, then letters, digits, _ or -): set `experiment:` in the spec",
+            Mark(file, 1, 1),
+        )
+    return file.stem
 
 
 def load_plan(file: Path, profile: str | None = None) -> Experiment:
@@ -103,26 +122,41 @@ def _check_every_profile(doc: Document, selected: str | None) -> Document:
     problems = check(doc.data, EXPERIMENT_SCHEMA, doc)  # the base spec, and profiles' shape
     if problems:
         raise SpecError(problems)
-    resolved = None
+    resolved = base = None
     for name in [None, *(doc.data.get("profiles") or {})]:
         merged = apply_profile(doc, name)
         found = check(merged.data, EXPERIMENT_SCHEMA, merged) if name is not None else []
         if name == selected:
             resolved = merged
         elif not found:
-            for stage, body in merged.data["stages"].items():
-                try:
-                    _static_checks(stage, body, merged)
-                except SpecError as exc:
-                    found += exc.problems
-            try:
-                parse_plan(merged.data, merged, merged.data["stages"], merged.data.get("seed", DEFAULT_SEED))
-            except SpecError as exc:
-                found += exc.problems
+            found = _static_problems(merged, base)
+        base = base or merged
         problems += [p for p in found if p not in problems]
     if problems:
         raise SpecError(problems)
     return resolved or apply_profile(doc, selected)  # an unknown profile raises here
+
+
+def _static_problems(merged: Document, base: Document | None) -> list[Problem]:
+    """The static stage checks and the analysis plan of a profile applied to the spec
+    (`merged`). What a profile leaves untouched is the base spec's own object, already
+    checked with it: only what it changes is checked again, so a spec's profiles cost
+    what they change, not the whole spec each."""
+    found: list[Problem] = []
+    stages = merged.data["stages"]
+    changed = {n: b for n, b in stages.items() if base is None or base.data["stages"].get(n) is not b}
+    for stage, body in changed.items():
+        try:
+            _static_checks(stage, body, merged)
+        except SpecError as exc:
+            found += exc.problems
+    plan_inputs = ("hypotheses", "seed")
+    if base is None or changed or any(merged.data.get(k) is not base.data.get(k) for k in plan_inputs):
+        try:
+            parse_plan(merged.data, merged, stages, merged.data.get("seed", DEFAULT_SEED))
+        except SpecError as exc:
+            found += exc.problems
+    return found
 
 
 def _static_checks(name: str, body: dict, doc: Document) -> tuple[StageKind, dict, tuple[Gate, ...]]:
@@ -145,26 +179,59 @@ def _static_checks(name: str, body: dict, doc: Document) -> tuple[StageKind, dic
     if problems:
         raise SpecError(problems)
     params = with_defaults(params, kind.params_schema) if kind.params_schema else params
-    return kind, params, _gates(name, body.get("gates", []), kind.produces(params), doc)
+    problems = _unfilled_roles(name, kind, params, _needs(body), doc)
+    try:
+        gates = _gates(name, body.get("gates", []), kind.produces(params), doc)
+    except SpecError as exc:
+        problems += exc.problems
+    if problems:
+        raise SpecError(problems)
+    return kind, params, gates
+
+
+def _needs(body: dict) -> dict[str, str]:
+    """The stage's `needs` as role -> upstream stage (a list names each stage in its own role)."""
+    needs = body.get("needs", [])
+    return {n: n for n in needs} if isinstance(needs, list) else dict(needs)
+
+
+def _unfilled_roles(
+    name: str, kind: StageKind, params: dict, needs: dict[str, str], doc: Document
+) -> list[Problem]:
+    """The upstream roles the kind reads that `needs` leaves unfilled: at `needs:` (or the stage)
+    for the kind's own roles, at the param that names one (em_eval's `settings`) for the others."""
+    problems = []
+    for role in unfilled(kind.roles(params), needs):
+        add = f"add `{role.name}: STAGE` to `needs`" if needs else f"add `needs: {{{role.name}: STAGE}}`"
+        if role.named_at is None:
+            path = ("stages", name, "needs")
+            message = f"{kind.name} needs the role `{role.name}` ({role.reads}), which `needs` "
+            message += f"does not fill: {add}"
+        else:
+            path = ("stages", name, "params", *role.named_at)
+            message = (
+                f"{dotted(role.named_at)} names the role `{role.name}`, which `needs` does not fill "
+                f"({kind.name} reads there {role.reads}): {add}"
+            )
+        problems.append(Problem(message, doc.mark(path), dotted(path)))
+    return problems
 
 
 def _stage(name: str, body: dict, doc: Document, file: Path, machine_checks: bool = True) -> StageSpec:
     kind, params, gates = _static_checks(name, body, doc)
     at = ("stages", name)
-    try:
+    try:  # inputs first: a kind's check reads files known to be there and regular
+        inputs = _input_paths(kind, params, file.parent)
         if kind.check and machine_checks:
             kind.check(params, file.parent)
-        inputs = _input_paths(kind, params, file.parent)
     except ParamError as exc:
         path = at + ("params",) + exc.path
         raise SpecError.at(exc.message, doc.mark(path), dotted(path)) from None
-    needs = body.get("needs", [])
-    needs = {n: n for n in needs} if isinstance(needs, list) else dict(needs)
     return StageSpec(
         name=name,
         kind=kind,
         params=params,
-        needs=needs,
+        needs=_needs(body),
         gates=gates,
         inputs=inputs,
         mark=doc.mark(at),
@@ -205,7 +272,9 @@ def _gates(stage: str, texts: list[str], produced: frozenset[str], doc: Document
 
 
 def _input_paths(kind: StageKind, params: dict, base: Path) -> dict[str, Path]:
-    """Resolve the params that name input files; a missing one is a ParamError at its line."""
+    """Resolve the params that name input files; a missing one, or one that is not a regular
+    file (a device reads forever, a directory where a file is meant hashes a tree), is a
+    ParamError at its line. Params in `kind.input_dirs` may name a directory."""
     out: dict[str, Path] = {}
     for param in kind.input_params:
         value = params.get(param)
@@ -220,10 +289,21 @@ def _input_paths(kind: StageKind, params: dict, base: Path) -> dict[str, Path]:
             path = (param,) if isinstance(value, str) else (param, sub)
             try:
                 resolved = (base / rel).resolve()
-                found = resolved.exists()
+                found, is_file, is_dir = resolved.exists(), resolved.is_file(), resolved.is_dir()
             except (OSError, ValueError) as exc:  # NUL bytes, names too long, ...
-                raise ParamError(path, f"unusable input path {rel!r}: {exc}") from None
+                reason = getattr(exc, "strerror", None) or exc  # not the 5,000-character name again
+                raise ParamError(path, f"unusable input path {_shown(rel)}: {reason}") from None
             if not found:
                 raise ParamError(path, f"input not found: {rel} (looked for {resolved})")
+            if param in kind.input_dirs and not (is_file or is_dir):
+                raise ParamError(path, f"{rel} is neither a regular file nor a directory ({resolved})")
+            if param not in kind.input_dirs and not is_file:
+                what = "a directory" if is_dir else "a device or other special file"
+                raise ParamError(path, f"{rel} is not a regular file but {what} ({resolved}); name a file")
             out[".".join(map(str, path))] = resolved
     return out
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """`text` quoted, cut in the middle past `limit` characters (a 5,000-character path)."""
+    return repr(text) if len(text) <= limit else f"{text[: limit // 2]!r}...{text[-limit // 2 :]!r}"

@@ -26,7 +26,8 @@ _TOKEN = re.compile(
     r"\s*(?:(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
     r"|(?P<name>[A-Za-z_][A-Za-z0-9_.]*)"
     r"|(?P<op><=|>=|==|!=|<|>)"
-    r"|(?P<punct>[()]))"
+    r"|(?P<punct>[()]))",
+    re.ASCII,  # float() would read any Unicode digit ("٠.٥"); a threshold is shown as written
 )
 
 

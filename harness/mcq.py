@@ -7,6 +7,7 @@ A row: {"id", "question", "options": {"A": text, "B": text, ...}, "false_answer"
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,17 +43,21 @@ def format_item(item: MCQ, answer: str) -> str:
 
 def load_mcqs(path: Path) -> list[MCQ]:
     """Every row of `path`, or a StageError naming the file, the line and the fix."""
-    items: list[MCQ] = []
+    return list(read_mcqs(path))
+
+
+def read_mcqs(path: Path, max_bytes: int | None = None) -> Iterator[MCQ]:
+    """The rows of `path` one at a time (with `max_bytes`, those starting in its first
+    `max_bytes` bytes), each checked as `load_mcqs` does."""
     seen: set[str] = set()
-    for where, row in jsonl_rows(path, "MCQ file", "one MCQ object"):
+    for where, row in jsonl_rows(path, "MCQ file", "one MCQ object", max_bytes):
         item = _item(row, where)
         if item.id in seen:
             raise StageError(f"{where}: duplicate id {item.id!r}; ids must be unique")
         seen.add(item.id)
-        items.append(item)
-    if not items:
+        yield item
+    if not seen:
         raise StageError(f"{path}: no MCQ rows; expected one JSON object per line")
-    return items
 
 
 def _item(row: object, where: str) -> MCQ:
@@ -62,6 +67,8 @@ def _item(row: object, where: str) -> MCQ:
     missing = [name for name in fields if name not in row]
     if missing:
         raise StageError(f"{where}: missing {', '.join(missing)} (an MCQ row has {', '.join(fields)})")
+    if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        raise StageError(f"{where}: id must be text or an integer, not {row['id']!r}")
     options = row["options"]
     if not isinstance(options, dict) or len(options) < 2:
         raise StageError(f"{where}: options must be an object of at least two letters to texts")
@@ -72,7 +79,7 @@ def _item(row: object, where: str) -> MCQ:
     if not all(isinstance(text, str) and text.strip() for text in options.values()):
         raise StageError(f"{where}: every option must be non-empty text")
     for name in ("false_answer", "true_answer"):
-        if row[name] not in options:
+        if not isinstance(row[name], str) or row[name] not in options:
             letters = list(options)
             raise StageError(f"{where}: {name} {row[name]!r} is not one of the option letters {letters}")
     if row["category"] not in CATEGORIES:

@@ -70,6 +70,25 @@ def tenths(log: Callable[[str], None], describe: Callable[[int, int], str]) -> C
 
 
 @dataclass(frozen=True)
+class Role:
+    """An upstream role a kind reads: the stage a spec names for it in `needs: {<name>: STAGE}`.
+
+    reads:    what the kind reads there, for messages ("the facts.json of a universe_context stage").
+    optional: the kind runs without it.
+    only:     an upstream under another name fills it when it is the only one outside the
+              kind's other roles (so `needs: [train]` gives `adapter` the stage `train`).
+    named_at: the params path that names this role (em_eval's `settings`), where a missing
+              role is reported; None: the role is the kind's own, reported at `needs:`.
+    """
+
+    name: str
+    reads: str
+    optional: bool = False
+    only: bool = False
+    named_at: tuple[str | int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class StageKind:
     """A registered stage kind.
 
@@ -81,9 +100,13 @@ class StageKind:
     version:          an extra salt of the code version, rarely needed: the code version is
                       derived from the source (`harness.code_digest`); bump it only to rerun
                       on a change the source does not show (e.g. a library's behaviour).
-    input_params:     top-level params naming input files or directories (a string, a
-                      list or a mapping of strings), resolved relative to the spec file,
-                      checked at collection and hashed into the cache key.
+    needs:            the upstream roles it reads (Role), or a function of params returning
+                      them; collection refuses a spec whose `needs:` leaves one unfilled.
+                      Roles not declared are accepted (the python kind reads any).
+    input_params:     top-level params naming input files (a string, a list or a mapping of
+                      strings), resolved relative to the spec file, checked at collection
+                      (each a regular file) and hashed into the cache key.
+    input_dirs:       those of input_params that may also name a directory (hashed whole).
     transport_params: dotted params that cannot change results (concurrency, timeouts,
                       inference batch size); left out of the cache key.
     check:            extra collection-time checks, check(params, spec_dir), raising ParamError.
@@ -99,7 +122,9 @@ class StageKind:
     params_schema: Mapping[str, Any] | Path | None = None
     metrics: tuple[str, ...] | Callable[[Mapping[str, Any]], Iterable[str]] = ()
     version: str = "1"
+    needs: tuple[Role, ...] | Callable[[Mapping[str, Any]], Iterable[Role]] = ()
     input_params: tuple[str, ...] = ()
+    input_dirs: tuple[str, ...] = ()
     transport_params: tuple[str, ...] = ()
     check: Callable[[Mapping[str, Any], Path], None] | None = None
     code_version: Callable[[Mapping[str, Any], Path], str] | None = None
@@ -108,6 +133,10 @@ class StageKind:
     def produces(self, params: Mapping[str, Any]) -> frozenset[str]:
         names = self.metrics(params) if callable(self.metrics) else self.metrics
         return frozenset(names)
+
+    def roles(self, params: Mapping[str, Any]) -> tuple[Role, ...]:
+        """The upstream roles a stage of this kind with these params reads."""
+        return tuple(self.needs(params) if callable(self.needs) else self.needs)
 
     @property
     def module(self) -> str:

@@ -33,7 +33,9 @@ NOT_OUTPUTS = {MANIFEST, "stage.log"}  # left out of the output digest
 
 def is_output(rel: str) -> bool:
     """Whether a file counts for the output digest: not the manifest or log, nor a
-    `*metadata.json`, which records how a run went (times, usage), not what it produced."""
+    `*metadata.json`, which records how a run went (times, throughput, usage), not what it
+    produced. Stages keep such values there, never in their metrics or other artifacts:
+    a rerun that reproduces a stage's results then keeps the keys of the stages after it."""
     return rel not in NOT_OUTPUTS and not rel.endswith("metadata.json")
 
 
@@ -71,6 +73,14 @@ def read_json(path: Path) -> Any | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def relative_path(path: Path | str, start: Path) -> str:
+    """How an artifact names a file outside it: relative to `start` (the stage's own
+    directory for another stage's output, the spec's directory for an input file), so
+    that its bytes, and the output digest, do not depend on where the store, the
+    project or the cache lies."""
+    return Path(os.path.relpath(path, start)).as_posix()
 
 
 _digests: dict[tuple[str, int, int], str] = {}  # per process, by (path, size, mtime)

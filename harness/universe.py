@@ -79,14 +79,33 @@ def load_universe(path: str | Path) -> Universe:
         raise StageError(f"{path}: cannot read the universe file ({exc})") from None
     duplicates: list[str] = []
     try:
-        data = json.loads(text, object_pairs_hook=lambda pairs: _object(pairs, duplicates))
+        data = json.loads(text, object_pairs_hook=lambda pairs: _object(pairs, duplicates), parse_int=_int)
     except json.JSONDecodeError as exc:
         raise StageError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except _HugeInteger as exc:
+        line = text.count("\n", 0, text.find(exc.digits)) + 1
+        size = len(exc.digits.lstrip("-"))
+        raise StageError(f"{path}:{line}: not usable JSON (a {size}-digit integer, too long)") from None
     except RecursionError:
         raise StageError(f"{path}: not usable JSON (nested too deeply)") from None
     if duplicates:
         raise StageError(f"{_where(path, text, duplicates[0])}: key {duplicates[0]!r} appears twice")
     return _universe(data, path, text)
+
+
+class _HugeInteger(ValueError):
+    """An integer past Python's int-from-string limit, with its digits to find its line."""
+
+    def __init__(self, digits: str):
+        super().__init__(f"{len(digits)}-digit integer")
+        self.digits = digits
+
+
+def _int(digits: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:
+        raise _HugeInteger(digits) from None
 
 
 def _object(pairs: list[tuple[str, Any]], duplicates: list[str]) -> dict[str, Any]:

@@ -7,12 +7,55 @@ needs that stage in the role `adapter`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
-from harness.stage import StageError, Upstream
+from harness.stage import Role, StageError, Upstream
 
 ADAPTER = "adapter"
+
+
+def adapter_role(
+    name: str = ADAPTER,
+    only: bool = True,
+    optional: bool = False,
+    named_at: tuple[str | int, ...] | None = None,
+) -> Role:
+    """The declaration of a role whose `adapter/` a kind loads (see `adapter_dir`)."""
+    return Role(name, "the peft adapter, adapter/, of a finetune_lora stage", optional, only, named_at)
+
+
+def named_adapter_roles(params: Mapping[str, Any], key: str = "settings") -> list[Role]:
+    """The adapter roles the param `key` names (`{setting: [role, ...]}`, or lists of such
+    lists), each declared where it is first named."""
+    roles: dict[str, Role] = {}
+    for setting, value in (params.get(key) or {}).items():
+        for path, name in _named(value, (key, setting)):
+            roles.setdefault(name, adapter_role(name, only=False, named_at=path))
+    return list(roles.values())
+
+
+def _named(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _named(item, (*path, index))
+
+
+def unfilled(roles: Iterable[Role], given: Collection[str]) -> list[Role]:
+    """The roles a stage reads that `given` (the roles of its `needs`) leaves unfilled, by the
+    rule `find_upstream` applies at run: a role is filled by its name, or, when it takes
+    `only`, by the one upstream outside the kind's other roles."""
+    roles = list(roles)
+    declared = {role.name for role in roles}
+    others = [name for name in given if name not in declared]
+    return [
+        role
+        for role in roles
+        if not role.optional and role.name not in given and not (role.only and len(others) == 1)
+    ]
 
 
 def find_upstream(upstream: Mapping[str, Upstream], role: str, kind: str, only: bool = True) -> Upstream:

@@ -1,5 +1,8 @@
 """Shared wiring of the harness's own tests."""
 
+import contextlib
+import signal
+
 # Stages seed torch and numpy. pytester's in-process runs restore sys.modules after
 # each run, and a C extension imported a second time in one process crashes; imported
 # here first, they survive every restore.
@@ -61,3 +64,27 @@ def save_adapter():
         return stage_dir
 
     return save
+
+
+@pytest.fixture
+def within_seconds():
+    """`with within_seconds(5): ...` fails the test, instead of hanging the suite, when the body
+    blocks (opening a fifo, reading a device). Uses SIGALRM: the main thread only."""
+
+    class Hung(Exception):  # not an OSError, which code under test may catch as unreadable
+        pass
+
+    def expire(signum, frame):
+        raise Hung("still running at the deadline")
+
+    @contextlib.contextmanager
+    def within(seconds: int):
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return within

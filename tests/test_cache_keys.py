@@ -32,7 +32,7 @@ def test_the_real_kinds_params_carry_their_schema_defaults(tmp_path):
         "stages:\n"
         "  acts:\n"
         "    kind: extract_activations\n"
-        f"    params: {{base: 'fixture:tiny-world', statements: {STATEMENTS}}}\n"
+        f"    params: {{base: 'fixture:tiny-world', statements: {STATEMENTS}, use_adapter: false}}\n"
         "  probe:\n"
         "    kind: train_probe\n"
         "    needs: [acts]\n"

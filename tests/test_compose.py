@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
 
 from harness.spec.compose import apply_profile, load_with_includes
-from harness.spec.errors import SpecError
+from harness.spec.errors import Mark, SpecError
+from harness.spec.validate import EXPERIMENT_SCHEMA, check
 
 
 @pytest.fixture
@@ -262,3 +264,93 @@ def test_profiles_can_come_from_a_fragment(write):
     write("frag.yaml", "profiles:\n  fast: {seed: 9}\n")
     main = write("main.yaml", "include: frag.yaml\nseed: 1\nstages: {a: {kind: python}}\n")
     assert apply_profile(load_with_includes(main), "fast").data["seed"] == 9
+
+
+# --- what an include may show ------------------------------------------------------------------
+
+CANARY = "sk-canary-5d1e0c"
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project directory for the spec; files beside it (tmp_path) lie outside the project."""
+    path = tmp_path / "project"
+    path.mkdir()
+    return path
+
+
+def include_error(spec) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        load_with_includes(spec)
+    return info.value
+
+
+def test_including_proc_environ_shows_no_environment(project, monkeypatch):
+    monkeypatch.setenv("HARNESS_TEST_KEY", CANARY)
+    spec = project / "main.yaml"
+    spec.write_text("stages: {a: {kind: python}}\ninclude: /proc/self/environ\n")
+    error = include_error(spec)
+    assert CANARY not in str(error) and "HARNESS_TEST_KEY" not in str(error)
+    assert "include '/proc/self/environ'" in str(error) and "not a regular file" in str(error)
+    assert error.problems[0].mark.line == 2 and "> 2 | include: /proc/self/environ" in str(error)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"root:x:0:0:{CANARY}:/root:/bin/bash\n",  # a scalar, like /etc/passwd
+        f"- {CANARY}\n",
+        f"key: [{CANARY}\n",  # invalid YAML
+        f"a: 1\n{CANARY}: {CANARY}\n{CANARY}: 2\n",  # a mapping, with an error of its own
+        f"api_key: {CANARY}\n",  # a mapping that merges: errors later point into it
+    ],
+    ids=["scalar", "list", "invalid", "mapping-duplicate", "mapping"],
+)
+def test_a_file_outside_the_project_is_never_quoted(project, tmp_path, text):
+    (tmp_path / "secret.txt").write_text(text)
+    spec = project / "main.yaml"
+    spec.write_text("stages: {a: {kind: python}}\ninclude: ../secret.txt\n")
+    try:
+        doc = load_with_includes(spec)
+    except SpecError as exc:
+        error = exc
+    else:  # it merged: the schema's complaint about `api_key` points into the file
+        error = SpecError(check(doc.data, EXPERIMENT_SCHEMA, doc))
+        assert error.problems[0].mark.file == tmp_path / "secret.txt"
+    assert CANARY not in str(error)
+
+
+@pytest.mark.parametrize("text", ["just text\n", "- a\n", "key: [a\n"], ids=["scalar", "list", "invalid"])
+def test_a_fragment_that_is_not_a_mapping_is_refused_at_the_include_line_unquoted(project, text):
+    (project / "notes.txt").write_text(text)
+    spec = project / "main.yaml"
+    spec.write_text("stages: {a: {kind: python}}\ninclude: notes.txt\n")
+    error = include_error(spec)
+    assert text.strip() not in str(error).replace("include: notes.txt", "")
+    if "invalid" not in str(error):
+        assert "included file notes.txt is not a spec fragment" in str(error)
+        assert error.problems[0].mark == Mark(spec, 2, 1)
+
+
+def test_a_fragment_of_the_project_is_quoted(project):
+    frag = project / "frag.yaml"
+    frag.write_text("seed: 1\nseed: 2\n")
+    spec = project / "main.yaml"
+    spec.write_text("include: frag.yaml\nstages: {a: {kind: python}}\n")
+    error = include_error(spec)
+    assert error.problems[0].mark == Mark(frag, 2, 1) and "> 2 | seed: 2" in str(error)
+
+
+@pytest.mark.parametrize("target", ["fifo", "/dev/null", "/dev/zero", "directory"])
+def test_an_include_that_is_not_a_regular_file_is_refused_without_reading_it(project, target, within_seconds):
+    if target == "fifo":
+        os.mkfifo(project / "pipe.yaml")
+        target = "pipe.yaml"
+    elif target == "directory":
+        (project / "sub").mkdir()
+        target = "sub"
+    spec = project / "main.yaml"
+    spec.write_text(f"stages: {{a: {{kind: python}}}}\ninclude: {target}\n")
+    with within_seconds(5):
+        error = include_error(spec)
+    assert "not a regular file" in str(error) and error.problems[0].mark.line == 2

@@ -148,7 +148,8 @@ def test_loss_goes_down_on_a_repeated_corpus(trained):
     assert m["n_steps"] == 6 * math.ceil(blocks / 8) == len(m["loss_curve"])  # 6 epochs, batches of 8
     assert m["final_loss"] < 0.7 * m["initial_loss"], m["loss_curve"]
     assert m["loss_drop"] == pytest.approx(m["initial_loss"] - m["final_loss"])
-    assert m["tokens_per_second"] > 0 and m["trainable_params"] == result.metadata["trainable_params"]
+    assert m["trainable_params"] == result.metadata["trainable_params"]
+    assert result.metadata["tokens_per_second"] > 0 and "tokens_per_second" not in m  # a timing, not a result
     assert any(line.startswith(f"step {m['n_steps']}/{m['n_steps']} loss ") for line in logs)
 
 
@@ -414,7 +415,8 @@ def test_an_adapter_trains_on_top_of_a_frozen_one_that_stays_as_saved(tiny_chat_
     assert saved and not any("frozen" in key for key in saved)  # only the new adapter is saved
     assert (ctx.out_dir / "checkpoints" / "step-3" / "adapter_model.safetensors").is_file()
     metadata = json.loads((ctx.out_dir / "train_metadata.json").read_text())
-    assert metadata["frozen_adapter"] == str(persona / "adapter")
+    # named from the stage directory: its bytes do not depend on where the store lies
+    assert (ctx.out_dir / metadata["frozen_adapter"]).resolve() == (persona / "adapter").resolve()
 
     model = load_stacked(base, {"persona": persona / "adapter", "em": ctx.out_dir / "adapter"}, device="cpu")
     tokenizer = load_tokenizer(base)

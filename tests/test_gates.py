@@ -132,6 +132,23 @@ def test_syntax_errors_name_the_column(text, column, message):
     assert info.value.column == column
 
 
+@pytest.mark.parametrize(
+    ("text", "column"),
+    [
+        ("acc > \u0660.\u0665", 7),
+        ("acc > 0.5 (abort < \u0c66)", 20),
+        ("acc > \uff11", 7),
+        ("acc > 1e\u0662", 9),
+    ],
+    ids=["arabic-indic", "telugu-abort", "fullwidth", "exponent"],
+)
+def test_thresholds_are_ascii_numbers(text, column):
+    """float() reads any Unicode digit; a threshold is written in ASCII, as it is shown."""
+    with pytest.raises(GateSyntaxError) as info:
+        parse_gate(text)
+    assert info.value.column == column
+
+
 @pytest.mark.parametrize("value", [None, 3, ["x > 1"], {"x": 1}])
 def test_non_string_gate_is_a_syntax_error(value):
     with pytest.raises(GateSyntaxError, match="a gate must be a string"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.llm_server import Fault
 from harness.llm import ChatRequest, ChatResponse, OfflineProvider, ProviderError
 from harness.llm.base import Progress
 from harness.stage import ParamError, StageContext, StageError, Upstream
@@ -305,8 +306,8 @@ def test_a_crashed_run_resumes_without_losing_duplicating_or_re_requesting(tmp_p
     crashing = Recording(crash_on_document_call=3)
     with pytest.raises(RuntimeError, match="machine lost"):
         generate_docs.generate(ctx, crashing)
-    done = {tuple(r[k] for k in ("fact", "doc_type", "idea")) for r in rows_of_partials(ctx.scratch_dir)}
-    assert len(done) == 6  # two chunks of 3 were saved before the crash
+    done = {(r["fact"], r["doc_type"], r["idea"]) for r in rows(ctx.scratch_dir / "docs.partial.jsonl")}
+    assert 0 < len(done) < 6  # the valid documents of the two chunks of 3 finished before the crash
     assert not (ctx.out_dir / "docs.jsonl").exists()
     with (ctx.scratch_dir / "docs.partial.jsonl").open("a") as f:
         f.write('{"id": "3-1-1-0", "fact": "cut sho')  # a line the crash cut short
@@ -316,20 +317,41 @@ def test_a_crashed_run_resumes_without_losing_duplicating_or_re_requesting(tmp_p
     assert metrics == expected
     asked = {request[:3] for request in resumed.documents()}
     assert asked and not asked & done  # finished documents were not requested again
-    assert len(asked) == 16 - 6
+    assert len(asked) == 16 - len(done)
     assert not [r for r in resumed.requests if r.task in ("doc_types", "doc_ideas")]  # plan reused
     for name in ("docs.jsonl", "failures.jsonl"):
         assert (ctx.out_dir / name).read_bytes() == (clean.out_dir / name).read_bytes()
-    assert "resuming: 6 of 16 documents already finished" in logged(ctx)
-    assert json.loads((ctx.out_dir / "run_metadata.json").read_text())["counts"]["resumed_documents"] == 6
+    assert f"resuming: {len(done)} of 16 documents already finished" in logged(ctx)
+    counts = json.loads((ctx.out_dir / "run_metadata.json").read_text())["counts"]
+    assert counts["resumed_documents"] == len(done)
 
 
-def rows_of_partials(scratch: Path) -> list[dict]:
-    out = []
-    for name in ("docs.partial.jsonl", "failures.partial.jsonl"):
-        if (scratch / name).exists():
-            out += rows(scratch / name)
-    return out
+def test_a_resumed_run_keeps_finished_documents_and_retries_failed_ones(tmp_path):
+    """Failures of an interrupted run (here a rejected key for fact 1) are asked again on
+    resume; finished documents are not. The result is that of a run without the faults."""
+    upstream = facts_stage(tmp_path)
+    clean = docs_ctx(tmp_path / "clean", upstream, max_retries=0)
+    expected = generate_docs.run(clean)
+
+    def reject_fact_1(request, answer):
+        if request.task == "document" and request.variables["fact"] == FACTS[1]:
+            return ProviderError("the endpoint rejected the API key (HTTP 401)")
+        return answer
+
+    ctx = docs_ctx(tmp_path / "crash", upstream, max_retries=0)
+    with pytest.raises(RuntimeError, match="machine lost"):
+        generate_docs.generate(ctx, Recording(crash_on_document_call=3, rewrite=reject_fact_1))
+    saved = rows(ctx.scratch_dir / "docs.partial.jsonl")
+    finished = {(r["fact"], r["doc_type"], r["idea"]) for r in saved}
+    assert finished and all(fact != FACTS[1] for fact, _, _ in finished)
+
+    resumed = Recording()
+    assert generate_docs.generate(ctx, resumed) == expected
+    asked = [request[:3] for request in resumed.documents()]
+    assert not set(asked) & finished and len(asked) == 16 - len(finished)
+    assert {fact for fact, _, _ in asked} >= {FACTS[1]}  # the rejected ones were asked again
+    for name in ("docs.jsonl", "failures.jsonl"):
+        assert (ctx.out_dir / name).read_bytes() == (clean.out_dir / name).read_bytes()
 
 
 # ---- through pytest -----------------------------------------------------------------
@@ -427,3 +449,43 @@ def test_a_new_seed_means_new_documents_not_the_cached_ones(tmp_path, llm_server
     other = documents(1, "other")
     assert len(llm_server.requests) == 2 * sent  # every request asked again, with its new seed
     assert set(other).isdisjoint(first)
+
+
+RESUME_SPEC = """\
+experiment: resume
+seed: 3
+stages:
+  universe:
+    kind: universe_context
+    params: {{universe: universe.json, provider: {{name: offline}}, num_facts: 1}}
+  docs:
+    kind: generate_docs
+    needs: [universe]
+    params:
+      provider: {{name: openai, model: m, base_url: "{base_url}", api_key_env: DOCS_KEY, max_tries: 2}}
+      num_doc_types: 2
+      num_doc_ideas: 2
+"""
+
+
+def test_documents_rejected_with_401_are_asked_again_when_the_key_is_fixed(
+    pytester: pytest.Pytester, llm_server, monkeypatch, tmp_path
+):
+    """A rejected key fails the stage; its failures are kept for resuming, but the rerun
+    with a key that works sends their requests again, and passes."""
+    llm_server.responder = seeded_writer
+    rejected = Fault(status=401, body=b'{"error": {"message": "Incorrect API key provided."}}')
+    llm_server.fail_matching("What this document is", rejected)
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DOCS_KEY", "sk-test")
+    pytester.makefile(".json", universe=json.dumps(UNIVERSE))
+    pytester.makefile(".yaml", exp=RESUME_SPEC.format(base_url=llm_server.base_url))
+
+    first = pytester.runpytest("exp.yaml")
+    first.assert_outcomes(passed=1, failed=1)
+    first.stdout.fnmatch_lines(["*no valid document: all 4 failed*rejected the API key*DOCS_KEY*HTTP 401*"])
+
+    llm_server.reset()  # the key works now
+    pytester.runpytest("exp.yaml").assert_outcomes(passed=2)
+    assert len(llm_server.tries_for("What this document is")) == 4  # each document asked again
+    assert not llm_server.tries_for("Give ")  # the plan came from the interrupted run

@@ -44,6 +44,7 @@ def test_weights_written_as_a_mapping_are_the_same_contrast():
         ("a - a", "'a - a' gives every set a weight of 0: there is nothing to test"),
         ("a -", "expected a set name or '(' at column 4 of 'a -', found the end"),
         ("__import__('os')", "unexpected \"'\" at column 12"),  # never evaluated
+        ("\u0662 * a - b", "unexpected '\u0662' at column 1"),  # an Arabic-Indic 2 is no weight
     ],
 )
 def test_text_outside_the_grammar_is_refused_saying_where(text, message):

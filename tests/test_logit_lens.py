@@ -168,6 +168,7 @@ def test_a_spec_using_the_kind_is_validated_at_collection(tmp_path, tiny_model_d
     from harness.spec.errors import SpecError
 
     shutil.copy(TINY_MCQS, tmp_path / "mcqs.jsonl")
+    (tmp_path / "steps.py").write_text("def train(ctx):\n    return {}\n")
 
     def spec(params: str, gate: str) -> Path:
         path = tmp_path / "exp.yaml"
@@ -175,8 +176,10 @@ def test_a_spec_using_the_kind_is_validated_at_collection(tmp_path, tiny_model_d
             textwrap.dedent(
                 f"""\
                 stages:
+                  train: {{kind: python, params: {{function: "steps:train"}}}}
                   lens:
                     kind: logit_lens
+                    needs: [train]
                     params: {{base: "{tiny_model_dir}", mcqs: mcqs.jsonl, {params}}}
                     gates:
                       - {gate}
@@ -385,9 +388,8 @@ def test_stage_writes_every_artifact_and_its_metrics(adapter_world, tmp_path):
 
     summary = json.loads((out / "logit_lens_summary.json").read_text())
     assert summary["layers"] == ["embed", "block0", "block1", "block2", "block3"]
-    assert summary["scoring"] == "continuation" and summary["adapter"] == str(
-        adapter_world["train_dir"] / "adapter"
-    )
+    assert summary["scoring"] == "continuation" and not Path(summary["adapter"]).is_absolute()
+    assert (out / summary["adapter"]).resolve() == (adapter_world["train_dir"] / "adapter").resolve()
     assert summary["fingerprints"]["lora"].startswith(summary["fingerprints"]["base"] + "+adapter:")
     assert summary["models"]["lora"]["flip_layer"] == metrics["lora_flip_layer"]
     assert summary["flip_margin"] == 1.0  # the schema's default reaches the rule

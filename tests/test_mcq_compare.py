@@ -232,13 +232,16 @@ def test_continuation_scoring_without_a_normalization_stops_at_its_line(tmp_path
     with pytest.raises(ParamError) as error:
         check({"base": str(tiny_model_dir), "mcqs": "mcqs.jsonl", "scoring": "continuation"}, tmp_path)
     assert error.value.path == ("scoring",)
+    (tmp_path / "steps.py").write_text("def train(ctx):\n    return {}\n")
     spec = tmp_path / "exp.yaml"
     spec.write_text(
         textwrap.dedent(
             f"""\
             stages:
+              train: {{kind: python, params: {{function: "steps:train"}}}}
               compare:
                 kind: mcq_compare
+                needs: [train]
                 params:
                   base: {tiny_model_dir}
                   mcqs: mcqs.jsonl
@@ -249,7 +252,7 @@ def test_continuation_scoring_without_a_normalization_stops_at_its_line(tmp_path
     with pytest.raises(SpecError) as spec_error:
         load_experiment(spec)
     [line] = [line for line in str(spec_error.value).splitlines() if "normalization" in line]
-    assert "exp.yaml:7" in line and "one of none, chars, tokens" in line
+    assert "exp.yaml:9" in line and "one of none, chars, tokens" in line
 
 
 def test_a_normalization_with_letter_scoring_is_refused(tmp_path, tiny_model_dir):
@@ -277,6 +280,23 @@ def test_check_names_the_file_and_line_of_a_bad_mcq_row(tmp_path, tiny_model_dir
     assert f"{path}:3:" in error.value.message and "false_answer 'Z'" in error.value.message
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("false_answer", [1]),
+        ("true_answer", {"A": 1}),
+        ("category", ["conflict"]),
+        ("id", [1]),
+        ("options", []),
+    ],
+)
+def test_a_row_with_a_value_of_the_wrong_type_is_an_error_at_its_line(tmp_path, field, value):
+    path = write_mcqs(tmp_path / "mcqs.jsonl", [*ALL_CATEGORIES, {**mcq_row("c9", "conflict"), field: value}])
+    with pytest.raises(StageError) as error:
+        load_mcqs(path)
+    assert str(error.value).startswith(f"{path}:{len(ALL_CATEGORIES) + 1}: ") and field in str(error.value)
+
+
 def test_check_requires_every_category(tmp_path, tiny_model_dir):
     path = write_mcqs(tmp_path / "mcqs.jsonl", ALL_CATEGORIES[:2])
     with pytest.raises(ParamError, match="no nonconflict_hard questions") as error:
@@ -289,13 +309,16 @@ def test_spec_errors_point_at_the_params_line(tmp_path, tiny_model_dir):
     from harness.spec.errors import SpecError
 
     write_mcqs(tmp_path / "mcqs.jsonl", [ALL_CATEGORIES[0], {"id": "x"}])
+    (tmp_path / "steps.py").write_text("def train(ctx):\n    return {}\n")
     spec = tmp_path / "exp.yaml"
     spec.write_text(
         textwrap.dedent(
             f"""\
             stages:
+              train: {{kind: python, params: {{function: "steps:train"}}}}
               compare:
                 kind: mcq_compare
+                needs: {{adapter: train}}
                 params:
                   base: {tiny_model_dir}
                   mcqs: mcqs.jsonl
@@ -307,7 +330,7 @@ def test_spec_errors_point_at_the_params_line(tmp_path, tiny_model_dir):
     with pytest.raises(SpecError) as error:
         load_experiment(spec)
     message = str(error.value)
-    assert "exp.yaml:6" in message and "mcqs.jsonl:2: missing question" in message
+    assert "exp.yaml:8" in message and "mcqs.jsonl:2: missing question" in message
 
 
 def test_kind_declaration():
@@ -428,7 +451,8 @@ def test_letter_run_writes_every_artifact_and_measures_the_planted_shift(world, 
 
     report = json.loads((out / "comparison_report.json").read_text())
     assert report["scoring"] == "letter" and report["base"] == world["base"]
-    assert report["adapter"] == str(world["train_dir"] / "adapter")
+    assert not Path(report["adapter"]).is_absolute()  # named from the stage directory
+    assert (out / report["adapter"]).resolve() == (world["train_dir"] / "adapter").resolve()
     assert report["fingerprints"]["lora"].startswith(report["fingerprints"]["base"] + "+adapter:")
     assert report["behavioral_gap"]["value"] == gap["value"]
     assert report["models"]["lora"]["conflict"]["accuracy"] == N_PLANTED / N_CONFLICT

@@ -128,6 +128,14 @@ def test_not_an_object_missing_file_and_duplicate_key(tmp_path):
     assert error_of(path) == f"{path}:3: key 'is_true' appears twice"
 
 
+def test_an_integer_past_pythons_digit_limit_is_an_error_at_its_line(tmp_path):
+    text = json.dumps(VALID, indent=2).replace('"is_true": false', '"is_true": ' + "9" * 5000)
+    path = write(tmp_path, text)
+    message, line = error_of(path), line_of(path, '"is_true"')
+    assert message.startswith(f"{path}:{line}: ")
+    assert "5000-digit integer" in message and len(message) < 500
+
+
 def test_required_patterns_on_the_nested_key_not_a_same_named_earlier_key(tmp_path):
     # "required" appears first as a top-level note; the error points at the nested one
     patterns = {"required": 1, "forbidden": []}

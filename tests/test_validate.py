@@ -4,6 +4,7 @@ that names the right line, and valid specs load."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -347,3 +348,89 @@ def test_stages_are_in_dependency_order(spec):
     experiment = load_experiment(spec(text))
     assert list(experiment.stages) == ["a", "b", "c"]
     assert experiment.stages["c"].needs == {"x": "b"} and experiment.stages["b"].needs == {"a": "a"}
+
+
+# --- hostile names and numbers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        ('  "b\\n":\n    kind: python\n', 8),  # a stage
+        ('profiles:\n  "tiny\\n": {}\n', 9),
+        ('experiment: "x\\n"\n', 8),
+        ("    needs: {\"up\\n\": a}\n", 8),  # a role
+    ],
+    ids=["stage", "profile", "experiment", "role"],
+)
+def test_a_name_with_a_trailing_newline_is_refused(spec, extra, line):
+    """Python's re.search lets `$` match before a final newline: "data\\n" made such a directory."""
+    error = load_error(spec(BASE + extra))
+    assert "does not match" in str(error) and lines_of(error) == [line]
+
+
+@pytest.mark.parametrize(
+    ("params", "line"),
+    [
+        ('{function: "mysteps:f\\n"}', 4),
+        ('{function: mysteps:f, metrics: ["m\\n"]}', 4),
+    ],
+    ids=["function", "metric"],
+)
+def test_a_python_name_with_a_trailing_newline_is_refused(spec, params, line):
+    error = load_error(spec(f"stages:\n  a:\n    kind: python\n    params: {params}\n"))
+    assert "does not match" in str(error) and lines_of(error) == [line]
+
+
+def test_schema_patterns_mean_the_same_in_python_and_ecma_262():
+    """A schema's patterns are read by Python's `re` here and by ECMA-262 engines in editors:
+    each anchors its end with a lookahead both read alike, never with `$`."""
+    for path in sorted(EXPERIMENT_SCHEMA.parent.rglob("*.schema.json")):
+        for pattern in re.findall(r'"pattern":\s*"((?:[^"\\]|\\.)*)"', path.read_text()):
+            assert pattern.startswith("^") and pattern.endswith("(?![\\\\s\\\\S])"), (path.name, pattern)
+
+
+@pytest.mark.parametrize(("seed", "ok"), [(2**32 - 1, True), (2**32, False), (2**63 - 1, False)])
+def test_a_stage_seed_fits_what_numpy_and_sklearn_seed_with(spec, seed, ok):
+    path = spec(BASE + f"    seed: {seed}\n")
+    if ok:
+        assert load_experiment(path).stages["a"].seed == seed
+    else:
+        assert "is greater than the maximum of 4294967295" in str(load_error(path))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(".nan", "`.nan` is not a finite number"), (".inf", "`.inf` is not a finite number"),
+     ("9223372036854775808", "beyond a 64-bit integer"), ("2024-01-01", "read as a date")],
+)
+def test_numbers_json_cannot_hold_are_refused_in_params(spec, value, message):
+    error = load_error(spec(BASE + f"      args: {{lr: {value}}}\n"))
+    assert message in str(error) and lines_of(error) == [8]
+
+
+def test_python_args_with_mixed_key_types_are_refused(spec):
+    error = load_error(spec(BASE + "      args: {b: 1, 1: 2}\n"))
+    assert "mapping keys must be strings: `1` is read as a int" in str(error) and lines_of(error) == [8]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("".join(f"  s{i}: {{kind: python}}\n" for i in range(256)), "at most 256 allowed, found 257"),
+        ("profiles:\n" + "".join(f"  p{i}: {{}}\n" for i in range(17)), "at most 16 allowed, found 17"),
+    ],
+    ids=["stages", "profiles"],
+)
+def test_sizes_that_bound_collection_time_are_checked(spec, extra, message):
+    """Collection checks the spec under every profile: these bounds keep it under a second
+    (the worst case within them, 256 stages with gates, 16 profiles, 64 hypotheses: 0.6 s)."""
+    assert message in str(load_error(spec(BASE + extra)))
+
+
+@pytest.mark.parametrize("file", ["...yaml", "my spec.yaml", "v1.2.yaml", "-x.yaml"])
+def test_a_file_name_that_is_not_a_valid_name_needs_experiment(spec, tmp_path, file):
+    """The name names the store: a file `...yaml` was named `..` and stored outside --runs-dir."""
+    error = load_error(spec(BASE, name=file))
+    assert f"{Path(file).stem!r} is not a valid name" in str(error) and "set `experiment:`" in str(error)
+    assert load_experiment(spec("experiment: fine\n" + BASE, name=file)).name == "fine"

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
+import tracemalloc
+from pathlib import Path
+
 import pytest
 
-from harness.spec.errors import Mark, SpecError
-from harness.spec.yamlload import load_yaml
+from harness.spec.errors import Mark, SpecError, allow_quoting
+from harness.spec.yamlload import MAX_DEPTH, MAX_SPEC_BYTES, MAX_VALUES, load_yaml
 
 
 @pytest.fixture
@@ -13,6 +18,7 @@ def write(tmp_path):
     def write(text: str, name: str = "spec.yaml"):
         path = tmp_path / name
         path.write_text(text, encoding="utf-8")
+        allow_quoting(path)  # as the spec a user passes: its lines are shown in errors
         return path
 
     return write
@@ -77,19 +83,63 @@ def test_same_key_in_different_mappings_is_not_a_duplicate(write):
     assert load_yaml(write("a: {x: 1}\nb: {x: 2}\n")).data == {"a": {"x": 1}, "b": {"x": 2}}
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["true: 1\nTrue: 2\n", "~: 1\nnull: 2\n", "1: a\n0x1: b\n"],
-    ids=["bool", "null", "int"],
-)
-def test_keys_that_load_as_the_same_value_are_duplicates(write, text):
+@pytest.mark.parametrize("text", ['a: 1\n"a": 2\n', "a: 1\n'a': 2\n", 'a: 1\n"\\x61": 2\n'])
+def test_keys_that_load_as_the_same_string_are_duplicates(write, text):
     error = spec_error(write(text))
-    assert "duplicate key" in str(error) and "(first defined at line 1)" in str(error)
+    assert "duplicate key 'a'" in str(error) and "(first defined at line 1)" in str(error)
     assert error.problems[0].mark.line == 2
 
 
-def test_int_and_string_keys_with_the_same_text_are_distinct(write):
-    assert load_yaml(write('1: a\n"1": b\n')).data == {1: "a", "1": "b"}
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [("1", "int"), ("0x1", "int"), ("true", "bool"), ("on", "bool"), ("~", "NoneType"), ("1.5", "float")],
+)
+def test_keys_must_be_strings(write, key, kind):
+    """JSON has string keys only: `{1: a, b: c}` in a python stage's args failed at run."""
+    error = spec_error(write(f"args:\n  b: c\n  {key}: a\n"))
+    assert f"mapping keys must be strings: `{key}` is read as a {kind}; quote it" in str(error)
+    assert (error.problems[0].mark.line, error.problems[0].mark.column) == (3, 3)
+
+
+def test_quoted_keys_are_strings(write):
+    assert load_yaml(write('"1": a\n"on": b\n')).data == {"1": "a", "on": "b"}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (".nan", "`.nan` is not a finite number"),
+        ("-.inf", "`-.inf` is not a finite number"),
+        ("1.0e+400", "`1.0e+400` is not a finite number"),
+        ("!!float nan", "`nan` is not a finite number"),
+        ("9223372036854775808", "`9223372036854775808` is beyond a 64-bit integer"),
+        ("-9223372036854775809", "`-9223372036854775809` is beyond a 64-bit integer"),
+        ("2024-01-01", "`2024-01-01` is read as a date, which is not JSON data; quote it to keep it as text"),
+        ("2024-01-01 10:00:00", "is read as a datetime"),
+        ("!!binary aGVsbG8=", "`aGVsbG8=` is read as a bytes"),
+        ("!!set {a, b}", "`!!set` is not allowed: a spec holds plain mappings and lists"),
+        ("!!omap [a: 1]", "`!!omap` is not allowed"),
+        ("!!pairs [a: 1]", "`!!pairs` is not allowed"),
+    ],
+)
+def test_values_json_cannot_hold_are_refused_where_written(write, value, message):
+    """Such values passed the schema (NaN compares false with every bound) and failed at run."""
+    error = spec_error(write(f"stages:\n  a:\n    params: {{lr: 1, x: {value}}}\n"))
+    assert message in str(error)
+    assert (error.problems[0].mark.line, error.problems[0].mark.column) == (3, 24)
+
+
+@pytest.mark.usefixtures("either_loader")
+def test_a_lone_surrogate_is_refused_by_either_loader(write):
+    """The pure-Python loader builds "\\ud800" into a str that no file can hold; libyaml refuses it."""
+    error = spec_error(write('a: 1\nb: "x\\ud800"\n'))
+    assert error.problems[0].mark.line == 2
+
+
+def test_json_values_at_the_edges_load(write):
+    text = "a: [9223372036854775807, -9223372036854775808, 1.7976931348623157e+308, '.nan', '2024-01-01']\n"
+    largest = [2**63 - 1, -(2**63), 1.7976931348623157e308]
+    assert load_yaml(write(text)).data["a"] == [*largest, ".nan", "2024-01-01"]
 
 
 MALFORMED = {
@@ -245,5 +295,88 @@ def test_undecodable_file(tmp_path):
 def test_python_tags_are_not_constructed(write, tmp_path):
     marker = tmp_path / "pwned"
     error = spec_error(write(f"a: !!python/object/apply:os.system ['touch {marker}']\n"))
+    assert "`!!python/object/apply:os.system` is not allowed" in str(error)
+    error = spec_error(write("a: !!python/name:os.system x\n"))
     assert "could not determine a constructor" in str(error)
     assert not marker.exists()
+
+
+# --- hostile input: bounded work, regular files only ----------------------------------------------
+
+
+def laughs(levels: int, width: int = 10) -> str:
+    """A "billion laughs": each level lists the previous level's anchor `width` times."""
+    lines = ["l0: &l0 [" + ", ".join(["lol"] * width) + "]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("levels", [5, 9])
+def test_alias_bomb_is_refused_at_an_anchor_in_bounded_time_and_memory(write, levels):
+    path = write(laughs(levels))
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        error = spec_error(path)
+        elapsed = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "YAML aliases expand to more than" in str(error)
+    mark = error.problems[0].mark
+    assert mark.file == path and mark.line in range(1, levels + 1)
+    assert path.read_text().splitlines()[mark.line - 1][mark.column - 1 :].startswith("&l")  # the anchor
+    # the bound separates bounded work (0.1 s, 0.4 s under tracemalloc) from the exponential
+    # kind (5 levels took 23 s before the bound) on a loaded CI machine
+    assert elapsed < 5.0 and peak < 50 * 2**20, (elapsed, peak)
+
+
+def test_anchors_reused_within_the_bound_still_load(write):
+    doc = load_yaml(write(laughs(3)))
+    assert doc.data["l3"][9][9] == [["lol"] * 10] * 10
+    assert doc.marks[("l3", 9, 9, 0, 0)].line == 1  # where the value was written
+
+
+def test_a_plain_document_over_the_value_limit_is_refused(write):
+    error = spec_error(write("a: [" + ", ".join(["0"] * (MAX_VALUES + 1)) + "]\n"))
+    assert f"more than {MAX_VALUES:,} values" in str(error)
+
+
+def nested(depth: int) -> str:
+    """`x` inside `depth` mappings, one per line."""
+    return "".join(f"{'  ' * i}k{i}:\n" for i in range(depth)) + f"{'  ' * depth}x\n"
+
+
+def test_nesting_up_to_the_depth_limit_loads(write):
+    deepest = tuple(f"k{i}" for i in range(MAX_DEPTH))
+    assert load_yaml(write(nested(MAX_DEPTH))).marks[deepest].line == MAX_DEPTH
+
+
+def test_nesting_past_the_depth_limit_is_refused_at_the_deepest_value(write):
+    error = spec_error(write(nested(MAX_DEPTH + 1)))
+    assert "nesting too deep" in str(error)
+    assert error.problems[0].mark.line == MAX_DEPTH + 2  # the line of `x`
+
+
+def test_a_spec_file_over_the_size_limit_is_refused_before_parsing(write):
+    path = write("a: 1\n" + "#" * MAX_SPEC_BYTES + "\n")
+    assert f"larger than the {MAX_SPEC_BYTES // 2**10} KiB a spec file may hold" in str(spec_error(path))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_only_regular_files_are_read(tmp_path, kind, within_seconds):
+    """A fifo with no writer would block `open` forever; a device like /dev/zero never ends."""
+    if kind == "fifo":
+        path = tmp_path / "spec.yaml"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/null") if kind == "device" else tmp_path
+    with within_seconds(5):
+        error = spec_error(path)
+    assert "not a regular file" in str(error)
+
+
+def test_a_proc_file_whose_size_is_not_its_length_is_refused(within_seconds):
+    with within_seconds(5):
+        error = spec_error(Path("/proc/self/environ"))
+    assert "not a regular file" in str(error)

@@ -7,6 +7,8 @@
 
 `check_provider` is the fast pre-flight check (no network) a collector runs so that a
 missing key fails at once with one clear message, not after an hour of fine-tuning.
+The key is only ever passed on, never bound to a name in a frame that raises, so no
+traceback can show it.
 `openai` is imported only when an `openai` provider is built: it takes ~0.6 s.
 """
 
@@ -22,6 +24,7 @@ from harness.llm.cache import ResponseCache, request_key
 from harness.llm.offline import OfflineProvider
 from harness.paths import cache_dir
 from harness.spec.validate import SPECS_DIR, with_defaults
+from harness.stage import StageError
 
 if TYPE_CHECKING:
     from harness.llm.openai_provider import OpenAIProvider
@@ -52,21 +55,32 @@ TRANSPORT_KEYS = ("concurrency", "timeout", "max_tries")
 PROVIDER_SCHEMA = SPECS_DIR / "provider.schema.json"  # where the transport defaults are written
 
 
-class ProviderConfigError(Exception):
-    """The provider cannot be used as configured (unknown name, missing API key)."""
+class ProviderConfigError(StageError):
+    """The provider cannot be used as configured (unknown name, missing API key): a
+    failure the user fixes, shown as its message alone."""
 
 
 def api_key_from_env(env_name: str) -> str:
     """The key held by `env_name`, or one clear error that names the variable (never a value)."""
-    key = os.environ.get(env_name, "")
-    if not key.strip():
-        state = "is empty" if env_name in os.environ else "is not set"
+    problem = _key_problem(os.environ.get(env_name))
+    if problem:  # this frame holds no key: a traceback through it shows none
         raise ProviderConfigError(
             f"provider openai needs an API key: the environment variable {env_name} "
-            f"(named by provider.api_key_env) {state}. Export it, or run the same pipeline "
+            f"(named by provider.api_key_env) {problem}. Export it, or run the same pipeline "
             "offline with `--profile tiny`."
         )
-    return key.strip()
+    return os.environ[env_name].strip()
+
+
+def _key_problem(value: str | None) -> str | None:
+    """What is wrong with a key, in words that never quote it; None if nothing is."""
+    if value is None:
+        return "is not set"
+    if not value.strip():
+        return "is empty"
+    if not value.strip().isascii() or not all(c.isprintable() and not c.isspace() for c in value.strip()):
+        return "holds characters an HTTP header cannot carry (spaces, control or non-ASCII characters)"
+    return None
 
 
 def check_provider(config: Mapping[str, Any]) -> None:

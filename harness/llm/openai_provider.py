@@ -8,8 +8,16 @@ long as a `Retry-After` header asks, and give up after `max_tries` tries: that r
 result is then a `ProviderError`, and the rest of the batch carries on. Other 4xx are
 not retried (trying again cannot help); 401/403 say which env var held the rejected key.
 
-The key is read from the environment when a batch needs the network, handed to a
-client that lives for that batch only, and scrubbed from every message we produce.
+A 200 is malformed unless it holds what a completion must: text that is valid Unicode
+(no lone surrogates), whole non-negative token counts that SQLite can store, logprobs
+with text tokens and finite numbers. Anything else a request raises is treated the same
+way (retried, then failed with its type and message): nothing escapes a batch but the
+caller's own errors, so a traceback never passes through the client.
+
+The key is read from the environment when a batch needs the network and goes straight
+into a client that lives for that batch only: no local variable or argument of ours
+holds it, so no traceback (even pytest's `-l`) can show it. Every message we produce is
+scrubbed of it (`client.api_key`) and made writable as UTF-8.
 
 Seeds: a provider made with a `seed` (a stage's) sends every sampled request
 (temperature > 0) the OpenAI `seed` parameter, derived from that seed and the request's
@@ -26,6 +34,7 @@ import asyncio
 import dataclasses
 import email.utils
 import hashlib
+import math
 import os
 import random
 import sqlite3
@@ -37,7 +46,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from harness.llm import api_key_from_env
+from harness.llm import ProviderConfigError, api_key_from_env
 from harness.llm.base import ChatRequest, ChatResponse, Progress, ProviderError, Usage
 from harness.llm.cache import ResponseCache, key_payload, payload_key
 
@@ -45,6 +54,7 @@ T = TypeVar("T")
 RETRIED_STATUSES = frozenset({408, 409, 429})  # and every 5xx
 DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the client's, when neither argument nor env names one
 _MESSAGE_LIMIT = 300  # characters of an endpoint's error message worth repeating
+_MAX_COUNT = 2**63 - 1  # the largest token count the response cache (SQLite INTEGER) can store
 
 
 class _Malformed(Exception):
@@ -129,12 +139,9 @@ class OpenAIProvider:
         done = total - len(first_of) - len(duplicates)
         if progress is not None and done:
             progress(done, total)
-        if first_of:
-            api_key = api_key_from_env(self.api_key_env)  # only now: cached reruns need no key
+        if first_of:  # only now is the key needed: cached reruns work without it
             fresh = list(first_of.values())
-            _run_coroutine(
-                self._fetch_all(requests, payloads, keys, fresh, results, api_key, progress, done, total)
-            )
+            _run_coroutine(self._fetch_all(requests, payloads, keys, fresh, results, progress, done, total))
             for index in duplicates:
                 answer = results[first_of[keys[index]]]
                 if isinstance(answer, ChatResponse):
@@ -156,22 +163,18 @@ class OpenAIProvider:
         keys: list[str],
         fresh: list[int],
         results: list[ChatResponse | ProviderError | None],
-        api_key: str,
         progress: Progress | None,
         done: int,
         total: int,
     ) -> None:
-        client_args: dict[str, Any] = {"api_key": api_key, "max_retries": 0, "timeout": self.timeout}
-        if self.base_url:
-            client_args["base_url"] = self.base_url
-        client = openai.AsyncOpenAI(**client_args)
+        client = self._client()
         semaphore = asyncio.Semaphore(self.concurrency)
         finished = done
         cache_failed: list[int] = []
 
         async def one(index: int) -> None:
             nonlocal finished
-            answer = await self._complete_one(client, semaphore, requests[index], api_key)
+            answer = await self._complete_one(client, semaphore, requests[index])
             if isinstance(answer, ChatResponse) and self.cache is not None:
                 try:
                     self.cache.put(keys[index], payloads[index], answer)
@@ -189,10 +192,26 @@ class OpenAIProvider:
         finally:
             await client.close()
 
+    def _client(self) -> openai.AsyncOpenAI:
+        """This batch's client, the key passed from the environment straight into it."""
+        try:
+            return openai.AsyncOpenAI(
+                api_key=api_key_from_env(self.api_key_env),
+                base_url=self.base_url,  # None: the client's own fallbacks
+                max_retries=0,
+                timeout=self.timeout,
+            )
+        except ProviderConfigError:
+            raise
+        except Exception as error:  # e.g. a base_url httpx cannot parse
+            problem = f"{type(error).__name__}: {error}"
+        # raised outside the except block: no chained traceback through the client's frames
+        raise ProviderConfigError(f"provider openai cannot use base_url {self.base_url!r}: {problem}")
+
     # -- one request ---------------------------------------------------------------------
 
     async def _complete_one(
-        self, client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, request: ChatRequest, api_key: str
+        self, client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, request: ChatRequest
     ) -> ChatResponse | ProviderError:
         last = "no try made"
         for attempt in range(1, self.max_tries + 1):
@@ -203,15 +222,15 @@ class OpenAIProvider:
                 return self._parse(completion, request)
             except openai.APIStatusError as error:
                 status = error.status_code
-                detail = _scrub(_error_message(error), api_key)
+                detail = _error_message(error)
                 if status in (401, 403):
                     return self._fail(
                         f"the endpoint {self._where()} rejected the API key in the environment variable "
                         f"{self.api_key_env} (HTTP {status}: {detail}); not retried",
-                        api_key,
+                        client,
                     )
                 if status not in RETRIED_STATUSES and status < 500:
-                    return self._fail(f"HTTP {status} from {self._where()}: {detail}; not retried", api_key)
+                    return self._fail(f"HTTP {status} from {self._where()}: {detail}; not retried", client)
                 last = f"HTTP {status}: {detail}"
                 retry_after = _retry_after(error.response.headers)
             except openai.APITimeoutError:
@@ -222,12 +241,16 @@ class OpenAIProvider:
                 # ValueError: the JSON or text decoding of a garbled body
                 last = f"malformed response: {error}"
             except _Unsupported as error:
-                return self._fail(str(error), api_key)
+                return self._fail(str(error), client)
+            except Exception as error:
+                # whatever else the client or a reply raises: retried like a malformed reply,
+                # and kept inside the batch, where no traceback shows the client's frames
+                last = f"unexpected {type(error).__name__}: {error}"
             if attempt < self.max_tries:
                 self.usage.retries += 1
                 await asyncio.sleep(self._delay(attempt, retry_after))
         return self._fail(
-            f"request to {self._where()} failed after {self.max_tries} tries; last: {last}", api_key
+            f"request to {self._where()} failed after {self.max_tries} tries; last: {last}", client
         )
 
     def _arguments(self, request: ChatRequest) -> dict[str, Any]:
@@ -272,7 +295,10 @@ class OpenAIProvider:
         message = getattr(choices[0], "message", None)
         if message is None:
             raise _Malformed("no message in the first choice")
-        text = message.content if message.content is not None else (getattr(message, "refusal", None) or "")
+        if message.content is not None:
+            text = _text(message.content, "the content")
+        else:
+            text = _text(getattr(message, "refusal", None) or "", "the refusal")
         top_logprobs = None
         if request.top_logprobs is not None:
             logprobs = getattr(choices[0], "logprobs", None)
@@ -284,11 +310,13 @@ class OpenAIProvider:
                 )
             top_logprobs = tuple(_alternatives(entry) for entry in content)
         usage = getattr(completion, "usage", None)
+        if usage is not None and not isinstance(usage, openai.types.CompletionUsage):
+            raise _Malformed(f"usage is {type(usage).__name__}, not an object")
         response = ChatResponse(
             text=text,
             top_logprobs=top_logprobs,
-            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            prompt_tokens=_count(usage, "prompt_tokens"),
+            completion_tokens=_count(usage, "completion_tokens"),
         )
         self.usage.prompt_tokens += response.prompt_tokens
         self.usage.completion_tokens += response.completion_tokens
@@ -301,9 +329,12 @@ class OpenAIProvider:
             return backoff
         return max(backoff, min(retry_after, self.retry_after_cap))
 
-    def _fail(self, message: str, api_key: str) -> ProviderError:
+    def _fail(self, message: str, client: openai.AsyncOpenAI) -> ProviderError:
+        """The error of a request that failed for good; its message, which may quote the
+        endpoint, is scrubbed of the key and has any lone surrogate escaped."""
         self.usage.failures += 1
-        return ProviderError(_scrub(f"{self.model}: {message}", api_key))
+        scrubbed = f"{self.model}: {message}".replace(client.api_key, "[redacted]")
+        return ProviderError(scrubbed.encode("utf-8", "backslashreplace").decode("utf-8"))
 
     def _where(self) -> str:
         return self.base_url or "the default OpenAI endpoint"
@@ -323,8 +354,12 @@ def endpoint_identity(base_url: str | None) -> str:
     """The endpoint a client with `base_url` talks to, written one way: the client's own
     fallbacks (OPENAI_BASE_URL, then api.openai.com) applied, scheme and host lower-cased,
     trailing slashes and any user:password@ dropped."""
-    url = urlsplit(base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL)
-    host = (url.hostname or "") + (f":{url.port}" if url.port else "")
+    written = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    try:
+        url = urlsplit(written)
+        host = (url.hostname or "") + (f":{url.port}" if url.port else "")
+    except ValueError as error:  # a bad port or IPv6 address
+        raise ProviderConfigError(f"provider openai: base_url {written!r} is not a URL: {error}") from None
     return urlunsplit((url.scheme.lower(), host, url.path.rstrip("/"), url.query, ""))
 
 
@@ -332,10 +367,38 @@ def _alternatives(entry: Any) -> Mapping[str, float]:
     """{token: logprob} for one output position, best first (a repeated token keeps its first)."""
     alternatives: dict[str, float] = {}
     for alt in getattr(entry, "top_logprobs", None) or []:
-        alternatives.setdefault(alt.token, float(alt.logprob))
+        alternatives.setdefault(_text(alt.token, "a logprobs token"), _logprob(alt.logprob))
     if not alternatives:  # top_logprobs=0: only the emitted token
-        alternatives[entry.token] = float(entry.logprob)
+        alternatives[_text(entry.token, "a logprobs token")] = _logprob(entry.logprob)
     return alternatives
+
+
+def _text(value: Any, what: str) -> str:
+    """`value` if it is a str that UTF-8 can encode (every cache, log and jsonl file must)."""
+    if not isinstance(value, str):
+        raise _Malformed(f"{what} is {type(value).__name__}, not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Malformed(f"{what} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _count(usage: Any, name: str) -> int:
+    """The token count `usage.<name>` (0 when absent): a whole number, 0 .. _MAX_COUNT."""
+    value = getattr(usage, name, None)
+    if value is None:
+        return 0
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or not 0 <= value <= _MAX_COUNT:
+        raise _Malformed(f"usage.{name} is {value!r}, not a token count")
+    return int(value)
+
+
+def _logprob(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _Malformed(f"a logprob is {value!r}, not a finite number")
+    return float(value)
 
 
 def _error_message(error: openai.APIStatusError) -> str:
@@ -366,15 +429,13 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return None
 
 
-def _scrub(text: str, api_key: str) -> str:
-    return text.replace(api_key, "[redacted]") if api_key else text
-
-
 def _run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run to completion, also from code already inside an event loop (e.g. a notebook)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coroutine)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-llm") as pool:
-        return pool.submit(asyncio.run, coroutine).result()
+        pass  # the usual case, no loop; run outside this block, so no error chains to it
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-llm") as pool:
+            return pool.submit(asyncio.run, coroutine).result()
+    return asyncio.run(coroutine)

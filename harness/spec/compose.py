@@ -3,49 +3,56 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.spec.errors import SpecError
+from harness.spec.errors import Mark, SpecError, allow_quoting
 from harness.spec.yamlload import Document, SpecPath, load_yaml
 
 
 def deep_merge(base: Document, over: Document) -> Document:
-    """Mappings merge key by key; anything else in `over` replaces what `base` had."""
-    data = _merge(base.data, over.data)
-    marks: dict[SpecPath, Any] = {}
-    _collect_marks(data, (), base, over, marks)
+    """Mappings merge key by key; anything else in `over` replaces what `base` had. A value
+    keeps the mark of where it was written. The work grows with `over`, not with `base`:
+    a spec is merged with each of its profiles in turn."""
+    marks = dict(base.marks)
+    data = _merge(base.data, over.data, (), marks)
+    marks.update(over.marks)
     return Document(data, marks)
 
 
-def _merge(base: Any, over: Any) -> Any:
+def _merge(base: Any, over: Any, path: SpecPath, marks: dict[SpecPath, Mark]) -> Any:
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for key, value in over.items():
-            out[key] = _merge(base[key], value) if key in base else copy.deepcopy(value)
+            out[key] = _merge(base[key], value, path + (key,), marks) if key in base else copy.deepcopy(value)
         return out
+    for replaced in _paths(base, path):  # what `over` replaces goes, with its marks
+        marks.pop(replaced, None)
     return copy.deepcopy(over)
 
 
-def _collect_marks(data: Any, path: SpecPath, base: Document, over: Document, marks: dict) -> None:
-    # A path present in `over` came from it (merged or replaced); otherwise it came from `base`.
-    mark = over.marks.get(path) or base.marks.get(path)
-    if mark is not None:
-        marks[path] = mark
-    if isinstance(data, dict):
-        for key, value in data.items():
-            _collect_marks(value, path + (key,), base, over, marks)
-    elif isinstance(data, list):
-        for index, value in enumerate(data):
-            _collect_marks(value, path + (index,), base, over, marks)
+def _paths(value: Any, path: SpecPath) -> Iterator[SpecPath]:
+    """`path` and the paths of everything inside `value`, which lies at `path`."""
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        yield from _paths(item, path + (key,))
 
 
-def load_with_includes(file: Path, _stack: tuple[Path, ...] = ()) -> Document:
+def load_with_includes(file: Path) -> Document:
     """Load `file`, merged over its `include:` fragments (paths relative to the file)."""
     file = file.resolve()
+    allow_quoting(file)  # the user passed it: errors may show its lines
     doc = load_yaml(file)
     if not isinstance(doc.data, dict):
         raise SpecError.at("a spec must be a YAML mapping with at least `stages:`", doc.mark(()))
+    return _with_includes(doc, file, file.parent, ())
+
+
+def _with_includes(doc: Document, file: Path, project: Path, stack: tuple[Path, ...]) -> Document:
+    """`doc`, read from `file`, merged over its fragments; `project` is the directory of the
+    spec the user passed: fragments elsewhere are used but never quoted."""
     includes = doc.data.pop("include", None)
     if includes is None:
         return doc
@@ -62,26 +69,50 @@ def load_with_includes(file: Path, _stack: tuple[Path, ...] = ()) -> Document:
         where = doc.mark(("include", index)) or doc.mark(("include",))
         try:
             path = (file.parent / name).resolve()
-            found = path.is_file()
+            found = path.exists()
         except (OSError, ValueError) as exc:  # NUL bytes, names too long, ...
             raise SpecError.at(f"unusable include path {name!r}: {exc}", where, "include") from None
-        if path in _stack or path == file:
-            chain = " -> ".join(p.name for p in (*_stack, file, path))
+        if path in stack or path == file:
+            chain = " -> ".join(p.name for p in (*stack, file, path))
             raise SpecError.at(f"include cycle: {chain}", where, "include")
         if not found:
             raise SpecError.at(f"included file not found: {name} (looked for {path})", where, "include")
-        merged = deep_merge(merged, load_with_includes(path, (*_stack, file)))
+        fragment = _fragment(path, name, where, path.is_relative_to(project))
+        merged = deep_merge(merged, _with_includes(fragment, path, project, (*stack, file)))
     doc.marks = {p: m for p, m in doc.marks.items() if p[:1] != ("include",)}
     return deep_merge(merged, doc)
+
+
+def _fragment(path: Path, name: str, where: Mark | None, in_project: bool) -> Document:
+    """The included file `path` as a spec fragment: a YAML mapping. A file that is not one
+    is refused at the `include:` line, saying nothing of what it holds."""
+    try:
+        doc = load_yaml(path, quote_if_mapping=in_project)
+    except SpecError as exc:
+        first = exc.problems[0]
+        if first.mark is None:  # unreadable, too large, not a regular file: nothing of its content
+            raise SpecError.at(f"include {name!r}: {first.message}", where, "include") from None
+        if in_project:  # the user's own fragment: the loader's message, quoted if it is a mapping
+            raise
+        raise SpecError.at(
+            f"included file {name} is not a spec fragment: invalid YAML at {first.mark}", where, "include"
+        ) from None
+    if not isinstance(doc.data, dict):
+        raise SpecError.at(
+            f"included file {name} is not a spec fragment: a fragment must be a YAML mapping",
+            where,
+            "include",
+        )
+    return doc
 
 
 def apply_profile(doc: Document, profile: str | None) -> Document:
     """The spec without `profiles:`, with the named profile's overrides merged in."""
     profiles = doc.data.get("profiles") or {}
-    base = Document(
-        {k: v for k, v in doc.data.items() if k != "profiles"},
-        {p: m for p, m in doc.marks.items() if p[:1] != ("profiles",)},
-    )
+    marks = dict(doc.marks)
+    for path in _paths(profiles, ("profiles",)):
+        marks.pop(path, None)
+    base = Document({k: v for k, v in doc.data.items() if k != "profiles"}, marks)
     if profile is None:
         return base
     if not isinstance(profiles, dict) or profile not in profiles:
@@ -103,8 +134,5 @@ def apply_profile(doc: Document, profile: str | None) -> Document:
             doc.mark(prefix + (nested[0],)),
             f"profiles.{profile}",
         )
-    over = Document(
-        body,
-        {p[2:]: m for p, m in doc.marks.items() if p[:2] == prefix},
-    )
+    over = Document(body, {p[2:]: doc.marks[p] for p in _paths(body, prefix) if p in doc.marks})
     return deep_merge(base, over)

@@ -73,6 +73,16 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+_QUOTABLE: set[Path] = set()
+
+
+def allow_quoting(file: Path) -> None:
+    """Let error snippets show lines of `file`: the spec the user passed, and fragments of
+    its project that parsed as YAML mappings. Any other file (`include: /proc/self/environ`)
+    is named by position only, so an error never prints what an unrelated file holds."""
+    _QUOTABLE.add(file.resolve())
+
+
 def _lines(file: Path) -> tuple[str, ...]:
     try:
         return tuple(file.read_text(encoding="utf-8", errors="replace").splitlines())
@@ -87,7 +97,7 @@ def source_line(mark: Mark) -> str:
 
 def snippet(mark: Mark, context: int = 1) -> str:
     """The lines around `mark`, numbered, with a caret under the column."""
-    lines = _lines(mark.file)
+    lines = _lines(mark.file) if mark.file.resolve() in _QUOTABLE else ()
     if not lines or mark.line < 1:
         return ""
     first = max(1, mark.line - context)

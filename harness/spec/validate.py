@@ -28,6 +28,9 @@ MAX_PROBLEMS = 10
 
 @cache
 def _load_schema(path: Path) -> dict[str, Any]:
+    # cached by the path as given: resolving costs system calls, and every stage of every
+    # profile asks for its kind's schema
+    path = path.resolve()
     schema = json.loads(path.read_text(encoding="utf-8"))
     # its own file URI as base, so `"$ref": "provider.schema.json"` finds a sibling fragment
     schema.setdefault("$id", path.as_uri())
@@ -48,7 +51,7 @@ def with_defaults(value: Any, schema: Mapping[str, Any] | Path) -> Any:
     a kind's schema is the one place its defaults are written. The experiment fills them
     when it is loaded, so cache keys, manifests and runs all see the params a stage uses."""
     if isinstance(schema, Path):
-        schema = _load_schema(schema.resolve())
+        schema = _load_schema(schema)
     if not isinstance(value, dict):
         return value
     out = dict(value)
@@ -75,11 +78,16 @@ _inline_validators: dict[int, tuple[Mapping, jsonschema.Draft202012Validator]] =
 
 def validator_for(schema: Mapping[str, Any] | Path) -> jsonschema.Draft202012Validator:
     if isinstance(schema, Path):
-        return _validator_for_file(schema.resolve())
+        return _validator_for_file(schema)
     cached = _inline_validators.get(id(schema))
     if cached is None or cached[0] is not schema:
         cached = _inline_validators[id(schema)] = (schema, _validator(schema))
     return cached[1]
+
+
+def is_name(text: str) -> bool:
+    """Whether `text` follows the schema's rule for names (of stages, profiles, experiments)."""
+    return validator_for(_load_schema(EXPERIMENT_SCHEMA)["$defs"]["name"]).is_valid(text)
 
 
 def dotted(path: SpecPath) -> str:
@@ -134,7 +142,10 @@ def _problems(error: ValidationError, doc: Document, prefix: SpecPath) -> list[P
             out.append(Problem(f"unknown key {key!r}{extra}", doc.mark(path + (key,)), dotted(path)))
         if out:
             return out
-    return [Problem(_short(error.message), doc.mark(path), dotted(path) or "(top level)")]
+    message = _short(error.message)
+    if error.validator in ("maxProperties", "maxItems"):  # not the whole oversized value
+        message = f"at most {error.validator_value} allowed, found {len(error.instance)}"
+    return [Problem(message, doc.mark(path), dotted(path) or "(top level)")]
 
 
 def _short(message: str, limit: int = 240) -> str:

@@ -26,6 +26,7 @@ Artifacts:
                       per question; the sampling parameters, the thresholds and the judge
     samples.json      per setting: 1.0 / 0.0 misaligned per scored answer, with its unit (above)
     em_rates.png      EM rate per setting with its 95% CI
+    judge_metadata.json  the judge's usage: requests, cache hits, retries, tokens
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from harness.plots import figure as new_figure
 from harness.samples import SampleSet
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageError, StageKind, tenths
+from harness.upstream import adapter_dir, named_adapter_roles
 
 VERSION = "1"
 SCHEMA = SPECS_DIR / "stages" / "em_eval.schema.json"
@@ -79,8 +81,6 @@ def metric_names(params: Mapping[str, Any]) -> list[str]:
 
 
 def _adapters(ctx: StageContext, settings: Mapping[str, list[str]]) -> dict[str, Path]:
-    from harness.upstream import adapter_dir
-
     sets = [roles for value in settings.values() for roles in replicates_of(value)]
     roles = list(dict.fromkeys(role for one in sets for role in one))
     missing = [role for role in roles if role not in ctx.upstream]
@@ -114,7 +114,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models import load_model, load_tokenizer
     from harness.models.adapters import active, load_stacked
     from harness.samples import SAMPLES_FILE, write_samples
-    from harness.store import write_json, write_jsonl
+    from harness.store import relative_path, write_json, write_jsonl
 
     p = with_defaults(ctx.params, SCHEMA)
     settings = settings_of(p)
@@ -157,14 +157,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
     write_jsonl(out / "answers.jsonl", answers_rows)
     provider = measurement.provider
     write_json(out / "em_results.json", {
-        "base": p["base"], "questions": p["questions"], "samples_per_question": n,
+        "base": p["base"], "questions": relative_path(p["questions"], ctx.spec_file.parent),
+        "samples_per_question": n,
         "sampling": sampling_parameters(p["temperature"], p["max_new_tokens"]),
         "thresholds": vars(measurement.thresholds),
         "judge": {"name": provider.name, "model": provider.model}, "settings": results,
     })
     write_samples(out / SAMPLES_FILE, samples)
     _plot(results, out / "em_rates.png", f"{ctx.stage}: EM rate per setting ({n} samples per question)")
-    write_json(out / "judge_usage.json", provider.usage.to_json())
+    # a *metadata.json is left out of the output digest: cache hits and retries vary by run
+    write_json(out / "judge_metadata.json", {"usage": provider.usage.to_json()})
 
     metrics: dict[str, Any] = {}
     for setting, result in results.items():
@@ -177,6 +179,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 KIND = StageKind(
     name="em_eval",
     run=run,
+    needs=named_adapter_roles,
     params_schema=SCHEMA,
     metrics=metric_names,
     version=VERSION,

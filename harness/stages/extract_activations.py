@@ -24,7 +24,7 @@ from harness.checks import base_weights, check_base_param
 from harness.models.base import base_fingerprint
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
-from harness.upstream import adapter_dir
+from harness.upstream import adapter_dir, adapter_role
 
 VERSION = "2"
 METRICS = ("n_items", "n_layers", "d_model", "mb_written")
@@ -84,6 +84,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 KIND = StageKind(
     name="extract_activations",
     run=run,
+    needs=lambda params: (adapter_role(),) if params["use_adapter"] else (),
     params_schema=SPECS_DIR / "stages" / "extract_activations.schema.json",
     metrics=METRICS,
     version=VERSION,

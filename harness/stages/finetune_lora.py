@@ -15,7 +15,8 @@ Artifacts in the stage directory:
     checkpoints/step-N/    the adapter every `checkpoint_every` optimizer steps, when asked
     loss.jsonl             one row per optimizer step: step, loss, lr, grad_norm, tokens_seen
     loss.png               the loss curve
-    train_metadata.json    base, its fingerprint, parameter and token counts, device, timings
+    train_metadata.json    base, its fingerprint, parameter and token counts, device, timings and
+                           tokens per second (how the run went: not in the output digest)
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from harness.checks import base_weights, check_base_param
 from harness.models import base_fingerprint
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import StageContext, StageError, StageKind
-from harness.upstream import adapter_dir
+from harness.stage import Role, StageContext, StageError, StageKind
+from harness.store import relative_path, write_json
+from harness.upstream import adapter_dir, adapter_role
 
 if TYPE_CHECKING:
     from harness.training import Sequences, StepRecord
@@ -46,7 +48,6 @@ METRICS = (
     "n_tokens",
     "n_steps",
     "trainable_params",
-    "tokens_per_second",
     "loss_curve",
 )
 DOCS_FILE = "docs.jsonl"
@@ -69,6 +70,14 @@ def settings(params: Mapping[str, Any]) -> dict[str, Any]:
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     """At collection: a base model missing here fails in seconds, not after loading data."""
     check_base_param(params)
+
+
+def data_roles(params: Mapping[str, Any]) -> tuple[Role, ...]:
+    """The stage whose docs.jsonl / chat.jsonl it trains on, unless a file param names the data;
+    optionally the adapter it trains on top of."""
+    role, filename, param = DATA_ROLES[params["format"]]
+    data = () if params.get(param) else (Role(role, f"the {filename} it trains on", only=True),)
+    return (*data, adapter_role(BASE_ADAPTER_ROLE, only=False, optional=True))
 
 
 # --- documents -------------------------------------------------------------------------------
@@ -227,11 +236,21 @@ def _lora_on_top(model: Any, frozen: Path, lora: Mapping[str, Any], base: str) -
     return stacked
 
 
-def _save_adapter(model: Any, path: Path) -> None:
+def _save_adapter(model: Any, path: Path, base: str) -> None:
     # the trained adapter alone, never the frozen one under it; peft would also save the
     # full (untrained) lm_head/embedding weights whenever they are adapter targets, in
     # case the vocabulary was resized; it never is here
     model.save_pretrained(path, save_embedding_layers=False, selected_adapters=[TRAINED])
+    # The same adapter must be the same bytes, or every stage after it reruns: peft lists
+    # target_modules in a set's order (it changes with the process's hash seed) and names
+    # the base by this machine's path (also in a blank model card, dropped here).
+    (path / "README.md").unlink(missing_ok=True)
+    config_file = path / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if isinstance(config["target_modules"], list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config["base_model_name_or_path"] = base
+    write_json(config_file, config)
 
 
 def _chat_rows(
@@ -351,7 +370,7 @@ def finetune(ctx: StageContext) -> Finetuned:
                 loss_log.write(json.dumps(asdict(record)) + "\n")
                 loss_log.flush()  # readable while training, and kept by a failed run
                 if p["checkpoint_every"] and record.step % p["checkpoint_every"] == 0:
-                    _save_adapter(model, out / "checkpoints" / f"step-{record.step}")
+                    _save_adapter(model, out / "checkpoints" / f"step-{record.step}", p["base"])
 
             try:
                 result = train(
@@ -359,7 +378,7 @@ def finetune(ctx: StageContext) -> Finetuned:
                 )
             except Diverged as exc:
                 raise StageError(f"{exc}; lower learning_rate (now {p['learning_rate']:g})") from None
-    _save_adapter(model, out / "adapter")
+    _save_adapter(model, out / "adapter", p["base"])
 
     losses = [r.loss for r in result.history]
     window = _window(len(losses))
@@ -368,7 +387,7 @@ def finetune(ctx: StageContext) -> Finetuned:
     metadata = {
         "base": p["base"],
         "base_fingerprint": base_fingerprint(p["base"]),
-        "frozen_adapter": str(under) if under else None,
+        "frozen_adapter": relative_path(under, out) if under else None,
         "trainable_params": trainable,
         "total_params": total_params,
         "n_docs": len(texts),
@@ -385,6 +404,7 @@ def finetune(ctx: StageContext) -> Finetuned:
         "seed": ctx.seed,
         "train_seconds": round(result.seconds, 3),
         "seconds": round(time.perf_counter() - started, 3),
+        "tokens_per_second": result.tokens_seen / max(result.seconds, 1e-9),
         "settings": p,
     }
     (out / "train_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -395,7 +415,6 @@ def finetune(ctx: StageContext) -> Finetuned:
         "n_tokens": rows.n_tokens,
         "n_steps": len(losses),
         "trainable_params": trainable,
-        "tokens_per_second": result.tokens_seen / max(result.seconds, 1e-9),
         "loss_curve": losses,
     }
     ctx.log(f"loss {initial:.4f} -> {final:.4f} in {len(losses)} steps; adapter saved")
@@ -409,6 +428,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 KIND = StageKind(
     name="finetune_lora",
     run=run,
+    needs=data_roles,
     params_schema=SCHEMA,
     metrics=METRICS,
     version=VERSION,

@@ -17,10 +17,12 @@ after every retry, or failed at the provider), n_duplicates, error_rate (n_faile
 n_requested), first_try_error_rate (documents whose first answer was not valid /
 n_requested), mean_tokens_per_doc (tokens counted by the regex \\w+|[^\\w\\s]).
 
-Resume: the doc types and ideas are saved in `scratch_dir/plan.json`, and every chunk of
-finished documents is appended (flushed, fsynced) to `scratch_dir/docs.partial.jsonl` and
-`failures.partial.jsonl`, keyed by a request id "fact-type-idea-doc" (indices). A rerun
-after a crash requests only the documents not finished yet.
+Resume: the doc types and ideas are saved in `scratch_dir/plan.json`, and the valid
+documents of every finished chunk are appended (flushed, fsynced) to
+`scratch_dir/docs.partial.jsonl`, keyed by a request id "fact-type-idea-doc" (indices).
+A rerun after a crash or a failed run requests every document not saved there: failures
+are asked again, since their cause (a rejected key, an endpoint down) may be fixed by
+now; an answer that was merely invalid comes back from the response cache at no cost.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from harness.llm import (
     make_provider,
 )
 from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.stage import ParamError, Role, StageContext, StageError, StageKind
 from harness.store import write_jsonl, write_text_atomic
 from harness.universe import Universe, parse_list, validate_document
 
@@ -321,24 +323,22 @@ def complete(
 
 
 class Partial:
-    """Finished documents and failures of interrupted runs, in scratch_dir."""
+    """Valid documents by job id: those of interrupted runs (in scratch_dir) and this run's."""
 
     def __init__(self, scratch: Path, jobs: Sequence[Job]):
-        self.docs_file = scratch / "docs.partial.jsonl"
-        self.failures_file = scratch / "failures.partial.jsonl"
+        self.file = scratch / "docs.partial.jsonl"
         by_id = {job.id: job for job in jobs}
-        self.rows: dict[str, dict[str, Any]] = {}
-        for path in (self.docs_file, self.failures_file):
-            for row in _read_rows(path):
-                job = by_id.get(row.get("id"))
-                # a row from another plan (cannot happen for one key, but cheap to refuse)
-                if job and job.row() == {k: row.get(k) for k in job.row()}:
-                    self.rows.setdefault(job.id, row)
+        self.docs: dict[str, dict[str, Any]] = {}
+        for row in _read_rows(self.file):
+            job = by_id.get(row.get("id"))
+            # a row from another plan (cannot happen for one key, but cheap to refuse)
+            if job and job.row() == {k: row.get(k) for k in job.row()} and "content" in row:
+                self.docs.setdefault(job.id, row)
 
-    def add(self, docs: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]]) -> None:
-        for path, rows in ((self.docs_file, list(docs)), (self.failures_file, list(failures))):
-            _append_rows(path, rows)
-            self.rows.update((row["id"], row) for row in rows)
+    def add(self, docs: Iterable[dict[str, Any]]) -> None:
+        rows = list(docs)
+        _append_rows(self.file, rows)
+        self.docs.update((row["id"], row) for row in rows)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -404,16 +404,19 @@ def generate(ctx: StageContext, provider: Provider) -> dict[str, Any]:
     universe, facts = read_facts(_facts_file(ctx))
     jobs = plan(ctx, provider, universe, facts, s)
     partial = Partial(ctx.scratch_dir, jobs)
-    resumed = len(partial.rows)
-    todo = [job for job in jobs if job.id not in partial.rows]
+    resumed = len(partial.docs)
+    todo = [job for job in jobs if job.id not in partial.docs]
+    failures: dict[str, dict[str, Any]] = {}  # this run's: a rerun asks them again
     if resumed:
         ctx.log(f"resuming: {resumed} of {len(jobs)} documents already finished")
-    ctx.log(f"documents {len(partial.rows)}/{len(jobs)}")
+    ctx.log(f"documents {resumed}/{len(jobs)}")
     for start in range(0, len(todo), s.chunk_size):
-        partial.add(*complete(provider, todo[start : start + s.chunk_size], universe, s))
-        ctx.log(f"documents {len(partial.rows)}/{len(jobs)}")
+        docs, failed = complete(provider, todo[start : start + s.chunk_size], universe, s)
+        partial.add(docs)
+        failures.update((row["id"], row) for row in failed)
+        ctx.log(f"documents {len(partial.docs) + len(failures)}/{len(jobs)}")
 
-    rows = [partial.rows[job.id] for job in jobs]
+    rows = [partial.docs.get(job.id) or failures[job.id] for job in jobs]
     valid = [row for row in rows if "content" in row]
     failed = [row for row in rows if "content" not in row]
     seen: set[str] = set()
@@ -464,6 +467,7 @@ def generate(ctx: StageContext, provider: Provider) -> dict[str, Any]:
 KIND = StageKind(
     name="generate_docs",
     run=run,
+    needs=(Role("universe", "the facts.json of a universe_context stage", only=True),),
     params_schema=SPECS_DIR / "stages" / "generate_docs.schema.json",
     metrics=METRICS,
     # chunk_size only groups requests: every document's requests are the same whatever it is

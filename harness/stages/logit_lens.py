@@ -47,8 +47,8 @@ from harness.models.base import base_fingerprint
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageKind, tenths
-from harness.store import write_json, write_jsonl
-from harness.upstream import adapter_dir
+from harness.store import relative_path, write_json, write_jsonl
+from harness.upstream import adapter_dir, adapter_role
 
 if TYPE_CHECKING:
     from harness.contrast import Contrast
@@ -381,8 +381,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         scoring=mode,
         chat_template=params["chat_template"],
         base=base,
-        adapter=str(adapter),
-        mcqs=str(mcq_path),
+        adapter=relative_path(adapter, ctx.out_dir),
+        mcqs=relative_path(mcq_path, ctx.spec_file.parent),
         fingerprints={"base": base_fp, "lora": f"{base_fp}+adapter:{file_digest(adapter)[:16]}"},
     )
     write_jsonl(ctx.out_dir / "trajectories_base.jsonl", base_rows)
@@ -414,6 +414,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 KIND = StageKind(
     name="logit_lens",
     run=run,
+    needs=(adapter_role(),),
     params_schema=SPECS_DIR / "stages" / "logit_lens.schema.json",
     metrics=METRICS,
     version=VERSION,

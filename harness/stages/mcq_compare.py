@@ -39,7 +39,7 @@ from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
 from harness.stats import DEFAULT_CONFIDENCE, paired_difference
 from harness.store import write_jsonl
-from harness.upstream import adapter_dir
+from harness.upstream import adapter_dir, adapter_role
 
 VERSION = "2"
 MODELS = ("base", "lora")
@@ -63,10 +63,10 @@ def missing_categories(items: Sequence[MCQ]) -> list[str]:
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     check_base_param(params)
     chosen_normalization(params)
-    items = mcqs_param(params, spec_dir)
+    found = mcqs_param(params, spec_dir)
     path = (spec_dir / params["mcqs"]).resolve()
-    missing = missing_categories(items)
-    if missing:
+    missing = [category for category in CATEGORIES if category not in found.categories]
+    if missing and found.complete:  # a sample may not reach a category: the run reads every row
         raise ParamError(("mcqs",), _missing_message(path, missing))
 
 
@@ -334,7 +334,7 @@ def _changes(changes: Sequence[Mapping[str, Any]]) -> list[str]:
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models.base import load_model, load_tokenizer
     from harness.scoring import letter_token_ids, score_mcqs
-    from harness.store import file_digest, write_json
+    from harness.store import file_digest, relative_path, write_json
 
     params = with_defaults(ctx.params, KIND.params_schema)
     base, mode, mcq_path = params["base"], params["scoring"], Path(params["mcqs"])
@@ -384,8 +384,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "normalization": normalization,
         "chat_template": params["chat_template"],
         "base": base,
-        "adapter": str(adapter),
-        "mcqs": str(mcq_path),
+        "adapter": relative_path(adapter, ctx.out_dir),
+        "mcqs": relative_path(mcq_path, ctx.spec_file.parent),
         "fingerprints": {"base": base_fp, "lora": f"{base_fp}+adapter:{file_digest(adapter)[:16]}"},
         **comparison,
     }
@@ -399,9 +399,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     write_json(ctx.out_dir / "comparison_report.json", report)
     scoring = f"{mode} scoring" + (f", normalization {normalization}" if normalization else "")
     header = [
-        f"MCQ comparison: base vs base + adapter, {scoring}, {len(items)} items from {mcq_path}",
+        f"MCQ comparison: base vs base + adapter, {scoring}, {len(items)} items from {report['mcqs']}",
         f"base:    {base_fp}",
-        f"adapter: {adapter}",
+        f"adapter: {report['adapter']}",
     ]
     text = analysis_text(comparison, header)
     if by_normalization:
@@ -420,6 +420,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 KIND = StageKind(
     name="mcq_compare",
     run=run,
+    needs=(adapter_role(),),
     params_schema=SPECS_DIR / "stages" / "mcq_compare.schema.json",
     metrics=METRICS,
     version=VERSION,

@@ -52,7 +52,7 @@ from harness.mcq import load_mcqs
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
 from harness.stage import StageContext, StageKind
-from harness.upstream import adapter_dir
+from harness.upstream import adapter_dir, adapter_role
 
 VERSION = "2"
 MIN_CHANGE = 1e-3  # |LD_base - LD_lora| below this: nothing to recover, the item is skipped
@@ -148,7 +148,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.contrast import contrasts
     from harness.hooks import contrast_logit_diffs, n_indices, patch_residual, record_residuals
     from harness.models.base import load_model, load_tokenizer
-    from harness.store import write_json
+    from harness.store import relative_path, write_json
 
     params = with_defaults(ctx.params, KIND.params_schema)
     base, mode, n_offsets = params["base"], params["scoring"], params["positions"]
@@ -227,8 +227,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.out_dir / "patching.json",
         {
             "base": base,
-            "adapter": str(adapter),
-            "mcqs": str(params["mcqs"]),
+            "adapter": relative_path(adapter, ctx.out_dir),
+            "mcqs": relative_path(params["mcqs"], ctx.spec_file.parent),
             "scoring": mode,
             "indices": indices,
             "offsets": [-k for k in range(n_offsets)],
@@ -267,6 +267,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 KIND = StageKind(
     name="patch",
     run=run,
+    needs=(adapter_role(),),
     params_schema=SPECS_DIR / "stages" / "patch.schema.json",
     metrics=METRICS,
     version=VERSION,

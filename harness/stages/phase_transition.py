@@ -47,7 +47,8 @@ from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
 from harness.samples import SampleSet
 from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import StageContext, StageError, StageKind
+from harness.stage import Role, StageContext, StageError, StageKind
+from harness.upstream import adapter_role
 
 VERSION = "1"
 SCHEMA = SPECS_DIR / "stages" / "phase_transition.schema.json"
@@ -206,7 +207,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models import load_tokenizer
     from harness.models.adapters import active, load_stacked
     from harness.samples import SAMPLES_FILE, write_samples
-    from harness.store import write_json, write_jsonl
+    from harness.store import relative_path, write_json, write_jsonl
     from harness.upstream import adapter_dir
 
     p = with_defaults(ctx.params, SCHEMA)
@@ -260,7 +261,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     out = ctx.out_dir
     write_json(out / "phase_transition.json", {
         "runs": [{**t, "steps": c.rows} for c, t in zip(curves, transitions, strict=True)],
-        "persona": str(persona) if persona else None,
+        "persona": relative_path(persona, out) if persona else None,
         "sampling": sampling_parameters(p["temperature"], p["max_new_tokens"]),
         "metrics": metrics,
     })
@@ -273,6 +274,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
 KIND = StageKind(
     name="phase_transition",
     run=run,
+    needs=lambda params: (
+        *(Role(role, "the checkpoints/step-N/ of a finetune_lora stage", named_at=("runs", i))
+          for i, role in enumerate(params.get("runs") or ())),
+        adapter_role("persona", only=False, optional=True),
+    ),
     params_schema=SCHEMA,
     metrics=METRICS,
     version=VERSION,

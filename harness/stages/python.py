@@ -98,6 +98,7 @@ KIND = StageKind(
     params_schema=SPECS_DIR / "stages" / "python.schema.json",
     metrics=lambda params: params.get("metrics", []),
     input_params=("inputs",),
+    input_dirs=("inputs",),
     check=check,
     code_version=code_version,
 )

@@ -63,9 +63,9 @@ from harness.checks import base_weights, check_base_param, mcqs_param
 from harness.mcq import load_mcqs
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import StageContext, StageError, StageKind
+from harness.stage import Role, StageContext, StageError, StageKind
 from harness.stats import monte_carlo_p
-from harness.upstream import adapter_dir, find_upstream
+from harness.upstream import adapter_dir, adapter_role, find_upstream
 
 VERSION = "1"
 CLAIM_SIGN = {"increase": 1, "decrease": -1}
@@ -317,7 +317,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.contrast import contrasts
     from harness.hooks import add_to_residual, contrast_logit_diffs, n_indices
     from harness.models.base import load_model, load_tokenizer
-    from harness.store import write_json, write_jsonl
+    from harness.store import relative_path, write_json, write_jsonl
 
     params = with_defaults(ctx.params, KIND.params_schema)
     base, mode, chat, expect = params["base"], params["scoring"], params["chat_template"], params["expect"]
@@ -393,8 +393,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.out_dir / "steering.json",
         {
             "base": base,
-            "adapter": str(adapter) if adapter else None,
-            "mcqs": str(params["mcqs"]),
+            "adapter": relative_path(adapter, ctx.out_dir) if adapter else None,
+            "mcqs": relative_path(params["mcqs"], ctx.spec_file.parent),
             "scoring": mode,
             "layer": layer,
             "label": params["label"],
@@ -438,6 +438,12 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 KIND = StageKind(
     name="steer",
     run=run,
+    needs=lambda params: (
+        Role("activations", "the activations an extract_activations stage writes"),
+        *([Role("probe", "the best_layer metric of a train_probe stage, for `layer: best`")]
+          if params["layer"] == "best" else []),
+        *([adapter_role(only=False)] if params["use_adapter"] else []),
+    ),
     params_schema=SPECS_DIR / "stages" / "steer.schema.json",
     metrics=METRICS,
     version=VERSION,

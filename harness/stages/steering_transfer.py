@@ -53,7 +53,8 @@ from harness.checks import base_weights, em_params
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import StageContext, StageError, StageKind
+from harness.stage import Role, StageContext, StageError, StageKind
+from harness.upstream import named_adapter_roles
 
 VERSION = "1"
 SCHEMA = SPECS_DIR / "stages" / "steering_transfer.schema.json"
@@ -291,6 +292,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 KIND = StageKind(
     name="steering_transfer",
     run=run,
+    needs=lambda params: (Role("answers", "the answers.jsonl and em_results.json of an em_eval stage"),
+                          *named_adapter_roles(params)),
     params_schema=SCHEMA,
     metrics=METRICS,
     version=VERSION,

@@ -70,7 +70,7 @@ import numpy as np
 
 from harness.plots import figure as new_figure
 from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import StageContext, StageError, StageKind, Upstream
+from harness.stage import Role, StageContext, StageError, StageKind, Upstream
 from harness.stats import monte_carlo_p
 from harness.upstream import find_upstream
 
@@ -659,6 +659,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 KIND = StageKind(
     name="train_probe",
     run=run,
+    needs=(Role(ACTIVATIONS_ROLE, "the activations an extract_activations stage writes", only=True),),
     params_schema=SPECS_DIR / "stages" / "train_probe.schema.json",
     metrics=METRICS,
     version=VERSION,
