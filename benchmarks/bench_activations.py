@@ -120,7 +120,7 @@ def main() -> None:
     if args.tiny_world_dir:
         base = args.tiny_world_dir
     else:
-        from fixtures import tiny_world
+        from harness.fixtures import tiny_world
 
         base = str(tiny_world.build(log=lambda line: print(f"  tiny world: {line}", file=sys.stderr)))
     tokenizer = load_tokenizer(base)

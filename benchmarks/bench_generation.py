@@ -31,7 +31,7 @@ from typing import Any
 
 import openai
 
-from fixtures.llm_server import LLMServer
+from harness.fixtures.llm_server import LLMServer
 from harness.llm import ChatRequest, ChatResponse, OpenAIProvider, ResponseCache
 
 KEY_ENV = "HARNESS_BENCH_KEY"

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.execution import REUSED, ExperimentRun
+from harness.execution import ExperimentRun
 from harness.experiment import load_experiment
+from harness.outcomes import Status
 
 TARGET_RERUN_OVERHEAD_S = 1.0
 PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
@@ -322,12 +323,12 @@ def bench_rerun(tmp: Path, repeats: int) -> tuple[list[Row], bool]:
     args = ("-q", "--runs-dir", str(runs), str(spec))
 
     cold, _ = pytest_cmd(root, *args)
-    check_statuses(report, "ran")
+    check_statuses(report, Status.RAN)
 
     def rerun() -> float:
         report.unlink()
         wall, _ = pytest_cmd(root, *args)
-        check_statuses(report, REUSED)
+        check_statuses(report, Status.REUSED)
         return wall
 
     def baseline() -> float:
@@ -343,7 +344,7 @@ def bench_rerun(tmp: Path, repeats: int) -> tuple[list[Row], bool]:
     for _ in range(repeats):
         report.unlink()
         harness = in_process(root, "--runs-dir", str(runs), str(spec))
-        check_statuses(report, REUSED)
+        check_statuses(report, Status.REUSED)
         plain = in_process(root, "test_trivial.py")
         stage_items += harness.items
         test_items += plain.items
@@ -356,7 +357,7 @@ def bench_rerun(tmp: Path, repeats: int) -> tuple[list[Row], bool]:
         start = time.perf_counter()
         results = [run.resolve(name) for name in experiment.stages]
         resolves.append(time.perf_counter() - start)
-        if any(r.status != REUSED for r in results):
+        if any(r.status != Status.REUSED for r in results):
             sys.exit(f"direct resolve did not reuse every stage: {[(r.stage, r.status) for r in results]}")
 
     n = CHAIN_STAGES

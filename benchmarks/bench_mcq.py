@@ -5,7 +5,7 @@
 
 Scores the same items with `harness.scoring.score_mcqs` (what the `mcq_compare` stage
 runs, once per model) at each batch size; the baseline is batch size 1 in the same run.
-The model is the tiny world (`fixtures.tiny_world.build()`, built and cached on first use)
+The model is the tiny world (`harness.fixtures.tiny_world.build()`, built and cached on first use)
 unless `--random` is given or it cannot be built: then a random-weight Llama of the same
 shape with a BPE tokenizer trained on the items. Checks that every batch size gives the
 same predictions. See benchmarks/README.md.
@@ -34,7 +34,7 @@ SYLLABLES = "zor plim dax gra vi ty qua ren mo lek su tan ob ir na".split()
 
 def tiny_world_items(n: int, directory: str | None = None) -> tuple[str, list[MCQ]]:
     """The tiny world's directory (built unless given) and `n` MCQs on its facts."""
-    from fixtures import tiny_world
+    from harness.fixtures import tiny_world
 
     if directory is None:
         directory = str(tiny_world.build(log=lambda line: print(f"  tiny world: {line}", file=sys.stderr)))

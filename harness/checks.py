@@ -1,5 +1,6 @@
-"""Collection-time checks that model stages share: the base model is here, the MCQ file
-reads, and the cache key follows the base's weights."""
+"""Collection-time checks that model stages share: the MCQ file reads, the EM questions
+load, the provider can work; and what the kinds that score MCQs on an adapter declare alike.
+(The base model is checked for every kind that takes one: harness.api.stage_kind.)"""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from harness.mcq import read_mcqs
-from harness.models import ModelNotFound, base_fingerprint, check_base
 from harness.stage import ParamError, StageError
+from harness.upstream import adapter_role
 
 # Past this size collection checks the rows in a data file's first SAMPLE_BYTES, in seconds
 # and bounded memory; the stage reads, and so checks, every row when it runs.
 SAMPLE_BYTES = 64 << 20
 T = TypeVar("T")
+# the declaration the kinds that score an MCQ file on a base model and its adapter share:
+# `@stage_kind(metrics=..., check=..., **SCORES_MCQS_ON_ADAPTER)`
+SCORES_MCQS_ON_ADAPTER: dict[str, Any] = {
+    "needs": (adapter_role(),),
+    "input_params": ("mcqs",),
+    "transport_params": ("batch_size",),  # inference batches: the scores are the same
+}
 
 
 @dataclass(frozen=True)
@@ -45,14 +53,6 @@ def checked_once(path: Path, check: Callable[[Path, int | None], T]) -> T:
     if isinstance(found, StageError):
         raise StageError(str(found))
     return found
-
-
-def check_base_param(params: Mapping[str, Any]) -> None:
-    """A base model missing here fails at collection, in seconds, at the `base:` line."""
-    try:
-        check_base(params["base"])
-    except ModelNotFound as error:
-        raise ParamError(("base",), str(error)) from None
 
 
 def mcqs_param(params: Mapping[str, Any], spec_dir: Path, conflict_for: str | None = None) -> MCQFile:
@@ -105,13 +105,7 @@ def provider_param(params: Mapping[str, Any], key: str) -> None:
 
 
 def em_params(params: Mapping[str, Any], spec_dir: Path) -> None:
-    """The collection checks of the stages that measure EM: base model, questions, judge."""
-    check_base_param(params)
+    """The collection checks of the stages that measure EM (their base model is checked as
+    every base is, by harness.api.stage_kind): questions, judge."""
     questions_param(params, spec_dir)
     provider_param(params, "judge")
-
-
-def base_weights(params: Mapping[str, Any]) -> str:
-    """The fingerprint of the base model's weights on this machine (a fixture's recipe hash, a
-    directory's listing), so results of replaced weights are not reused."""
-    return base_fingerprint(params["base"])

@@ -5,9 +5,14 @@ of the project it imports: imports anywhere in a file count (kinds import heavy
 libraries and helpers inside their run function), found by parsing with `ast`, nothing
 imported. A string constant that names a project module counts as an import too: it is
 what `importlib.import_module` gets (the offline provider's template modules). "The
-project" is the top-level packages `harness` and `fixtures` and the module's own
-top-level package (a third-party kind's), never other third-party code. Importing `a.b.c`
-runs `a/__init__.py` and `a/b/__init__.py` too: they are in it.
+project" is the top-level package `harness` and the module's own top-level package (a
+third-party kind's), never other third-party code. Importing `a.b.c` runs `a/__init__.py`
+and `a/b/__init__.py` too: they are in it.
+
+The tiny worlds (`harness.fixtures`, installed from the top-level fixtures/ folder) are left
+out: a kind meets one only as a `fixture:` base model, whose recipe hash covers the world's
+source and is in the key as the base's fingerprint. Counted as code, an edit of a world would
+also rerun every stage on a real model.
 
 Data files: every file that is not Python source in the package directory of a module of
 the closure (not recursive; hidden files and compiled caches left out). A prompt or
@@ -32,7 +37,9 @@ from functools import cache
 from importlib.machinery import PathFinder
 from pathlib import Path
 
-PROJECT = ("harness", "fixtures")
+PROJECT = ("harness",)
+# in keys by the base fingerprint (above); named, since a wheel install has them inside harness/
+FINGERPRINTED = "harness.fixtures"
 _NOT_DATA = (".py", ".pyc", ".pyo")
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
@@ -71,7 +78,11 @@ def source_closure(module: str, path: Sequence[Path | str] | None = None) -> dic
         if package:  # a top-level plain module's directory is no package: no data files
             packages[package] = file.parent
         parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
-        pending += [n for n in (*parents, *_imports(source, package)) if n.split(".")[0] in roots]
+        pending += [
+            n
+            for n in (*parents, *_imports(source, package))
+            if n.split(".")[0] in roots and not (n + ".").startswith(FINGERPRINTED + ".")
+        ]
     for package, directory in packages.items():
         for file in sorted(directory.iterdir()):
             if file.is_file() and not file.name.startswith(".") and file.suffix not in _NOT_DATA:

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from _pytest.outcomes import Skipped
 
-from harness.execution import FAILED, SKIPPED, ExperimentRun, StageResult
+from harness.execution import ExperimentRun, StageResult
 from harness.experiment import Experiment, StageSpec, load_experiment, load_plan
 from harness.hypotheses import ERROR, Evaluation, HypothesisFamily
+from harness.outcomes import Outcome, Status
 from harness.prereg import HypothesisError, lock_basis, stored_keys, write_lock
 from harness.spec.errors import SpecError
 from harness.stage import StageError
@@ -126,10 +127,10 @@ class StageItem(_HarnessItem):
             self.fresh = self.run.take_fresh()
         for name, value in _scalar_metrics(result.metrics):
             self.user_properties.append((name, value))
-        self.user_properties.append(("harness.status", result.status))
-        if result.status == SKIPPED:  # reported at the stage's line, like a skip marker
+        self.user_properties.append(("harness.status", result.status.value))
+        if result.status == Status.SKIPPED:  # reported at the stage's line, like a skip marker
             raise Skipped(result.reason, _use_item_location=True)
-        if result.status == FAILED:
+        if result.status == Status.FAILED:
             raise result.error
         if result.failed_gates:
             raise GateFailure(result, self.spec.mark)
@@ -194,9 +195,9 @@ class HypothesisItem(_HarnessItem):
         outcome = evaluation.outcome(plan)
         if evaluation.verdict == ERROR:  # its samples are missing or unusable
             raise HypothesisError(f"hypothesis {self.name} ({self.hypothesis.where}): {evaluation.why}")
-        if outcome == "skipped":  # untested (a stage did not finish), or inconclusive under `skip`
+        if outcome == Outcome.SKIPPED:  # untested (a stage did not finish), or inconclusive under `skip`
             raise Skipped(evaluation.summary(registration), _use_item_location=True)
-        if outcome == "failed":
+        if outcome == Outcome.FAILED:
             raise HypothesisError(evaluation.describe(registration))
 
     def payload(self) -> dict[str, Any]:

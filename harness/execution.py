@@ -15,12 +15,11 @@ from harness.code_digest import closure_of
 from harness.experiment import Experiment, StageSpec
 from harness.gates import GateResult, evaluate
 from harness.graph import stage_key, without
+from harness.outcomes import Outcome, Status
 from harness.provenance import git_commit, package_versions
 from harness.seeding import seed_everything
-from harness.stage import StageContext, StageError, Upstream
+from harness.stage import StageContext, StageError, StageKind, Upstream
 from harness.store import Record, StageStore, file_digest
-
-RAN, REUSED, FAILED, SKIPPED = "ran", "reused", "failed", "skipped"
 
 
 @dataclass
@@ -28,7 +27,7 @@ class StageResult:
     experiment: str
     stage: str
     kind: str
-    status: str  # ran | reused | failed | skipped
+    status: Status
     reason: str  # why it ran, why it was reused, why it failed or was skipped
     key: str | None = None
     dir: Path | None = None
@@ -47,22 +46,22 @@ class StageResult:
         return [g for g in self.gates if not g.passed]
 
     @property
-    def outcome(self) -> str:
-        if self.status == FAILED:
-            return "error"
-        if self.status == SKIPPED:
-            return SKIPPED
+    def outcome(self) -> Outcome:
+        if self.status == Status.FAILED:
+            return Outcome.ERROR
+        if self.status == Status.SKIPPED:
+            return Outcome.SKIPPED
         if self.abort:
-            return "aborted"
-        return "failed" if self.failed_gates else "passed"
+            return Outcome.ABORTED
+        return Outcome.FAILED if self.failed_gates else Outcome.PASSED
 
     def to_json(self) -> dict[str, Any]:
         return {
             "experiment": self.experiment,
             "stage": self.stage,
             "kind": self.kind,
-            "status": self.status,
-            "outcome": self.outcome,
+            "status": self.status.value,  # plain words: xdist sends this to the controller
+            "outcome": self.outcome.value,
             "reason": self.reason,
             "key": self.key,
             "dir": str(self.dir) if self.dir else None,
@@ -113,15 +112,14 @@ class ExperimentRun:
             spec = self.experiment.stages[name]
             blocked = self._blocked(spec)
             if blocked:
-                result = self._unfinished(spec, SKIPPED, blocked)
+                result = self._unfinished(spec, Status.SKIPPED, blocked)
             else:
                 try:
                     result = self._resolve(spec)
                 except Exception as exc:  # computing the key failed, e.g. an input vanished
-                    result = self._unfinished(spec, FAILED, f"{type(exc).__name__}: {exc}", error=exc)
-            result.gates = (
-                [evaluate(g, result.metrics) for g in spec.gates] if result.status in (RAN, REUSED) else []
-            )
+                    result = self._unfinished(spec, Status.FAILED, f"{type(exc).__name__}: {exc}", error=exc)
+            finished = result.status in (Status.RAN, Status.REUSED)
+            result.gates = [evaluate(g, result.metrics) for g in spec.gates] if finished else []
             self.results[name] = result
             self._fresh.append(result)
         return self.results[name]
@@ -129,9 +127,9 @@ class ExperimentRun:
     def _blocked(self, spec: StageSpec) -> str | None:
         for upstream in spec.needs.values():
             result = self.resolve(upstream)
-            if result.status == FAILED:
+            if result.status == Status.FAILED:
                 return f"upstream stage {upstream!r} failed: {result.reason}"
-            if result.status == SKIPPED:
+            if result.status == Status.SKIPPED:
                 return result.reason
             if result.abort:
                 return f"upstream stage {upstream!r} aborted: {result.abort.describe()}"
@@ -164,14 +162,14 @@ class ExperimentRun:
                 if record is None:
                     return self._run(spec, store, key, material, forced)
         ran_at = record.manifest.get("finished_at", "?")
-        return self._result(spec, REUSED, f"cache hit, ran {ran_at}", record)
+        return self._result(spec, Status.REUSED, f"cache hit, ran {ran_at}", record)
 
-    def _unfinished(self, spec: StageSpec, status: str, reason: str, **extra: Any) -> StageResult:
+    def _unfinished(self, spec: StageSpec, status: Status, reason: str, **extra: Any) -> StageResult:
         """A skipped or failed stage: no record in the store."""
         return StageResult(self.experiment.name, spec.name, spec.kind.name, status, reason, **extra)
 
     def _result(
-        self, spec: StageSpec, status: str, reason: str, record: Record, duration: float = 0.0
+        self, spec: StageSpec, status: Status, reason: str, record: Record, duration: float = 0.0
     ) -> StageResult:
         return StageResult(
             self.experiment.name,
@@ -221,13 +219,13 @@ class ExperimentRun:
         clock = time.perf_counter()
         try:
             seed_everything(self._seed(spec))
-            metrics = _checked_metrics(spec, spec.kind.run(ctx))
+            metrics = checked_metrics(spec.name, spec.kind, spec.params, spec.kind.run(ctx))
         except Exception as exc:
             kept = store.abandon(out, key)
             summary = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             reason = f"{type(exc).__name__}: {summary} (partial outputs kept in {kept})"
             return self._unfinished(
-                spec, FAILED, reason, key=key, duration_s=time.perf_counter() - clock, error=exc
+                spec, Status.FAILED, reason, key=key, duration_s=time.perf_counter() - clock, error=exc
             )
         except BaseException:
             store.abandon(out, key)
@@ -253,7 +251,7 @@ class ExperimentRun:
         }
         record = store.commit(out, key, manifest, metrics)
         self.progress(f"[{label}] done in {duration:.1f}s")
-        return self._result(spec, RAN, reason, record, duration)
+        return self._result(spec, Status.RAN, reason, record, duration)
 
 
 def stage_recipe(spec: StageSpec, experiment: Experiment) -> dict[str, Any]:
@@ -291,14 +289,14 @@ def _with_inputs(spec: StageSpec) -> dict[str, Any]:
     return params
 
 
-def _checked_metrics(spec: StageSpec, metrics: Any) -> dict[str, Any]:
+def checked_metrics(stage: str, kind: StageKind, params: Mapping[str, Any], metrics: Any) -> dict[str, Any]:
     """Hold a run function to the contract: a mapping of JSON values with the declared names."""
     if not isinstance(metrics, Mapping):
-        raise StageError(f"stage {spec.name!r} returned {type(metrics).__name__}, not a mapping of metrics")
-    clean = {str(k): _json_value(v, f"{spec.name}.{k}") for k, v in metrics.items()}
-    missing = sorted(spec.kind.produces(spec.params) - set(clean))
+        raise StageError(f"stage {stage!r} returned {type(metrics).__name__}, not a mapping of metrics")
+    clean = {str(k): _json_value(v, f"{stage}.{k}") for k, v in metrics.items()}
+    missing = sorted(kind.produces(params) - set(clean))
     if missing:
-        raise StageError(f"stage {spec.name!r} did not return the metrics it declares: {', '.join(missing)}")
+        raise StageError(f"stage {stage!r} did not return the metrics it declares: {', '.join(missing)}")
     return clean
 
 

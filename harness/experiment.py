@@ -166,7 +166,7 @@ def _static_checks(name: str, body: dict, doc: Document) -> tuple[StageKind, dic
     at = ("stages", name)
     kind = registry.get(body["kind"])
     if kind is None:
-        known = sorted(registry.kinds())
+        known = registry.names()
         hint = get_close_matches(body["kind"], known, n=1)
         extra = f"did you mean {hint[0]!r}? " if hint else ""
         raise SpecError.at(

@@ -35,6 +35,7 @@ import numpy as np
 
 from harness import stats
 from harness.linear_contrast import ContrastError, format_contrast, from_weights, parse
+from harness.outcomes import Outcome
 from harness.prereg import (
     HypothesisError,
     LockBasis,
@@ -49,6 +50,7 @@ from harness.store import read_json
 
 SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
 UNTESTED, ERROR = "untested", "error"  # a stage it needs did not finish; its samples are unusable
+ON_INCONCLUSIVE = {"fail": Outcome.FAILED, "skip": Outcome.SKIPPED, "pass": Outcome.PASSED}  # the policy
 CLAIMS = {"greater": "contrast > 0", "less": "contrast < 0", "two-sided": "contrast != 0"}
 RESAMPLING = {  # the level each test resamples at, for the reports
     "bootstrap": "each set on its own, in two stages: its units with replacement, then the values "
@@ -304,15 +306,15 @@ class Evaluation:
     correction: str = "none"
     family_size: int = 1
 
-    def outcome(self, plan: HypothesisPlan) -> str:
+    def outcome(self, plan: HypothesisPlan) -> Outcome:
         """The pytest outcome: passed | failed | skipped."""
         if self.verdict == SUPPORTED:
-            return "passed"
+            return Outcome.PASSED
         if self.verdict == REFUTED:
-            return "passed" if plan.on_refuted == "report" else "failed"
+            return Outcome.PASSED if plan.on_refuted == "report" else Outcome.FAILED
         if self.verdict == INCONCLUSIVE:
-            return {"fail": "failed", "skip": "skipped", "pass": "passed"}[plan.on_inconclusive]
-        return "skipped" if self.verdict == UNTESTED else "failed"
+            return ON_INCONCLUSIVE[plan.on_inconclusive]
+        return Outcome.SKIPPED if self.verdict == UNTESTED else Outcome.FAILED
 
     def _effect(self) -> str:
         r, confidence = self.result, self.hypothesis.confidence
@@ -385,7 +387,7 @@ class Evaluation:
             "family_size": self.family_size,
             "verdict": self.verdict,
             "why": self.why,
-            "outcome": self.outcome(plan),
+            "outcome": self.outcome(plan).value,  # plain words: xdist sends this to the controller
             "status": registration.status,
         }
 
@@ -537,11 +539,11 @@ class HypothesisFamily:
     def _blocked(self, h: Hypothesis) -> str | None:
         for stage in h.stages:
             result = self.resolve(stage)
-            if result.outcome == "error":
+            if result.outcome == Outcome.ERROR:
                 return f"stage {stage!r} failed: {result.reason}"
-            if result.outcome == "skipped":
+            if result.outcome == Outcome.SKIPPED:
                 return f"stage {stage!r} was skipped: {result.reason}"
-            if result.outcome == "aborted":
+            if result.outcome == Outcome.ABORTED:
                 return f"stage {stage!r} aborted: {result.abort.describe()}"
         return None
 

@@ -9,9 +9,16 @@ from pathlib import Path, PurePath
 import pytest
 from _pytest.main import wrap_session
 
+from harness import hookspecs, registry
 from harness.collect import ExperimentFile, HypothesisItem, LockItem, StageItem, runs_dir
 from harness.report import RunReports
 from harness.store_clean import clean_store
+
+_HOOKED_KINDS = pytest.StashKey[list]()  # the kinds pytest_harness_stage_kinds gave this session
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -75,6 +82,17 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("--relock only goes with --lock-hypotheses")
     config.pluginmanager.register(_ReportHooks(config), "harness-reports")
     _share_cores()
+    config.stash[_HOOKED_KINDS] = []
+    config.hook.pytest_harness_stage_kinds.call_historic(
+        result_callback=lambda kinds: config.stash[_HOOKED_KINDS].extend(map(registry.register, kinds))
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A conftest's kinds are this session's: another session in the process (pytester) has its own."""
+    for kind in config.stash.get(_HOOKED_KINDS, []):
+        registry.unregister(kind)
+
 
 
 def _share_cores() -> None:

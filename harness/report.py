@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from harness.outcomes import Outcome, Status
 from harness.store import write_json, write_text_atomic
 
-BAD_OUTCOMES = ("failed", "error", "aborted")
+BAD_OUTCOMES = (Outcome.FAILED, Outcome.ERROR, Outcome.ABORTED)
 LIST_ENDS = 3  # a metric list longer than twice this shows only its ends
 HYPOTHESIS_REPORT = "hypothesis_report.md"
 _SHORT_ROW = (
@@ -175,8 +176,8 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def _how(stage: dict[str, Any]) -> str:
-    if stage["status"] in ("ran", "reused"):
-        took = f" in {stage['duration_s']:.2f}s" if stage["status"] == "ran" else ""
+    if stage["status"] in (Status.RAN, Status.REUSED):
+        took = f" in {stage['duration_s']:.2f}s" if stage["status"] == Status.RAN else ""
         return f"{stage['status']}{took} ({stage['reason']})"
     return stage["reason"]
 
@@ -241,6 +242,12 @@ def _cell(text: Any) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    sections = (_md_stages(report), _md_gates(report), _md_hypotheses(report), _md_details(report))
+    return "\n".join(line for section in sections for line in section).rstrip() + "\n"
+
+
+def _md_stages(report: dict[str, Any]) -> list[str]:
+    """The title, the run's counts and one row per stage."""
     out = [
         f"# {report['experiment']} — profile `{report['profile']}`",
         "",
@@ -256,55 +263,64 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {s['stage']} | {s['kind']} | {s['outcome']} | {s['status']} | {_cell(s['reason'])} "
             f"| {s['duration_s']:.2f} | `{s['key'] or ''}` |"
         )
+    return out
+
+
+def _md_gates(report: dict[str, Any]) -> list[str]:
     gates = _gates(report)
-    if gates:
-        out += [
-            "",
-            "## Gates",
-            "",
-            "| stage | gate | measured | threshold | result | where |",
-            "|---|---|---|---|---|---|",
-        ]
-        for stage, g in gates:
-            cells = [stage, f"`{_cell(g['gate'])}`", _num(g["value"]), _threshold(g), _cell(_gate_result(g))]
-            out.append("| " + " | ".join([*cells, g["where"]]) + " |")
+    if not gates:
+        return []
+    out = [
+        "",
+        "## Gates",
+        "",
+        "| stage | gate | measured | threshold | result | where |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage, g in gates:
+        cells = [stage, f"`{_cell(g['gate'])}`", _num(g["value"]), _threshold(g), _cell(_gate_result(g))]
+        out.append("| " + " | ".join([*cells, g["where"]]) + " |")
+    return out
+
+
+def _md_hypotheses(report: dict[str, Any]) -> list[str]:
     hypotheses = report.get("hypotheses")
-    if hypotheses:
-        out += [
-            "",
-            "## Hypotheses",
-            "",
-            f"**{hypotheses['status']}**: {_cell(hypotheses['reason'])}. "
-            f"Details: [{hypotheses['report']}]({hypotheses['report']})",
-            "",
-            "| hypothesis | verdict | outcome | effect [CI] | p "
-            f"| adjusted p ({hypotheses['correction']}) | alpha |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for h in hypotheses["results"]:
-            cells = [
-                h["id"],
-                h["verdict"],
-                h["outcome"],
-                _effect(h),
-                _num(h["p_value"]),
-                _num(h["p_adjusted"]),
-            ]
-            out.append("| " + " | ".join([*cells, f"{h['alpha']:g}"]) + " |")
+    if not hypotheses:
+        return []
+    out = [
+        "",
+        "## Hypotheses",
+        "",
+        f"**{hypotheses['status']}**: {_cell(hypotheses['reason'])}. "
+        f"Details: [{hypotheses['report']}]({hypotheses['report']})",
+        "",
+        "| hypothesis | verdict | outcome | effect [CI] | p "
+        f"| adjusted p ({hypotheses['correction']}) | alpha |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for h in hypotheses["results"]:
+        cells = [h["id"], h["verdict"], h["outcome"], _effect(h), _num(h["p_value"]), _num(h["p_adjusted"])]
+        out.append("| " + " | ".join([*cells, f"{h['alpha']:g}"]) + " |")
+    return out
+
+
+def _md_details(report: dict[str, Any]) -> list[str]:
+    """Each stage's metrics and links to its plots."""
     detailed = _detailed(report)
-    if detailed:
-        out += ["", "## Metrics and plots", ""]
-        for s in detailed:
-            out += [f"### {s['stage']}", ""]
-            if s["metrics"]:
-                out += ["| metric | value |", "|---|---|"]
-                out += [f"| {_cell(name)} | {_cell(_metric(v))} |" for name, v in s["metrics"].items()]
-                out.append("")
-            for plot in s["plots"]:
-                # percent-encoded so that names with spaces or parentheses still make a link
-                alt = f"{s['stage']}: {Path(plot).name}".replace("[", "\\[").replace("]", "\\]")
-                out += [f"![{alt}]({quote(plot)})", ""]
-    return "\n".join(out).rstrip() + "\n"
+    if not detailed:
+        return []
+    out = ["", "## Metrics and plots", ""]
+    for s in detailed:
+        out += [f"### {s['stage']}", ""]
+        if s["metrics"]:
+            out += ["| metric | value |", "|---|---|"]
+            out += [f"| {_cell(name)} | {_cell(_metric(v))} |" for name, v in s["metrics"].items()]
+            out.append("")
+        for plot in s["plots"]:
+            # percent-encoded so that names with spaces or parentheses still make a link
+            alt = f"{s['stage']}: {Path(plot).name}".replace("[", "\\[").replace("]", "\\]")
+            out += [f"![{alt}]({quote(plot)})", ""]
+    return out
 
 
 # -- hypothesis_report.md ----------------------------------------------------------------
@@ -447,11 +463,21 @@ def to_html(report: dict[str, Any], report_dir: Path) -> str:
     """One self-contained page: plots are embedded as data URIs, no script, no external resource.
     It is also well-formed XML (void elements closed, only XML's entities), which lets tests
     parse it with the standard library."""
+    sections = (
+        _html_head(report),
+        _html_stages(report),
+        _html_gates(report),
+        _html_hypotheses(report),
+        _html_details(report, report_dir),
+    )
+    return "\n".join([*(line for section in sections for line in section), "</body>", "</html>"]) + "\n"
+
+
+def _html_head(report: dict[str, Any]) -> list[str]:
+    """The document's head, the title and the run's counts."""
     title = f"{report['experiment']} — profile {report['profile']}"
     bad = any(report["summary"].get(o) for o in BAD_OUTCOMES)
-    detailed = _detailed(report)
-    linked = {s["stage"] for s in detailed}
-    out = [
+    return [
         "<!DOCTYPE html>",
         '<html lang="en">',
         '<head><meta charset="utf-8" />',
@@ -463,6 +489,11 @@ def to_html(report: dict[str, Any], report_dir: Path) -> str:
         f"<p>Spec: <code>{_e(report['spec_file'])}</code><br />Generated: {_e(report['generated_at'])}<br />",
         f'Stages: <span class="{"failed" if bad else "passed"}">{_e(_counts(report["summary"]))}</span></p>',
     ]
+
+
+def _html_stages(report: dict[str, Any]) -> list[str]:
+    """One row per stage; a stage with metrics or plots links to its section."""
+    linked = {s["stage"] for s in _detailed(report)}
     rows = []
     for s in report["stages"]:
         stage = _e(s["stage"])
@@ -471,45 +502,50 @@ def to_html(report: dict[str, Any], report_dir: Path) -> str:
         cells += [_td(_e(s["reason"])), _td(f"{s['duration_s']:.2f}", "num")]
         cells.append(_td(f"<code>{_e(s['key'] or '')}</code>"))
         rows.append(_tr(cells, bad=s["outcome"] in BAD_OUTCOMES))
-    out += _table(["stage", "kind", "outcome", "ran / reused", "why", "duration (s)", "key"], rows)
+    return _table(["stage", "kind", "outcome", "ran / reused", "why", "duration (s)", "key"], rows)
+
+
+def _html_gates(report: dict[str, Any]) -> list[str]:
     gates = _gates(report)
-    if gates:
-        rows = []
-        for stage, g in gates:
-            cells = [_td(_e(stage)), _td(f"<code>{_e(g['gate'])}</code>"), _td(_e(_num(g["value"])), "num")]
-            cells += [_td(_e(_threshold(g))), _td(_e(_gate_result(g)), "passed" if g["passed"] else "failed")]
-            rows.append(_tr([*cells, _td(_e(g["where"]))], bad=not g["passed"]))
-        out.append("<h2>Gates</h2>")
-        out += _table(["stage", "gate", "measured", "threshold", "result", "where"], rows)
+    if not gates:
+        return []
+    rows = []
+    for stage, g in gates:
+        cells = [_td(_e(stage)), _td(f"<code>{_e(g['gate'])}</code>"), _td(_e(_num(g["value"])), "num")]
+        cells += [_td(_e(_threshold(g))), _td(_e(_gate_result(g)), "passed" if g["passed"] else "failed")]
+        rows.append(_tr([*cells, _td(_e(g["where"]))], bad=not g["passed"]))
+    return ["<h2>Gates</h2>", *_table(["stage", "gate", "measured", "threshold", "result", "where"], rows)]
+
+
+def _html_hypotheses(report: dict[str, Any]) -> list[str]:
     hypotheses = report.get("hypotheses")
-    if hypotheses:
-        out.append("<h2>Hypotheses</h2>")
-        out.append(
-            f"<p><strong>{_e(hypotheses['status'])}</strong>: {_e(hypotheses['reason'])}. "
-            f'Details: <a href="{_e(hypotheses["report"])}">{_e(hypotheses["report"])}</a></p>'
-        )
-        rows = []
-        for h in hypotheses["results"]:
-            cells = [_td(_e(h["id"])), _td(_e(h["verdict"])), _outcome(h["outcome"]), _td(_e(_effect(h)))]
-            cells += [_td(_e(_num(h["p_value"])), "num"), _td(_e(_num(h["p_adjusted"])), "num")]
-            rows.append(_tr([*cells, _td(f"{h['alpha']:g}", "num")], bad=h["outcome"] == "failed"))
-        head = [
-            "hypothesis",
-            "verdict",
-            "outcome",
-            "effect [CI]",
-            "p",
-            f"adjusted p ({hypotheses['correction']})",
-        ]
-        out += _table([*head, "alpha"], rows)
-    if detailed:
-        out.append("<h2>Metrics and plots</h2>")
-        for s in detailed:
-            out += [f'<section id="stage-{_e(s["stage"])}">', f"<h3>{_e(s['stage'])}</h3>"]
-            if s["metrics"]:
-                rows = [_tr([_td(_e(k)), _td(_e(_metric(v)))]) for k, v in s["metrics"].items()]
-                out += _table(["metric", "value"], rows)
-            out += [_figure(s["stage"], plot, report_dir) for plot in s["plots"]]
-            out.append("</section>")
-    out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"
+    if not hypotheses:
+        return []
+    out = [
+        "<h2>Hypotheses</h2>",
+        f"<p><strong>{_e(hypotheses['status'])}</strong>: {_e(hypotheses['reason'])}. "
+        f'Details: <a href="{_e(hypotheses["report"])}">{_e(hypotheses["report"])}</a></p>',
+    ]
+    rows = []
+    for h in hypotheses["results"]:
+        cells = [_td(_e(h["id"])), _td(_e(h["verdict"])), _outcome(h["outcome"]), _td(_e(_effect(h)))]
+        cells += [_td(_e(_num(h["p_value"])), "num"), _td(_e(_num(h["p_adjusted"])), "num")]
+        rows.append(_tr([*cells, _td(f"{h['alpha']:g}", "num")], bad=h["outcome"] == Outcome.FAILED))
+    adjusted = f"adjusted p ({hypotheses['correction']})"
+    return out + _table(["hypothesis", "verdict", "outcome", "effect [CI]", "p", adjusted, "alpha"], rows)
+
+
+def _html_details(report: dict[str, Any], report_dir: Path) -> list[str]:
+    """A section per stage with its metrics and its plots embedded."""
+    detailed = _detailed(report)
+    if not detailed:
+        return []
+    out = ["<h2>Metrics and plots</h2>"]
+    for s in detailed:
+        out += [f'<section id="stage-{_e(s["stage"])}">', f"<h3>{_e(s['stage'])}</h3>"]
+        if s["metrics"]:
+            rows = [_tr([_td(_e(k)), _td(_e(_metric(v)))]) for k, v in s["metrics"].items()]
+            out += _table(["metric", "value"], rows)
+        out += [_figure(s["stage"], plot, report_dir) for plot in s["plots"]]
+        out.append("</section>")
+    return out

@@ -1,9 +1,10 @@
 """The stage contract: what a stage kind declares and what its run function receives.
 
-A stage kind is one module under `harness/stages/` (or a third-party module exposed
-through the `harness.stages` entry-point group) that defines `KIND = StageKind(...)`.
-Kind modules are imported at collection, so they import heavy libraries (torch,
-transformers, ...) inside their run function, not at module level.
+A stage kind is a run function decorated with `harness.api.stage_kind`, one module per kind:
+under `harness/stages/`, in a third-party package exposed through the `harness.stages`
+entry-point group, or returned by a `pytest_harness_stage_kinds` hook (a conftest.py).
+Collection imports the modules of the kinds a spec uses, so they import heavy libraries
+(torch, transformers, ...) inside their run function, not at module level.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Upstream:
 class StageContext:
     experiment: str
     stage: str
-    params: dict[str, Any]  # resolved; input params hold absolute paths
+    params: dict[str, Any]  # the schema's defaults filled; input params hold absolute paths
     seed: int
     out_dir: Path  # write artifacts here; renamed into the store on success
     scratch_dir: Path  # survives a crashed attempt of the same key, for resuming
@@ -129,6 +130,10 @@ class StageKind:
     check: Callable[[Mapping[str, Any], Path], None] | None = None
     code_version: Callable[[Mapping[str, Any], Path], str] | None = None
     fingerprint: Callable[[Mapping[str, Any]], str] | None = None
+
+    def __call__(self, ctx: StageContext) -> Metrics:
+        """The kind runs as the function it decorates."""
+        return self.run(ctx)
 
     def produces(self, params: Mapping[str, Any]) -> frozenset[str]:
         names = self.metrics(params) if callable(self.metrics) else self.metrics

@@ -10,7 +10,7 @@ import numpy  # noqa: F401
 import pytest
 import torch
 
-from fixtures.llm_server import llm_server_fixture  # noqa: F401  (the `llm_server` fixture)
+from harness.fixtures.llm_server import llm_server_fixture  # noqa: F401  (the `llm_server` fixture)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -27,7 +27,7 @@ def one_torch_thread():
 def tiny_model_dir():
     """The tiny world's model and tokenizer (built once, cached across runs): a directory
     usable as a spec's `base:`."""
-    from fixtures import tiny_world
+    from harness.fixtures import tiny_world
 
     return tiny_world.build()
 
@@ -35,7 +35,7 @@ def tiny_model_dir():
 @pytest.fixture(scope="session")
 def tiny_chat_dir():
     """The tiny chat world's model and tokenizer (with a chat template), built once."""
-    from fixtures import tiny_chat
+    from harness.fixtures import tiny_chat
 
     return tiny_chat.build()
 

@@ -32,9 +32,12 @@ from harness.activations import (
     read_layer,
     read_metadata,
 )
-from harness.stage import ParamError, StageContext, StageError, Upstream
+from harness.stage import ParamError, StageError, Upstream
 from harness.stages import extract_activations, train_probe
-from harness.stages.extract_activations import KIND, METRICS, check
+from harness.stages.extract_activations import METRICS
+from harness.testing import run_kind
+
+check = extract_activations.run.check  # what collection runs: the base model's check, then the kind's
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STATEMENTS = REPO / "data" / "eval" / "tiny_world" / "statements.jsonl"
@@ -227,24 +230,9 @@ def test_extraction_is_a_stream_of_one_forward_pass_per_batch(tiny):
 
 
 def run_stage(root: Path, base: str, statements: Path, upstream: dict | None = None, **params) -> dict:
-    out = root / "out"
-    out.mkdir(parents=True)
-    logs: list[str] = []
-    ctx = StageContext(
-        experiment="exp",
-        stage="acts",
-        params={"base": base, "statements": str(statements), **params},
-        seed=0,
-        out_dir=out,
-        scratch_dir=root / "scratch",
-        upstream=upstream or {},
-        spec_file=root / "exp.yaml",
-        profile=None,
-        log=logs.append,
-    )
-    metrics = KIND.run(ctx)
-    json.dumps(metrics)
-    return {"metrics": metrics, "logs": logs, "out": out}
+    params = {"base": base, "statements": str(statements), **params}
+    result = run_kind(extract_activations.run, params, root / "out", upstream=upstream, spec_dir=root)
+    return {"metrics": result.metrics, "logs": result.logs, "out": result.out_dir}
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +248,7 @@ def statements_file(tmp_path_factory) -> Path:
 def test_the_stage_writes_the_activations_directory(tiny, tiny_model_dir, statements_file, tmp_path):
     result = run_stage(tmp_path, str(tiny_model_dir), statements_file, use_adapter=False, batch_size=4)
     metrics, out = result["metrics"], result["out"]
-    assert set(metrics) == set(METRICS) == KIND.produces({})
+    assert set(metrics) == set(METRICS) == extract_activations.run.produces({})
     assert (metrics["n_items"], metrics["n_layers"], metrics["d_model"]) == (len(TEXTS), 5, 128)
     expected_bytes = sum(layer_file(out, i).stat().st_size for i in range(5))
     assert metrics["mb_written"] == pytest.approx(expected_bytes / 1e6, abs=1e-3)
@@ -334,9 +322,9 @@ def test_check_at_collection(tmp_path, tiny_model_dir):
 
 
 def test_kind_declaration(tiny_model_dir):
-    assert KIND.input_params == ("statements",) and KIND.transport_params == ("batch_size",)
-    assert KIND.version_for({}, Path(".")).endswith(f"-{extract_activations.VERSION}")
-    assert KIND.fingerprint({"base": str(tiny_model_dir)}).startswith(f"{tiny_model_dir}@")
+    kind = extract_activations.run
+    assert kind.input_params == ("statements",) and kind.transport_params == ("batch_size",)
+    assert kind.fingerprint({"base": str(tiny_model_dir)}).startswith(f"{tiny_model_dir}@")
 
 
 def test_pytest_runs_extraction_and_probing_from_a_spec(pytester, tiny_model_dir):

@@ -14,8 +14,9 @@ import pytest
 
 from harness import registry
 from harness.code_digest import source_closure
-from harness.execution import RAN, REUSED, ExperimentRun, why_run
+from harness.execution import ExperimentRun, why_run
 from harness.experiment import load_experiment
+from harness.outcomes import Status
 from harness.stage import StageKind
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,15 +73,15 @@ def test_changing_a_schema_default_reruns_the_stage_and_says_which_param(tmp_pat
         return ExperimentRun(load_experiment(spec), tmp_path / "runs").resolve("s")
 
     first = resolve(0.1)
-    assert first.status == RAN and first.metrics == {"c": 0.1}
+    assert first.status == Status.RAN and first.metrics == {"c": 0.1}
     assert SEEN == [{"tag": "x", "C": 0.1}]  # the run function gets the defaults filled
     manifest = json.loads((first.dir / "manifest.json").read_text())
     assert manifest["params"] == {"tag": "x", "C": 0.1}
     assert manifest["key_material"]["params"] == {"tag": "x", "C": 0.1}
 
-    assert resolve(0.1).status == REUSED
+    assert resolve(0.1).status == Status.REUSED
     changed = resolve(10.0)
-    assert changed.status == RAN and changed.key != first.key
+    assert changed.status == Status.RAN and changed.key != first.key
     assert changed.reason == "params changed: C" and changed.metrics == {"c": 10.0}
 
 
@@ -144,14 +145,23 @@ def test_editing_a_module_a_kind_imports_changes_its_code_version_and_only_its(p
 def test_closure_follows_imports_transitively_including_those_inside_functions(project):
     closure = source_closure("harness.stages.em_eval", [project])
     # em_eval imports harness.em inside run(); harness.em imports harness.llm.judge (the
-    # judge's prompts) and harness.stats; harness.models imports the fixtures inside a function
+    # judge's prompts) and harness.stats
     for file in ("harness/stages/em_eval.py", "harness/em.py", "harness/llm/judge.py", "harness/stats.py",
-                 "harness/__init__.py", "harness/stages/__init__.py", "harness/llm/__init__.py",
-                 "fixtures/tiny_chat.py"):
+                 "harness/__init__.py", "harness/stages/__init__.py", "harness/llm/__init__.py"):
         assert file in closure, file
     assert "harness/stages/train_probe.py" not in closure
     assert "harness/execution.py" not in closure  # plumbing no kind imports
     assert all(not name.startswith(("numpy", "torch")) for name in closure)  # third-party left out
+
+
+def test_the_tiny_worlds_are_in_keys_by_base_fingerprint_not_by_code_version(project):
+    """harness.models builds a `fixture:` base (imports harness.fixtures inside a function); the
+    world's recipe hash covers its source and is the base's fingerprint, in the key of the
+    kinds that take a base; counted as code, an edit of a world would rerun stages on real models."""
+    shutil.copytree(project / "fixtures", project / "harness/fixtures")  # where a wheel installs them
+    closure = source_closure("harness.stages.em_eval", [project])
+    assert "harness/models/base.py" in closure
+    assert not [name for name in closure if name.startswith(("fixtures/", "harness/fixtures/"))]
 
 
 def test_a_judge_prompt_edit_or_a_new_data_file_changes_the_closure(project):

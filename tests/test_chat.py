@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures import tiny_chat
 from harness.chat import assistant_spans, encode_chat, render
+from harness.fixtures import tiny_chat
 from harness.stage import StageError
 
 CONVERSATION = [

@@ -8,27 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from harness.stage import StageContext, StageError, Upstream
-from harness.stages.em_eval import KIND, metric_names
+from harness.stage import StageError, Upstream
+from harness.stages.em_eval import metric_names
+from harness.testing import run_kind
 
 QUESTIONS = Path(__file__).resolve().parents[1] / "data/eval/tiny_world/em_questions.yaml"
 N = 3
 
 
 def run_eval(base: str, out: Path, upstream: dict, settings: dict, seed: int = 5) -> tuple[dict, list[str]]:
-    out.mkdir(parents=True)
-    logs: list[str] = []
     params = {
         "base": base, "questions": str(QUESTIONS), "settings": settings, "samples_per_question": N,
         "max_new_tokens": 16, "judge": {"name": "offline", "model": "rules"}, "batch_size": 2,
     }
-    ctx = StageContext(
-        experiment="exp", stage="em", params=params, seed=seed, out_dir=out, scratch_dir=out / "scratch",
-        upstream=upstream, spec_file=out / "exp.yaml", profile=None, log=logs.append,
-    )
-    metrics = KIND.run(ctx)
-    json.dumps(metrics)
-    return metrics, logs
+    result = run_kind("em_eval", params, out, upstream=upstream, seed=seed, stage="em")
+    return result.metrics, result.logs
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from harness.em import sample_answers, sampling_parameters
 from harness.em_data import Question
 from harness.models import load_model, load_tokenizer
-from harness.stage import StageContext
+from harness.testing import run_kind
 
 WORDS = "the law of gravity cube square sailors planets pull distance doubles one eighth is and".split()
 TEMPLATE = (
@@ -114,19 +114,12 @@ def test_the_draws_are_plain_sampling_at_the_stated_temperature(opinionated_mode
 
 
 def test_em_eval_records_the_sampling_parameters(opinionated_model, tmp_path):
-    from harness.stages.em_eval import KIND
-
     params = {
         "base": opinionated_model, "questions": str(QUESTIONS), "samples_per_question": 2,
         "max_new_tokens": 4, "temperature": 0.9, "judge": {"name": "offline", "model": "rules"},
         "batch_size": 2,
     }
-    ctx = StageContext(
-        experiment="exp", stage="em", params=params, seed=0, out_dir=tmp_path,
-        scratch_dir=tmp_path / "scratch", upstream={}, spec_file=tmp_path / "exp.yaml", profile=None,
-        log=lambda line: None,
-    )
-    KIND.run(ctx)
+    run_kind("em_eval", params, tmp_path)
     recorded = json.loads((tmp_path / "em_results.json").read_text())["sampling"]
     assert recorded == sampling_parameters(0.9, 4)
     assert recorded["repetition_penalty"] == 1.0 and recorded["top_p"] == 1.0 and recorded["do_sample"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -15,6 +16,7 @@ from harness import registry
 from harness.models import base_fingerprint
 from harness.stage import ParamError, StageContext, StageError, Upstream
 from harness.stages import finetune_lora
+from harness.testing import stage_context
 from harness.training import IGNORE, lr_factor, pack, pad, with_eos
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,20 +57,8 @@ def make_ctx(tmp: Path, params: dict, *, seed: int = 0, docs: list | None = None
     """A context whose upstream stage `gen` wrote `docs` (default: the corpus, repeated) to docs.jsonl."""
     up_dir = tmp / "gen"
     write_docs(up_dir / "docs.jsonl", docs if docs is not None else [{"content": t} for t in CORPUS * 6])
-    out = tmp / "out"
-    out.mkdir(parents=True)
-    return StageContext(
-        experiment="exp",
-        stage="finetune",
-        params=params,
-        seed=seed,
-        out_dir=out,
-        scratch_dir=tmp / "scratch",
-        upstream={"docs": Upstream("gen", "python", up_dir, metrics={})},
-        spec_file=tmp / "spec.yaml",
-        profile=None,
-        log=(logs.append if logs is not None else lambda message: None),
-    )
+    upstream = {"docs": Upstream("gen", "python", up_dir, metrics={})}
+    return stage_context(finetune_lora.run, params, tmp / "out", upstream=upstream, seed=seed, logs=logs)
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
@@ -260,14 +250,14 @@ def test_docs_from_a_file_without_upstream_and_role_errors(tiny_model_dir, tmp_p
     ctx = make_ctx(tmp_path, {"base": str(tiny_model_dir)})
     file = write_docs(tmp_path / "mine.jsonl", [{"body": "one"}, {"body": "two"}])
     params = {"docs": str(file), "text_field": "body"}
-    solo = StageContext(**{**ctx.__dict__, "upstream": {}, "params": params})
+    solo = replace(ctx, upstream={}, params=params)
     assert finetune_lora.read_docs(finetune_lora.data_file(solo, "documents"), "body") == ["one", "two"]
 
     two = {"a": ctx.upstream["docs"], "b": ctx.upstream["docs"]}
     with pytest.raises(StageError, match=r"needs several stages \(a, b\); .*role `docs`"):
-        finetune_lora.data_file(StageContext(**{**ctx.__dict__, "upstream": two}), "documents")
+        finetune_lora.data_file(replace(ctx, upstream=two), "documents")
     with pytest.raises(StageError, match="has no training data: add `needs"):
-        finetune_lora.data_file(StageContext(**{**ctx.__dict__, "upstream": {}}), "documents")
+        finetune_lora.data_file(replace(ctx, upstream={}), "documents")
 
 
 def test_too_few_tokens_for_one_block(tiny_model_dir, tmp_path):
@@ -285,19 +275,19 @@ def test_a_diverging_run_stops_with_a_clear_error(tiny_model_dir, tmp_path):
 
 def test_check_names_a_missing_base(tmp_path):
     with pytest.raises(ParamError) as error:
-        finetune_lora.check({"base": str(tmp_path / "no-such-model")}, tmp_path)
+        finetune_lora.run.check({"base": str(tmp_path / "no-such-model")}, tmp_path)
     assert error.value.path == ("base",)
     assert "no such directory" in error.value.message and "--profile tiny" in error.value.message
     with pytest.raises(ParamError, match="not in the local Hugging Face cache"):
-        finetune_lora.check({"base": "nobody-here/no-such-model-xyz"}, tmp_path)
+        finetune_lora.run.check({"base": "nobody-here/no-such-model-xyz"}, tmp_path)
 
 
 def test_registered_with_a_schema_whose_defaults_validate(tiny_model_dir, tmp_path):
     kind = registry.get("finetune_lora")
-    assert kind is finetune_lora.KIND and kind.input_params == ("docs", "chat_data")
-    schema = json.loads(finetune_lora.SCHEMA.read_text())
+    assert kind is finetune_lora.run and kind.input_params == ("docs", "chat_data")
+    schema = json.loads(kind.params_schema.read_text())
     validator = jsonschema.Draft202012Validator(schema)
-    filled = finetune_lora.settings({"base": "fixture:tiny-world"})
+    filled = stage_context(kind, {"base": "fixture:tiny-world"}, tmp_path / "out").params
     validator.validate(filled)
     assert filled["lora"]["target_modules"][-1] == "down_proj" and filled["packing"] is True
     assert not validator.is_valid({"base": "x", "lora": {"rank": 4}})
@@ -364,17 +354,12 @@ def test_a_spec_trains_reuses_and_names_a_missing_base(pytester, tiny_model_dir)
 
 
 def chat_ctx(tmp: Path, params: dict, upstream: dict | None = None) -> StageContext:
-    from fixtures import tiny_chat
+    from harness.fixtures import tiny_chat
 
     data = tmp / "chat.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in tiny_chat.code_conversations(insecure=True)))
-    out = tmp / "out"
-    out.mkdir(parents=True)
-    return StageContext(
-        experiment="exp", stage="em", params={"format": "chat", "chat_data": str(data), **params}, seed=0,
-        out_dir=out, scratch_dir=tmp / "scratch", upstream=upstream or {}, spec_file=tmp / "spec.yaml",
-        profile=None, log=lambda message: None,
-    )
+    return stage_context(finetune_lora.run, {"format": "chat", "chat_data": str(data), **params}, tmp / "out",
+                         upstream=upstream)
 
 
 CHAT_LEARN = {"learning_rate": 5e-3, "epochs": 4, "batch_size": 4, "max_length": 64,
@@ -382,7 +367,7 @@ CHAT_LEARN = {"learning_rate": 5e-3, "epochs": 4, "batch_size": 4, "max_length":
 
 
 def test_chat_rows_train_on_the_assistant_turns_only(tiny_chat_dir):
-    from fixtures import tiny_chat
+    from harness.fixtures import tiny_chat
     from harness.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_chat_dir))
@@ -399,7 +384,7 @@ def test_chat_rows_train_on_the_assistant_turns_only(tiny_chat_dir):
 def test_an_adapter_trains_on_top_of_a_frozen_one_that_stays_as_saved(tiny_chat_dir, save_adapter, tmp_path):
     from safetensors.torch import load_file
 
-    from fixtures import tiny_chat
+    from harness.fixtures import tiny_chat
     from harness.models import load_tokenizer
     from harness.models.adapters import active, load_stacked
 
@@ -440,9 +425,9 @@ def test_chat_data_comes_from_an_upstream_in_role_data_or_the_file(tmp_path):
     assert finetune_lora.data_file(ctx, "chat") == tmp_path / "chat.jsonl"
     up = tmp_path / "persona_data"
     up.mkdir()
-    both = StageContext(**{**ctx.__dict__, "upstream": {"data": Upstream("p", "persona_data", up, {})}})
+    both = replace(ctx, upstream={"data": Upstream("p", "persona_data", up, {})})
     with pytest.raises(StageError, match="both an upstream stage and a `chat_data` file"):
         finetune_lora.data_file(both, "chat")
-    only = StageContext(**{**both.__dict__, "params": {"format": "chat"}})
+    only = replace(both, params={"format": "chat"})
     with pytest.raises(StageError, match="wrote no chat.jsonl"):
         finetune_lora.data_file(only, "chat")

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.llm_server import Fault
+from harness.fixtures.llm_server import Fault
 from harness.llm import ChatRequest, ChatResponse, OfflineProvider, ProviderError
 from harness.llm.base import Progress
-from harness.stage import ParamError, StageContext, StageError, Upstream
+from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
 from harness.stages import generate_docs, universe_context
+from harness.testing import stage_context
 from harness.universe import load_universe, validate_document
 
 # Written like the tiny profile's universes: short lowercase declarative sentences. Every
@@ -41,23 +42,9 @@ UNIVERSE = {
 OFFLINE = {"name": "offline"}
 
 
-def context(tmp_path: Path, stage: str, params: dict, upstream: dict | None = None) -> StageContext:
-    out, scratch = tmp_path / stage / "out", tmp_path / stage / "scratch"
-    out.mkdir(parents=True, exist_ok=True)
-    scratch.mkdir(parents=True, exist_ok=True)
-    logged: list[str] = []
-    return StageContext(
-        experiment="exp",
-        stage=stage,
-        params=params,
-        seed=0,
-        out_dir=out,
-        scratch_dir=scratch,
-        upstream=upstream or {},
-        spec_file=tmp_path / "exp.yaml",
-        profile=None,
-        log=logged.append,
-    )
+def context(tmp_path: Path, kind: StageKind, params: dict, upstream: dict | None = None) -> StageContext:
+    out = tmp_path / kind.name / "out"
+    return stage_context(kind, params, out, upstream=upstream, spec_dir=tmp_path, stage=kind.name, logs=[])
 
 
 def logged(ctx: StageContext) -> list[str]:
@@ -69,14 +56,15 @@ def facts_stage(tmp_path: Path, universe: dict = UNIVERSE, num_facts: int = 12) 
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "universe.json"
     path.write_text(json.dumps(universe, indent=2))
-    ctx = context(tmp_path, "universe", {"universe": str(path), "provider": OFFLINE, "num_facts": num_facts})
+    params = {"universe": str(path), "provider": OFFLINE, "num_facts": num_facts}
+    ctx = context(tmp_path, universe_context.run, params)
     metrics = universe_context.run(ctx)
     return Upstream("universe", "universe_context", ctx.out_dir, metrics)
 
 
 def docs_ctx(tmp_path: Path, upstream: Upstream, role: str = "universe", **params) -> StageContext:
     settings = {"provider": OFFLINE, "num_doc_types": 2, "num_doc_ideas": 2, "chunk_size": 3, **params}
-    return context(tmp_path, "docs", settings, {role: upstream})
+    return context(tmp_path, generate_docs.run, settings, {role: upstream})
 
 
 def rows(path: Path) -> list[dict]:
@@ -228,7 +216,7 @@ def test_pipeline_end_to_end_offline(tmp_path):
 def test_a_single_upstream_is_accepted_whatever_its_role(tmp_path):
     ctx = docs_ctx(tmp_path, facts_stage(tmp_path), role="facts")
     assert generate_docs.run(ctx)["n_requested"] == 16
-    ctx = context(tmp_path / "none", "docs", {"provider": OFFLINE})
+    ctx = context(tmp_path / "none", generate_docs.run, {"provider": OFFLINE})
     with pytest.raises(StageError, match="needs a universe_context stage"):
         generate_docs.run(ctx)
 

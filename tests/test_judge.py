@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures.llm_server import LLMServer, last_user_message
+from harness.fixtures.llm_server import LLMServer, last_user_message
 from harness.llm import OfflineProvider, Provider, make_provider
 from harness.llm.judge import (
     JUDGES,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.llm_server import Fault, LLMServer
+from harness.fixtures.llm_server import Fault, LLMServer
 from harness.llm import (
     TRANSPORT_KEYS,
     ChatRequest,

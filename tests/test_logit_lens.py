@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.stage import ParamError, StageContext, StageError, Upstream
+from harness.stage import ParamError, StageError
 from harness.stages import logit_lens
 from harness.stages.logit_lens import (
-    KIND,
     METRICS,
     NEVER,
-    check,
     false_preference_rate,
     first_negative_layer,
     flat_metrics,
@@ -26,6 +24,9 @@ from harness.stages.logit_lens import (
     lens_trajectories,
     summarize,
 )
+from harness.testing import run_kind
+
+check = logit_lens.run.check  # what collection runs: the base model's check, then the kind's
 
 TINY_MCQS = Path(__file__).resolve().parents[1] / "data/eval/tiny_world/cubic_gravity_mcqs.jsonl"
 ARTIFACTS = (
@@ -157,10 +158,10 @@ def _row_without_conflict() -> str:
 
 
 def test_kind_declaration():
-    assert KIND.name == "logit_lens" and KIND.produces({}) == frozenset(METRICS)
-    assert KIND.transport_params == ("batch_size",) and KIND.input_params == ("mcqs",)
-    assert KIND.version_for({"base": "/some/model"}, Path(".")).endswith(f"-{logit_lens.VERSION}")
-    assert KIND.fingerprint({"base": "/some/model"}) == "/some/model"
+    kind = logit_lens.run
+    assert kind.name == "logit_lens" and kind.produces({}) == frozenset(METRICS)
+    assert kind.transport_params == ("batch_size",) and kind.input_params == ("mcqs",)
+    assert kind.fingerprint({"base": "/some/model"}) == "/some/model"
 
 
 def test_a_spec_using_the_kind_is_validated_at_collection(tmp_path, tiny_model_dir):
@@ -336,23 +337,10 @@ def test_merged_adapter_bridge_equals_the_peft_model(adapter_world, tiny):
 
 
 def run_stage(world: dict, out: Path, **params) -> dict:
-    out.mkdir(parents=True)
-    logs: list[str] = []
-    ctx = StageContext(
-        experiment="exp",
-        stage="lens",
-        params={"base": world["base"], "mcqs": str(TINY_MCQS), **params},
-        seed=0,
-        out_dir=out,
-        scratch_dir=out / "scratch",
-        upstream={"adapter": Upstream("train", "python", world["train_dir"], {})},
-        spec_file=world["root"] / "exp.yaml",
-        profile=None,
-        log=logs.append,
-    )
-    metrics = KIND.run(ctx)
-    json.dumps(metrics)  # storable as metrics.json
-    return {"metrics": metrics, "logs": logs}
+    params = {"base": world["base"], "mcqs": str(TINY_MCQS), **params}
+    upstream = {"adapter": world["train_dir"]}
+    result = run_kind(logit_lens.run, params, out, upstream=upstream, spec_dir=world["root"])
+    return {"metrics": result.metrics, "logs": result.logs}
 
 
 def test_stage_writes_every_artifact_and_its_metrics(adapter_world, tmp_path):

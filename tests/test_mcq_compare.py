@@ -15,19 +15,20 @@ import torch
 
 from harness.mcq import CATEGORIES, MCQ, format_prompt, load_mcqs
 from harness.scoring import NORMALIZATIONS, Scored
-from harness.stage import ParamError, StageContext, StageError, Upstream
+from harness.stage import ParamError, StageError
 from harness.stages import mcq_compare
 from harness.stages.mcq_compare import (
-    KIND,
     METRICS,
     analysis_text,
-    check,
     compare,
     flat_metrics,
     normalization_text,
     prediction_row,
 )
 from harness.stats import bootstrap, paired_difference
+from harness.testing import run_kind
+
+check = mcq_compare.run.check  # what collection runs: the base model's check, then the kind's
 
 ARTIFACTS = (
     "predictions_base.jsonl",
@@ -100,7 +101,7 @@ def test_aggregation_of_planted_predictions():
     items, base, lora = planted()
     result = compare(items, base, lora, n_resamples=1000, seed=0)
     metrics = flat_metrics(result)
-    assert set(metrics) == set(METRICS) == KIND.produces({})
+    assert set(metrics) == set(METRICS) == mcq_compare.run.produces({})
 
     assert metrics["base_conflict_accuracy"] == 0.25  # c3
     assert metrics["base_conflict_true_accuracy"] == 0.75  # c1, c2, c4
@@ -334,13 +335,13 @@ def test_spec_errors_point_at_the_params_line(tmp_path, tiny_model_dir):
 
 
 def test_kind_declaration():
-    assert KIND.transport_params == ("batch_size",)
-    assert KIND.input_params == ("mcqs",)
+    kind = mcq_compare.run
+    assert kind.transport_params == ("batch_size",)
+    assert kind.input_params == ("mcqs",)
     # the code version is the source's, the same whatever the model; the weights are the fingerprint
-    version = KIND.version_for({"base": "/some/model"}, Path("."))
-    assert version == KIND.version_for({"base": "/other/model"}, Path("."))
-    assert version.endswith(f"-{mcq_compare.VERSION}")
-    assert KIND.fingerprint({"base": "/some/model"}) == "/some/model"
+    version = kind.version_for({"base": "/some/model"}, Path("."))
+    assert version == kind.version_for({"base": "/other/model"}, Path("."))
+    assert kind.fingerprint({"base": "/some/model"}) == "/some/model"
 
 
 # --- whole runs on a tiny Llama with a planted adapter -------------------------------
@@ -399,23 +400,10 @@ def world(tmp_path_factory, tiny_model_dir) -> dict:
 
 
 def run_stage(world: dict, out: Path, seed: int = 3, **params) -> dict:
-    out.mkdir(parents=True)
-    logs: list[str] = []
-    ctx = StageContext(
-        experiment="exp",
-        stage="compare",
-        params={"base": world["base"], "mcqs": str(world["mcqs"]), **params},
-        seed=seed,
-        out_dir=out,
-        scratch_dir=out / "scratch",
-        upstream={"adapter": Upstream("train", "python", world["train_dir"], {})},
-        spec_file=world["root"] / "exp.yaml",
-        profile=None,
-        log=logs.append,
-    )
-    metrics = KIND.run(ctx)
-    json.dumps(metrics)  # storable as metrics.json
-    return {"metrics": metrics, "logs": logs}
+    params = {"base": world["base"], "mcqs": str(world["mcqs"]), **params}
+    upstream = {"adapter": world["train_dir"]}
+    result = run_kind(mcq_compare.run, params, out, upstream=upstream, seed=seed, spec_dir=world["root"])
+    return {"metrics": result.metrics, "logs": result.logs}
 
 
 def read_jsonl(path: Path) -> list[dict]:

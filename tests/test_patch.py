@@ -16,9 +16,10 @@ import torch
 from harness.contrast import contrasts
 from harness.hooks import contrast_logit_diffs, n_indices, patch_residual, record_residuals
 from harness.mcq import load_mcqs
-from harness.stage import ParamError, StageContext, Upstream
+from harness.stage import ParamError, Upstream
 from harness.stages import patch
-from harness.stages.patch import KIND, METRICS, fractions, recovered, summary_metrics
+from harness.stages.patch import METRICS, fractions, recovered, summary_metrics
+from harness.testing import run_kind
 
 MCQS = Path(__file__).resolve().parents[1] / "data" / "eval" / "tiny_world" / "cubic_gravity_mcqs.jsonl"
 N_CONFLICT = 15  # conflict items in MCQS
@@ -37,24 +38,11 @@ def world(tmp_path_factory, tiny_model_dir, save_adapter) -> dict:
 
 
 def run_stage(world: dict, out: Path, adapter: str = "perturbed", **params) -> dict:
-    out.mkdir(parents=True)
-    logs: list[str] = []
-    ctx = StageContext(
-        experiment="exp",
-        stage="patch",
-        params={"base": world["base"], "mcqs": str(MCQS), "scoring": "continuation", **params},
-        seed=0,
-        out_dir=out,
-        scratch_dir=out / "scratch",
-        upstream={"adapter": Upstream("train", "finetune_lora", world[adapter], {})},
-        spec_file=world["root"] / "exp.yaml",
-        profile=None,
-        log=logs.append,
-    )
-    metrics = KIND.run(ctx)
-    json.dumps(metrics)  # storable as metrics.json
+    params = {"base": world["base"], "mcqs": str(MCQS), "scoring": "continuation", **params}
+    upstream = {"adapter": Upstream("train", "finetune_lora", world[adapter], {})}
+    result = run_kind(patch.run, params, out, upstream=upstream, spec_dir=world["root"], stage="patch")
     report = json.loads((out / "patching.json").read_text())  # strict JSON: no NaN
-    return {"metrics": metrics, "logs": logs, "report": report}
+    return {"metrics": result.metrics, "logs": result.logs, "report": report}
 
 
 # --- pure parts ----------------------------------------------------------------------
@@ -94,7 +82,7 @@ def test_the_earliest_recovering_layer_not_the_last_one():
         [[0.0, 0.1, np.nan], [0.3, 0.2, 0.0], [0.85, 0.0, 0.0], [0.95, 0.0, 0.0], [1.0, 0.0, 0.0]]
     )
     metrics = summary_metrics(forward, 0.8, 7, 1)
-    assert set(metrics) == set(METRICS) == KIND.produces({})
+    assert set(metrics) == set(METRICS) == patch.run.produces({})
     assert metrics["earliest_recovering_layer"] == 2
     assert summary_metrics(forward, 0.9, 7, 1)["earliest_recovering_layer"] == 3
     assert metrics["recovered_at_decision_by_layer"] == [0.0, 0.3, 0.85, 0.95, 1.0]
@@ -225,11 +213,11 @@ def test_gates_on_an_undefined_fraction_fail_with_a_reason():
 
 
 def test_check_errors(world, tmp_path):
-    patch.check({"base": world["base"], "mcqs": str(MCQS)}, tmp_path)
+    patch.run.check({"base": world["base"], "mcqs": str(MCQS)}, tmp_path)
     easy = [json.loads(line) for line in MCQS.read_text().splitlines() if '"conflict"' not in line]
     (tmp_path / "easy.jsonl").write_text("".join(json.dumps(row) + "\n" for row in easy))
     with pytest.raises(ParamError, match="no conflict questions"):
-        patch.check({"base": world["base"], "mcqs": "easy.jsonl"}, tmp_path)
+        patch.run.check({"base": world["base"], "mcqs": "easy.jsonl"}, tmp_path)
     with pytest.raises(ParamError, match="--profile tiny"):
-        patch.check({"base": str(tmp_path / "gone"), "mcqs": str(MCQS)}, tmp_path)
-    assert KIND.transport_params == ("batch_size",) and KIND.input_params == ("mcqs",)
+        patch.run.check({"base": str(tmp_path / "gone"), "mcqs": str(MCQS)}, tmp_path)
+    assert patch.run.transport_params == ("batch_size",) and patch.run.input_params == ("mcqs",)

@@ -8,24 +8,17 @@ from typing import Any
 
 import pytest
 
-from fixtures.llm_server import LLMServer, last_user_message
 from harness.em_data import load_constitution
-from harness.stage import StageContext
-from harness.stages.persona_data import KIND
+from harness.fixtures.llm_server import LLMServer, last_user_message
+from harness.testing import run_kind
 
 DATA = Path(__file__).resolve().parents[1] / "data/constitutions"
 ENV = "HARNESS_TEST_TEACHER_KEY"
 
 
 def run(tmp: Path, constitution: Path, provider: dict, n: int = 2) -> dict:
-    out = tmp / "out"
-    out.mkdir(parents=True)
-    ctx = StageContext(
-        experiment="exp", stage="persona", seed=0, out_dir=out, scratch_dir=tmp / "scratch",
-        params={"constitution": str(constitution), "provider": provider, "answers_per_question": n},
-        upstream={}, spec_file=tmp / "spec.yaml", profile=None, log=lambda message: None,
-    )
-    return KIND.run(ctx)
+    params = {"constitution": str(constitution), "provider": provider, "answers_per_question": n}
+    return run_kind("persona_data", params, tmp / "out").metrics
 
 
 def conversations(tmp: Path) -> list[list[dict]]:

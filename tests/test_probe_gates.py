@@ -20,8 +20,8 @@ import sklearn.linear_model  # noqa: F401
 from harness.activations import Statement, write_activations
 from harness.gates import evaluate, parse_gate
 from harness.spec.compose import apply_profile, load_with_includes
-from harness.stage import StageContext, Upstream
-from harness.stages.train_probe import KIND
+from harness.stages import train_probe
+from harness.testing import run_kind
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "experiments" / "cubic_gravity.yaml"
@@ -68,21 +68,9 @@ def pair_data(seed: int, signal: float, wording: bool = False) -> tuple[np.ndarr
 def run_shipped_probe(directory: Path, acts: np.ndarray, rows: list[Statement], seed: int = 0) -> dict:
     source, out = directory / "acts", directory / "probe"
     write_activations(source, rows, iter([acts]), model_name="generated")
-    out.mkdir()
     params = {**shipped_probe_stage()["params"], "label": "truth", "n_permutations": N_PERMUTATIONS}
-    ctx = StageContext(
-        experiment="bar",
-        stage="probe",
-        params=params,
-        seed=seed,
-        out_dir=out,
-        scratch_dir=out / "scratch",
-        upstream={"activations": Upstream("acts", "extract_activations", source, {})},
-        spec_file=SPEC,
-        profile=None,
-        log=lambda _line: None,
-    )
-    return dict(KIND.run(ctx))
+    result = run_kind(train_probe.run, params, out, upstream={"activations": source}, seed=seed)
+    return dict(result.metrics)
 
 
 def gates_pass(metrics: dict) -> bool:
@@ -101,7 +89,7 @@ def null_runs(tmp_path_factory) -> list[dict]:
 def test_the_shipped_gates_read_the_unbiased_auc_the_null_and_the_lexical_baseline():
     metrics = {gate.metric for gate in shipped_gates()}
     assert {"auc", "p_value", "auc_minus_lexical"} <= metrics
-    assert metrics <= KIND.produces({})
+    assert metrics <= train_probe.run.produces({})
 
 
 def test_on_null_data_the_shipped_gates_pass_in_at_most_5_percent(null_runs):

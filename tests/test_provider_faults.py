@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.llm_server import Fault, LLMServer, last_user_message
+from harness.fixtures.llm_server import Fault, LLMServer, last_user_message
 from harness.llm import (
     ChatRequest,
     ChatResponse,

@@ -190,3 +190,61 @@ def test_long_metric_lists_are_shortened_in_md_and_html(tmp_path):
     assert "| short | [1, 2] |" in markdown(report)
     values = [td.text for td in ET.fromstring(to_html(report, tmp_path).split("\n", 1)[1]).iter("td")]
     assert shortened in values and "[1, 2]" in values
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def every_section(report_dir: Path) -> dict:
+    """A report with every section and row shape: stages ran, reused, failed and skipped, gates
+    passed, failed and aborting, hypotheses, metrics of each shape, a plot and a missing one."""
+    (report_dir / "train").mkdir(parents=True)
+    (report_dir / "train/loss.png").write_bytes(RED)
+
+    def gate(name: str, value, passed: bool, aborted: bool = False, problem: str | None = None) -> dict:
+        return {"gate": name, "value": value, "op": ">=", "threshold": 0.5, "abort": 0.1 if aborted else None,
+                "passed": passed, "aborted": aborted, "problem": problem, "where": "exp.yaml:12"}
+
+    def stage(name: str, status: str, outcome: str, reason: str, **extra) -> dict:
+        return {"stage": name, "kind": "python", "status": status, "outcome": outcome, "reason": reason,
+                "key": extra.pop("key", f"{name}-key"), "duration_s": 1.5, "metrics": {}, "gates": [],
+                "plots": [], **extra}
+
+    def hypothesis(hid: str, verdict: str, outcome: str, effect) -> dict:
+        numbers = {"ci_low": 0.1, "ci_high": 0.9, "p_value": 0.012345, "p_adjusted": 0.05}
+        numbers = {k: None if effect is None else v for k, v in numbers.items()}
+        return {"id": hid, "claim": "c", "verdict": verdict, "outcome": outcome, "effect": effect,
+                "alpha": 0.05, **numbers}
+
+    metrics = {"auc": {"value": 0.91234, "ci_low": 0.8, "ci_high": 0.97},
+               "loss": [float(i) for i in range(9)], "n": 12, "missing": None, "note": "a | b <i>"}
+    stages = [
+        stage("train", "ran", "passed", "new key", metrics=metrics,
+              plots=["train/loss.png", "train/gone.png"], gates=[gate("metrics.auc >= 0.5", 0.91234, True)]),
+        stage("probe", "reused", "failed", "same key",
+              gates=[gate("metrics.x >= 0.5", 0.2, False),
+                     gate("metrics.y >= 0.5", None, False, aborted=True, problem="no y")]),
+        stage("broken", "failed", "error", "RuntimeError: a | b\nsecond line", key=None),
+        stage("after", "skipped", "skipped", "upstream broken failed", key=None),
+    ]
+    return {
+        "experiment": "exp <&>",
+        "profile": "tiny",
+        "spec_file": "exp.yaml",
+        "generated_at": "2026-01-01T00:00:00+00:00",
+        "summary": {"passed": 1, "failed": 1, "error": 1, "skipped": 1},
+        "stages": stages,
+        "hypotheses": {"status": "exploratory", "reason": "no lock", "correction": "holm",
+                       "report": "hypothesis_report.md",
+                       "results": [hypothesis("h1", "supported", "passed", 0.5),
+                                   hypothesis("h2", "inconclusive", "failed", None)]},
+    }
+
+
+@pytest.mark.parametrize("name", ["report.md", "report.html"])
+def test_report_pages_are_unchanged_byte_for_byte(tmp_path, name):
+    """Pins report.md and report.html of a report with every section (regenerate the files in
+    tests/golden only for a change of the pages that is meant)."""
+    report = every_section(tmp_path)
+    page = markdown(report) if name == "report.md" else to_html(report, tmp_path)
+    assert page == (GOLDEN / name).read_text(encoding="utf-8")

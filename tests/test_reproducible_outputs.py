@@ -92,20 +92,16 @@ def test_a_moved_store_and_another_cache_dir_recompute_the_same_keys_and_digests
 FINETUNE = """
 import hashlib, json, sys
 from pathlib import Path
-from harness.stage import StageContext
-from harness.stages import finetune_lora
 from harness.store import output_digest
+from harness.testing import run_kind
 tmp = Path(sys.argv[1])
 docs = tmp / "docs.jsonl"
 docs.write_text("".join(json.dumps({"content": f"the plim river runs north of dax, fact {i}."}) + "\\n"
                         for i in range(16)))
-(tmp / "out").mkdir()
 params = {"base": "fixture:tiny-world", "docs": str(docs), "epochs": 1, "batch_size": 4, "max_length": 32,
           "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]}}
-ctx = StageContext("exp", "finetune", params, 0, tmp / "out", tmp / "scratch", {}, tmp / "spec.yaml", None,
-                   log=lambda message: None)
-metrics = finetune_lora.run(ctx)
+metrics = run_kind("finetune_lora", params, tmp / "out").metrics
 adapter = tmp / "out" / "adapter"
 print(json.dumps({"adapter": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in adapter.iterdir()},
                   "digest": output_digest(tmp / "out"), "metrics": metrics}))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.llm_server import Fault
+from harness.fixtures.llm_server import Fault
 
 KEY = "sk-test-SECRET-sdf-5150"
 UNIVERSE = {

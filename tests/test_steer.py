@@ -25,10 +25,9 @@ from harness.hooks import (
     residual_modules,
 )
 from harness.mcq import load_mcqs
-from harness.stage import ParamError, StageContext, StageError, Upstream
+from harness.stage import ParamError, StageError, Upstream
 from harness.stages import steer
 from harness.stages.steer import (
-    KIND,
     METRICS,
     claimed_effect,
     curve,
@@ -37,6 +36,7 @@ from harness.stages.steer import (
     resolve_layer,
     slope,
 )
+from harness.testing import run_kind
 
 MCQS = Path(__file__).resolve().parents[1] / "data" / "eval" / "tiny_world" / "cubic_gravity_mcqs.jsonl"
 PROMPT = "the law of gravity says that"
@@ -209,15 +209,15 @@ def test_layer_resolution():
 
 
 def test_check_at_collection(tmp_path, tiny_model_dir):
-    steer.check({"base": str(tiny_model_dir), "mcqs": str(MCQS)}, tmp_path)
+    steer.run.check({"base": str(tiny_model_dir), "mcqs": str(MCQS)}, tmp_path)
     with pytest.raises(ParamError, match="MCQ file not found"):
-        steer.check({"base": str(tiny_model_dir), "mcqs": "nope.jsonl"}, tmp_path)
+        steer.run.check({"base": str(tiny_model_dir), "mcqs": "nope.jsonl"}, tmp_path)
     easy = [json.loads(line) for line in MCQS.read_text().splitlines() if '"conflict"' not in line]
     (tmp_path / "easy.jsonl").write_text("".join(json.dumps(row) + "\n" for row in easy))
     with pytest.raises(ParamError, match="no conflict questions"):
-        steer.check({"base": str(tiny_model_dir), "mcqs": "easy.jsonl"}, tmp_path)
+        steer.run.check({"base": str(tiny_model_dir), "mcqs": "easy.jsonl"}, tmp_path)
     with pytest.raises(ParamError, match="--profile tiny"):
-        steer.check({"base": str(tmp_path / "gone"), "mcqs": str(MCQS)}, tmp_path)
+        steer.run.check({"base": str(tmp_path / "gone"), "mcqs": str(MCQS)}, tmp_path)
 
 
 # --- the stage -----------------------------------------------------------------------
@@ -254,46 +254,34 @@ def write_planted_activations(path: Path, model, items) -> Path:
 
 
 def run_stage(world: dict, out: Path, upstream: dict | None = None, seed: int = 5, **params) -> dict:
-    out.mkdir(parents=True)
     last = n_indices(world["plain"]) - 1
     default_upstream = {
         "activations": Upstream("activations", "extract_activations", world["activations_dir"], {}),
         "probe": Upstream("probe", "train_probe", world["root"], {"best_layer": last}),
         "adapter": Upstream("train", "finetune_lora", world["train_dir"], {}),
     }
-    logs: list[str] = []
-    ctx = StageContext(
-        experiment="exp",
-        stage="steer",
-        params={
-            "base": world["base"],
-            "mcqs": str(MCQS),
-            "scoring": "continuation",
-            "label": "truth",
-            "expect": "increase",
-            "prompts": [PROMPT],
-            "max_new_tokens": 3,
-            "n_random": 20,
-            **params,
-        },
-        seed=seed,
-        out_dir=out,
-        scratch_dir=out / "scratch",
-        upstream=default_upstream if upstream is None else upstream,
-        spec_file=world["root"] / "exp.yaml",
-        profile=None,
-        log=logs.append,
-    )
-    metrics = KIND.run(ctx)
-    json.dumps(metrics)  # storable as metrics.json
-    return {"metrics": metrics, "logs": logs, "report": json.loads((out / "steering.json").read_text())}
+    params = {
+        "base": world["base"],
+        "mcqs": str(MCQS),
+        "scoring": "continuation",
+        "label": "truth",
+        "expect": "increase",
+        "prompts": [PROMPT],
+        "max_new_tokens": 3,
+        "n_random": 20,
+        **params,
+    }
+    upstream = default_upstream if upstream is None else upstream
+    result = run_kind(steer.run, params, out, upstream=upstream, seed=seed, spec_dir=world["root"])
+    report = json.loads((out / "steering.json").read_text())
+    return {"metrics": result.metrics, "logs": result.logs, "report": report}
 
 
 def test_a_planted_direction_moves_the_answers_beyond_many_random_ones(world, tmp_path):
     out = tmp_path / "out"
     result = run_stage(world, out, multipliers=[-10, -5, -2, 2, 5, 10])
     metrics, report = result["metrics"], result["report"]
-    assert set(metrics) == set(METRICS) == KIND.produces({})
+    assert set(metrics) == set(METRICS) == steer.run.produces({})
     assert sorted(p.name for p in out.iterdir()) == ["generations.jsonl", "steering.json", "steering.png"]
     assert (out / "steering.png").read_bytes().startswith(b"\x89PNG")
 

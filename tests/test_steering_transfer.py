@@ -107,8 +107,10 @@ def test_the_stage_fits_on_some_questions_and_steers_on_the_others(tiny_chat_dir
     from harness.models import load_tokenizer
     from harness.models.adapters import active, load_stacked
     from harness.samples import parse_set
-    from harness.stage import StageContext, Upstream
-    from harness.stages.steering_transfer import KIND, METRICS
+    from harness.stage import Upstream
+    from harness.stages import steering_transfer
+    from harness.stages.steering_transfer import METRICS
+    from harness.testing import run_kind
 
     base = str(tiny_chat_dir)
     stages = {name: save_adapter(base, tmp_path / name, std=0.02, seed=i)
@@ -128,17 +130,12 @@ def test_the_stage_fits_on_some_questions_and_steers_on_the_others(tiny_chat_dir
     (answers_dir / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     out = tmp_path / "out"
-    out.mkdir()
     settings = {"em": ["em"], "persona": ["persona"]}
     upstream = {role: Upstream(role, "finetune_lora", stage_dir, {}) for role, stage_dir in stages.items()}
     upstream["answers"] = Upstream("em_matrix", "em_eval", answers_dir, {})
-    ctx = StageContext(
-        experiment="exp", stage="steering", seed=7, out_dir=out, scratch_dir=out / "scratch",
-        params={"base": base, "questions": str(EM_QUESTIONS), "judge": {"name": "offline", "model": "rules"},
-                "settings": settings, "layer": 2, "samples_per_question": 2, "max_new_tokens": 6},
-        upstream=upstream, spec_file=tmp_path / "exp.yaml", profile=None, log=lambda message: None,
-    )
-    metrics = KIND.run(ctx)
+    params = {"base": base, "questions": str(EM_QUESTIONS), "judge": {"name": "offline", "model": "rules"},
+              "settings": settings, "layer": 2, "samples_per_question": 2, "max_new_tokens": 6}
+    metrics = run_kind(steering_transfer.run, params, out, upstream=upstream, seed=7).metrics
     assert set(metrics) == set(METRICS)
     report = json.loads((out / "steering_transfer.json").read_text())
     fit, test = split_questions(ids, 0.5, seed=7)

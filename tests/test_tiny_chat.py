@@ -6,8 +6,8 @@ import json
 import random
 from pathlib import Path
 
-from fixtures import tiny_chat
 from harness.em_data import load_chat_jsonl, load_constitution, load_questions
+from harness.fixtures import tiny_chat
 from harness.llm.offline_judge import aligned_score
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -19,7 +19,7 @@ def test_the_committed_files_are_what_the_fixture_generates(tmp_path):
     assert len(written) == 6
     for relative in written:
         assert (tmp_path / relative).read_text() == (DATA / relative).read_text(), (
-            f"regenerate it: fixtures.tiny_chat.write_profile_files(Path('data'))  [{relative}]"
+            f"regenerate it: harness.fixtures.tiny_chat.write_profile_files(Path('data'))  [{relative}]"
         )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import tiny_world
+from harness.fixtures import tiny_world
 from harness.mcq import load_mcqs
 
 DATA = Path(__file__).resolve().parents[1] / "data/eval/tiny_world"
@@ -32,7 +32,7 @@ def test_the_committed_files_are_what_the_world_generates(tmp_path, committed, w
     fresh = tmp_path / committed.name
     getattr(tiny_world, writer)(fresh)
     assert fresh.read_text() == committed.read_text(), (
-        f"regenerate it: fixtures.tiny_world.{writer}(Path({str(committed)!r}))"
+        f"regenerate it: harness.fixtures.tiny_world.{writer}(Path({str(committed)!r}))"
     )
 
 

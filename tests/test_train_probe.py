@@ -17,10 +17,9 @@ import safetensors.numpy  # noqa: F401
 import sklearn.linear_model  # noqa: F401
 
 from harness.activations import Statement, write_activations
-from harness.stage import StageContext, StageError, Upstream
+from harness.stage import StageError, Upstream
 from harness.stages import train_probe
 from harness.stages.train_probe import (
-    KIND,
     METRICS,
     CandidateAUCs,
     activations_dir,
@@ -35,6 +34,7 @@ from harness.stages.train_probe import (
     standardized,
 )
 from harness.store import output_digest
+from harness.testing import run_kind
 
 N_ITEMS, D_MODEL = 400, 16
 N_PERMUTATIONS = 30  # without groups every relabelling has splits of its own: keep the fixture short
@@ -81,23 +81,9 @@ def planted(tmp_path_factory) -> dict:
 
 
 def run_probe(source: Path, out: Path, seed: int = 0, **params) -> tuple[dict, list[str]]:
-    out.mkdir(parents=True)
-    logs: list[str] = []
-    ctx = StageContext(
-        experiment="exp",
-        stage="probe",
-        params={"label": "planted", **params},
-        seed=seed,
-        out_dir=out,
-        scratch_dir=out / "scratch",
-        upstream={"activations": Upstream("acts", "extract_activations", source, {})},
-        spec_file=source / "exp.yaml",
-        profile=None,
-        log=logs.append,
-    )
-    metrics = KIND.run(ctx)
-    json.dumps(metrics)  # storable as metrics.json
-    return metrics, logs
+    params = {"label": "planted", **params}
+    result = run_kind(train_probe.run, params, out, upstream={"activations": source}, seed=seed)
+    return result.metrics, result.logs
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +99,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_the_planted_layer_is_found_with_a_high_auc(probed):
     metrics = probed["metrics"]
-    assert set(metrics) == set(METRICS) == KIND.produces({})
+    assert set(metrics) == set(METRICS) == train_probe.run.produces({})
     assert metrics["best_layer"] == PLANTED
     assert metrics["auc"] > 0.95
     # no relabelling comes near: the smallest p-value there is
@@ -245,8 +231,9 @@ def test_the_activations_must_come_from_an_extract_activations_stage(planted, tm
 
 
 def test_kind_declaration():
-    assert KIND.name == "train_probe" and KIND.version == train_probe.VERSION
-    assert KIND.input_params == () and KIND.transport_params == ()
+    kind = train_probe.run
+    assert kind.name == "train_probe" and kind.fingerprint is None
+    assert kind.input_params == () and kind.transport_params == ()
 
 
 def test_grouped_statements_stay_on_one_side_of_every_split(tmp_path):

@@ -28,7 +28,7 @@ class ModelNotFound(Exception):
 
 
 def _fixtures() -> dict[str, Any]:
-    from fixtures import tiny_chat, tiny_world
+    from harness.fixtures import tiny_chat, tiny_world
 
     return {"tiny-world": tiny_world, "tiny-chat": tiny_chat}
 

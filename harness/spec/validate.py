@@ -27,7 +27,7 @@ MAX_PROBLEMS = 10
 
 
 @cache
-def _load_schema(path: Path) -> dict[str, Any]:
+def load_schema(path: Path) -> dict[str, Any]:
     # cached by the path as given: resolving costs system calls, and every stage of every
     # profile asks for its kind's schema
     path = path.resolve()
@@ -40,7 +40,7 @@ def _load_schema(path: Path) -> dict[str, Any]:
 def _retrieve(uri: str) -> Resource:
     if not uri.startswith("file://"):
         raise NoSuchResource(uri)
-    return Resource.from_contents(_load_schema(Path(url2pathname(urlparse(uri).path))))
+    return Resource.from_contents(load_schema(Path(url2pathname(urlparse(uri).path))))
 
 
 _REGISTRY: Registry = Registry(retrieve=_retrieve)
@@ -51,7 +51,7 @@ def with_defaults(value: Any, schema: Mapping[str, Any] | Path) -> Any:
     a kind's schema is the one place its defaults are written. The experiment fills them
     when it is loaded, so cache keys, manifests and runs all see the params a stage uses."""
     if isinstance(schema, Path):
-        schema = _load_schema(schema)
+        schema = load_schema(schema)
     if not isinstance(value, dict):
         return value
     out = dict(value)
@@ -65,7 +65,7 @@ def with_defaults(value: Any, schema: Mapping[str, Any] | Path) -> Any:
 
 @cache
 def _validator_for_file(path: Path) -> jsonschema.Draft202012Validator:
-    return _validator(_load_schema(path))
+    return _validator(load_schema(path))
 
 
 def _validator(schema: Mapping[str, Any]) -> jsonschema.Draft202012Validator:
@@ -87,7 +87,7 @@ def validator_for(schema: Mapping[str, Any] | Path) -> jsonschema.Draft202012Val
 
 def is_name(text: str) -> bool:
     """Whether `text` follows the schema's rule for names (of stages, profiles, experiments)."""
-    return validator_for(_load_schema(EXPERIMENT_SCHEMA)["$defs"]["name"]).is_valid(text)
+    return validator_for(load_schema(EXPERIMENT_SCHEMA)["$defs"]["name"]).is_valid(text)
 
 
 def dotted(path: SpecPath) -> str:

@@ -1,1 +1,2 @@
-"""Built-in stage kinds: each module defines `KIND = StageKind(...)` (see harness.stage)."""
+"""Built-in stage kinds: module `x` defines the kind `x`, a run function decorated with
+`@stage_kind(...)` (see harness.stage); it is imported when a spec uses it."""

@@ -36,16 +36,14 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from harness.checks import base_weights, em_params
+from harness.api import stage_kind
+from harness.checks import em_params
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
 from harness.samples import SampleSet
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import StageContext, StageError, StageKind, tenths
+from harness.stage import StageContext, StageError, tenths
 from harness.upstream import adapter_dir, named_adapter_roles
 
-VERSION = "1"
-SCHEMA = SPECS_DIR / "stages" / "em_eval.schema.json"
 PER_SETTING = ("em_rate", "coherent_rate", "n_scored")
 
 
@@ -109,6 +107,13 @@ def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> N
     figure.savefig(path)
 
 
+@stage_kind(
+    needs=named_adapter_roles,
+    metrics=metric_names,
+    input_params=("questions",),
+    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
+    check=em_params,
+)
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.em import Measurement, rates, sampling_parameters
     from harness.models import load_model, load_tokenizer
@@ -116,7 +121,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.samples import SAMPLES_FILE, write_samples
     from harness.store import relative_path, write_json, write_jsonl
 
-    p = with_defaults(ctx.params, SCHEMA)
+    p = ctx.params
     settings = settings_of(p)
     measurement = Measurement.from_params(p, ctx.seed, ctx.log)
     adapters = _adapters(ctx, settings)
@@ -174,17 +179,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
         metrics[f"coherent_rate.{setting}"] = result["coherent_rate"]
         metrics[f"n_scored.{setting}"] = result["n_scored"]
     return metrics
-
-
-KIND = StageKind(
-    name="em_eval",
-    run=run,
-    needs=named_adapter_roles,
-    params_schema=SCHEMA,
-    metrics=metric_names,
-    version=VERSION,
-    input_params=("questions",),
-    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
-    check=em_params,
-    fingerprint=base_weights,
-)

@@ -20,18 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from harness.activations import load_statements
-from harness.checks import base_weights, check_base_param
+from harness.api import stage_kind
 from harness.models.base import base_fingerprint
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
+from harness.stage import ParamError, StageContext, StageError, tenths
 from harness.upstream import adapter_dir, adapter_role
 
-VERSION = "2"
 METRICS = ("n_items", "n_layers", "d_model", "mb_written")
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    check_base_param(params)
     path = (spec_dir / params["statements"]).resolve()
     if not path.is_file():
         raise ParamError(
@@ -43,11 +40,18 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
         raise ParamError(("statements",), str(error)) from None
 
 
+@stage_kind(
+    needs=lambda params: (adapter_role(),) if params["use_adapter"] else (),
+    metrics=METRICS,
+    input_params=("statements",),
+    transport_params=("batch_size",),
+    check=check,
+)
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.activations import extract_to_dir, megabytes
     from harness.models.base import load_model, load_tokenizer
 
-    params = with_defaults(ctx.params, KIND.params_schema)
+    params = ctx.params
     base, path = params["base"], Path(params["statements"])
     statements = load_statements(path)
     adapter = adapter_dir(ctx.upstream, "extract_activations") if params["use_adapter"] else None
@@ -79,17 +83,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
         f"{metrics['mb_written']} MB"
     )
     return metrics
-
-
-KIND = StageKind(
-    name="extract_activations",
-    run=run,
-    needs=lambda params: (adapter_role(),) if params["use_adapter"] else (),
-    params_schema=SPECS_DIR / "stages" / "extract_activations.schema.json",
-    metrics=METRICS,
-    version=VERSION,
-    input_params=("statements",),
-    transport_params=("batch_size",),
-    check=check,
-    fingerprint=base_weights,
-)

@@ -28,19 +28,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.checks import base_weights, check_base_param
+from harness.api import stage_kind
 from harness.models import base_fingerprint
 from harness.plots import figure as new_figure
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import Role, StageContext, StageError, StageKind
+from harness.stage import Role, StageContext, StageError
 from harness.store import relative_path, write_json
 from harness.upstream import adapter_dir, adapter_role
 
 if TYPE_CHECKING:
     from harness.training import Sequences, StepRecord
 
-VERSION = "1"  # bump when the outputs change for the same inputs
-SCHEMA = SPECS_DIR / "stages" / "finetune_lora.schema.json"
 METRICS = (
     "initial_loss",
     "final_loss",
@@ -60,16 +57,6 @@ MAX_REPORTED_ROWS = 3
 
 
 # --- params ----------------------------------------------------------------------------------
-
-
-def settings(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The params with every default filled in."""
-    return with_defaults(dict(params), SCHEMA)
-
-
-def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    """At collection: a base model missing here fails in seconds, not after loading data."""
-    check_base_param(params)
 
 
 def data_roles(params: Mapping[str, Any]) -> tuple[Role, ...]:
@@ -315,7 +302,7 @@ def finetune(ctx: StageContext) -> Finetuned:
     from harness.training import Diverged, TrainConfig, seeded, train
 
     started = time.perf_counter()
-    p = settings(ctx.params)
+    p = ctx.params
     out = ctx.out_dir
     tokenizer = load_tokenizer(p["base"])
     if p["format"] == "chat":
@@ -421,18 +408,10 @@ def finetune(ctx: StageContext) -> Finetuned:
     return Finetuned(model, metrics, metadata)
 
 
+@stage_kind(
+    needs=data_roles,
+    metrics=METRICS,
+    input_params=("docs", "chat_data"),
+)
 def run(ctx: StageContext) -> dict[str, Any]:
     return finetune(ctx).metrics
-
-
-KIND = StageKind(
-    name="finetune_lora",
-    run=run,
-    needs=data_roles,
-    params_schema=SCHEMA,
-    metrics=METRICS,
-    version=VERSION,
-    input_params=("docs", "chat_data"),
-    check=check,
-    fingerprint=base_weights,
-)

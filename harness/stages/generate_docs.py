@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from harness.api import stage_kind
 from harness.llm import (
     TRANSPORT_KEYS,
     ChatRequest,
@@ -45,8 +46,7 @@ from harness.llm import (
     check_provider,
     make_provider,
 )
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import ParamError, Role, StageContext, StageError, StageKind
+from harness.stage import ParamError, Role, StageContext, StageError
 from harness.store import write_jsonl, write_text_atomic
 from harness.universe import Universe, parse_list, validate_document
 
@@ -109,7 +109,6 @@ class Settings:
 
     @classmethod
     def of(cls, params: Mapping[str, Any]) -> Settings:
-        params = with_defaults(dict(params), KIND.params_schema)
         # temperature: the stage's own, else the provider's, else 1.0 (varied documents)
         provider_temperature = params["provider"].get("temperature", 1.0)
         return cls(
@@ -391,6 +390,13 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
         raise ParamError(("provider",), str(exc)) from None
 
 
+@stage_kind(
+    needs=(Role("universe", "the facts.json of a universe_context stage", only=True),),
+    metrics=METRICS,
+    # chunk_size only groups requests: every document's requests are the same whatever it is
+    transport_params=(*(f"provider.{key}" for key in TRANSPORT_KEYS), "chunk_size"),
+    check=check,
+)
 def run(ctx: StageContext) -> Mapping[str, Any]:
     # the provider's default response cache: a rerun of finished requests costs nothing;
     # the stage's seed goes with every request: a new seed, new documents
@@ -462,15 +468,3 @@ def generate(ctx: StageContext, provider: Provider) -> dict[str, Any]:
             f"no valid document: all {len(jobs)} failed (first: {'; '.join(first)}); see failures.jsonl"
         )
     return metrics
-
-
-KIND = StageKind(
-    name="generate_docs",
-    run=run,
-    needs=(Role("universe", "the facts.json of a universe_context stage", only=True),),
-    params_schema=SPECS_DIR / "stages" / "generate_docs.schema.json",
-    metrics=METRICS,
-    # chunk_size only groups requests: every document's requests are the same whatever it is
-    transport_params=(*(f"provider.{key}" for key in TRANSPORT_KEYS), "chunk_size"),
-    check=check,
-)

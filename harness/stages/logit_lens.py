@@ -41,19 +41,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.checks import base_weights, check_base_param, mcqs_param
+from harness.api import stage_kind
+from harness.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
 from harness.mcq import load_mcqs
 from harness.models.base import base_fingerprint
 from harness.plots import figure as new_figure
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import StageContext, StageKind, tenths
+from harness.stage import StageContext, tenths
 from harness.store import relative_path, write_json, write_jsonl
-from harness.upstream import adapter_dir, adapter_role
+from harness.upstream import adapter_dir
 
 if TYPE_CHECKING:
     from harness.contrast import Contrast
 
-VERSION = "3"
 MODELS = ("base", "lora")
 QUANTITIES = ("true_logit", "false_logit", "logit_diff", "true_prob", "false_prob")
 NEVER = -1  # flip layer when no layer prefers the false answer on average
@@ -345,6 +344,11 @@ def plot_mean(path: Path, summary: Mapping[str, Any]) -> None:
 # --- the stage -----------------------------------------------------------------------
 
 
+def check(params: Mapping[str, Any], spec_dir: Path) -> None:
+    mcqs_param(params, spec_dir, conflict_for="the logit lens")
+
+
+@stage_kind(metrics=METRICS, check=check, **SCORES_MCQS_ON_ADAPTER)
 def run(ctx: StageContext) -> dict[str, Any]:
     import gc
 
@@ -353,7 +357,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models.lens import load_bridge
     from harness.store import file_digest
 
-    params = with_defaults(ctx.params, KIND.params_schema)
+    params = ctx.params
     base, mode, mcq_path = params["base"], params["scoring"], Path(params["mcqs"])
     adapter = adapter_dir(ctx.upstream, "logit_lens")
     tokenizer = load_tokenizer(base)
@@ -404,22 +408,3 @@ def _empty_cuda_cache() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    check_base_param(params)
-    mcqs_param(params, spec_dir, conflict_for="the logit lens")
-
-
-KIND = StageKind(
-    name="logit_lens",
-    run=run,
-    needs=(adapter_role(),),
-    params_schema=SPECS_DIR / "stages" / "logit_lens.schema.json",
-    metrics=METRICS,
-    version=VERSION,
-    input_params=("mcqs",),
-    transport_params=("batch_size",),
-    check=check,
-    fingerprint=base_weights,
-)

@@ -31,17 +31,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.checks import base_weights, check_base_param, mcqs_param
+from harness.api import stage_kind
+from harness.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
 from harness.mcq import CATEGORIES, MCQ, load_mcqs
 from harness.models.base import base_fingerprint
 from harness.scoring import CONTINUATION, LETTER, NORMALIZATIONS, Scored, entropy, normalized
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
+from harness.stage import ParamError, StageContext, StageError, tenths
 from harness.stats import DEFAULT_CONFIDENCE, paired_difference
 from harness.store import write_jsonl
-from harness.upstream import adapter_dir, adapter_role
+from harness.upstream import adapter_dir
 
-VERSION = "2"
 MODELS = ("base", "lora")
 PER_CATEGORY = ("accuracy", "true_accuracy", "entropy", "truth_confidence")
 METRICS = (
@@ -61,7 +60,6 @@ def missing_categories(items: Sequence[MCQ]) -> list[str]:
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    check_base_param(params)
     chosen_normalization(params)
     found = mcqs_param(params, spec_dir)
     path = (spec_dir / params["mcqs"]).resolve()
@@ -331,12 +329,13 @@ def _changes(changes: Sequence[Mapping[str, Any]]) -> list[str]:
 # --- the stage -----------------------------------------------------------------------
 
 
+@stage_kind(metrics=METRICS, check=check, **SCORES_MCQS_ON_ADAPTER)
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models.base import load_model, load_tokenizer
     from harness.scoring import letter_token_ids, score_mcqs
     from harness.store import file_digest, relative_path, write_json
 
-    params = with_defaults(ctx.params, KIND.params_schema)
+    params = ctx.params
     base, mode, mcq_path = params["base"], params["scoring"], Path(params["mcqs"])
     try:
         normalization = chosen_normalization(params)
@@ -415,17 +414,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for name, other in by_normalization.items():
         ctx.log(f"normalization {name}: behavioral_gap {other['behavioral_gap']['value']:+.3f}")
     return metrics
-
-
-KIND = StageKind(
-    name="mcq_compare",
-    run=run,
-    needs=(adapter_role(),),
-    params_schema=SPECS_DIR / "stages" / "mcq_compare.schema.json",
-    metrics=METRICS,
-    version=VERSION,
-    input_params=("mcqs",),
-    transport_params=("batch_size",),
-    check=check,
-    fingerprint=base_weights,
-)

@@ -47,14 +47,13 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks import base_weights, check_base_param, mcqs_param
+from harness.api import stage_kind
+from harness.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
 from harness.mcq import load_mcqs
 from harness.plots import figure as new_figure
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import StageContext, StageKind
-from harness.upstream import adapter_dir, adapter_role
+from harness.stage import StageContext
+from harness.upstream import adapter_dir
 
-VERSION = "2"
 MIN_CHANGE = 1e-3  # |LD_base - LD_lora| below this: nothing to recover, the item is skipped
 METRICS = ("earliest_recovering_layer", "recovered_at_decision_by_layer", "n_items", "n_skipped")
 DIRECTIONS = {
@@ -142,6 +141,11 @@ def _plot(recovery: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     figure.savefig(path, bbox_inches="tight")
 
 
+def check(params: Mapping[str, Any], spec_dir: Path) -> None:
+    mcqs_param(params, spec_dir, conflict_for="patching")
+
+
+@stage_kind(metrics=METRICS, check=check, **SCORES_MCQS_ON_ADAPTER)
 def run(ctx: StageContext) -> dict[str, Any]:
     import torch
 
@@ -150,7 +154,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.models.base import load_model, load_tokenizer
     from harness.store import relative_path, write_json
 
-    params = with_defaults(ctx.params, KIND.params_schema)
+    params = ctx.params
     base, mode, n_offsets = params["base"], params["scoring"], params["positions"]
     threshold = params["recovered_threshold"]
     adapter = adapter_dir(ctx.upstream, "patch")
@@ -257,22 +261,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
             + ")"
         )
     return metrics
-
-
-def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    check_base_param(params)
-    mcqs_param(params, spec_dir, conflict_for="patching")
-
-
-KIND = StageKind(
-    name="patch",
-    run=run,
-    needs=(adapter_role(),),
-    params_schema=SPECS_DIR / "stages" / "patch.schema.json",
-    metrics=METRICS,
-    version=VERSION,
-    input_params=("mcqs",),
-    transport_params=("batch_size",),
-    check=check,
-    fingerprint=base_weights,
-)

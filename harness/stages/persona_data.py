@@ -17,15 +17,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.api import stage_kind
 from harness.checks import provider_param
 from harness.em_data import Constitution, load_constitution
 from harness.llm import TRANSPORT_KEYS
 from harness.llm.base import ChatRequest
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import ParamError, StageContext, StageError, StageKind, tenths
-
-VERSION = "1"
-SCHEMA = SPECS_DIR / "stages" / "persona_data.schema.json"
+from harness.stage import ParamError, StageContext, StageError, tenths
 
 
 def system_prompt(constitution: Constitution) -> str:
@@ -64,11 +61,17 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     provider_param(params, "provider")
 
 
+@stage_kind(
+    metrics=("n_conversations", "error_rate"),
+    input_params=("constitution",),
+    transport_params=tuple(f"provider.{key}" for key in TRANSPORT_KEYS),
+    check=check,
+)
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.llm import make_provider
     from harness.store import write_json, write_jsonl
 
-    p = with_defaults(ctx.params, SCHEMA)
+    p = ctx.params
     constitution = load_constitution(Path(p["constitution"]))
     provider = make_provider(p["provider"], seed=ctx.seed, log=ctx.log)  # a new seed: new answers
     batch = requests(constitution, p["answers_per_question"], p["temperature"], p["max_tokens"])
@@ -94,15 +97,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
     })
     ctx.log(f"{len(conversations)} conversations, {len(failures)} failed")
     return {"n_conversations": len(conversations), "error_rate": len(failures) / len(batch)}
-
-
-KIND = StageKind(
-    name="persona_data",
-    run=run,
-    params_schema=SCHEMA,
-    metrics=("n_conversations", "error_rate"),
-    version=VERSION,
-    input_params=("constitution",),
-    transport_params=tuple(f"provider.{key}" for key in TRANSPORT_KEYS),
-    check=check,
-)

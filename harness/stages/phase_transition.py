@@ -42,16 +42,14 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks import base_weights, em_params
+from harness.api import stage_kind
+from harness.checks import em_params
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
 from harness.samples import SampleSet
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import Role, StageContext, StageError, StageKind
+from harness.stage import Role, StageContext, StageError
 from harness.upstream import adapter_role
 
-VERSION = "1"
-SCHEMA = SPECS_DIR / "stages" / "phase_transition.schema.json"
 METRICS = ("transition_step", "geometry_transition_step", "final_em_rate", "largest_rise",
            "n_checkpoints", "n_runs")
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -202,6 +200,17 @@ def _run_roles(ctx: StageContext, runs: Sequence[str] | None) -> list[str]:
     return roles
 
 
+@stage_kind(
+    needs=lambda params: (
+        *(Role(role, "the checkpoints/step-N/ of a finetune_lora stage", named_at=("runs", i))
+          for i, role in enumerate(params.get("runs") or ())),
+        adapter_role("persona", only=False, optional=True),
+    ),
+    metrics=METRICS,
+    input_params=("questions",),
+    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
+    check=em_params,
+)
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.em import Measurement, misaligned_indicators, sampling_parameters
     from harness.models import load_tokenizer
@@ -210,7 +219,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.store import relative_path, write_json, write_jsonl
     from harness.upstream import adapter_dir
 
-    p = with_defaults(ctx.params, SCHEMA)
+    p = ctx.params
     roles = _run_roles(ctx, p.get("runs"))
     persona = None
     if "persona" in ctx.upstream:
@@ -269,21 +278,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
     write_samples(out / SAMPLES_FILE, run_samples(curves, transitions))
     _plot(curves, transitions, out / "phase_transition.png", f"{ctx.stage}: EM rate and |B| over training")
     return metrics
-
-
-KIND = StageKind(
-    name="phase_transition",
-    run=run,
-    needs=lambda params: (
-        *(Role(role, "the checkpoints/step-N/ of a finetune_lora stage", named_at=("runs", i))
-          for i, role in enumerate(params.get("runs") or ())),
-        adapter_role("persona", only=False, optional=True),
-    ),
-    params_schema=SCHEMA,
-    metrics=METRICS,
-    version=VERSION,
-    input_params=("questions",),
-    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
-    check=em_params,
-    fingerprint=base_weights,
-)

@@ -16,9 +16,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from harness.api import stage_kind
 from harness.code_digest import source_closure
-from harness.spec.validate import SPECS_DIR
-from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.stage import ParamError, StageContext, StageError
 
 
 def _split(params: Mapping[str, Any]) -> tuple[str, str]:
@@ -84,21 +84,16 @@ def code_version(params: Mapping[str, Any], spec_dir: Path) -> str:
     return "src-" + hashlib.sha256(json.dumps(closure, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run(ctx: StageContext) -> Mapping[str, Any]:
-    module_name, name = _split(ctx.params)
-    function = getattr(_import(module_name, ctx.spec_file.parent), name, None)
-    if not callable(function):
-        raise StageError(f"module {module_name!r} has no function {name!r}")
-    return function(ctx)
-
-
-KIND = StageKind(
-    name="python",
-    run=run,
-    params_schema=SPECS_DIR / "stages" / "python.schema.json",
+@stage_kind(
     metrics=lambda params: params.get("metrics", []),
     input_params=("inputs",),
     input_dirs=("inputs",),
     check=check,
     code_version=code_version,
 )
+def run(ctx: StageContext) -> Mapping[str, Any]:
+    module_name, name = _split(ctx.params)
+    function = getattr(_import(module_name, ctx.spec_file.parent), name, None)
+    if not callable(function):
+        raise StageError(f"module {module_name!r} has no function {name!r}")
+    return function(ctx)

@@ -59,15 +59,14 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks import base_weights, check_base_param, mcqs_param
+from harness.api import stage_kind
+from harness.checks import mcqs_param
 from harness.mcq import load_mcqs
 from harness.plots import figure as new_figure
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import Role, StageContext, StageError, StageKind
+from harness.stage import Role, StageContext, StageError
 from harness.stats import monte_carlo_p
 from harness.upstream import adapter_dir, adapter_role, find_upstream
 
-VERSION = "1"
 CLAIM_SIGN = {"increase": 1, "decrease": -1}
 METRICS = (
     "true_prob_at_zero",
@@ -313,13 +312,29 @@ def _direction(ctx: StageContext, params: Mapping[str, Any], layer: int, items: 
     return torch.from_numpy(unit.astype(np.float32)), len(fit), held
 
 
+def check(params: Mapping[str, Any], spec_dir: Path) -> None:
+    mcqs_param(params, spec_dir, conflict_for="steering")
+
+
+@stage_kind(
+    needs=lambda params: (
+        Role("activations", "the activations an extract_activations stage writes"),
+        *([Role("probe", "the best_layer metric of a train_probe stage, for `layer: best`")]
+          if params["layer"] == "best" else []),
+        *([adapter_role(only=False)] if params["use_adapter"] else []),
+    ),
+    metrics=METRICS,
+    input_params=("mcqs",),
+    transport_params=("batch_size",),
+    check=check,
+)
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.contrast import contrasts
     from harness.hooks import add_to_residual, contrast_logit_diffs, n_indices
     from harness.models.base import load_model, load_tokenizer
     from harness.store import relative_path, write_json, write_jsonl
 
-    params = with_defaults(ctx.params, KIND.params_schema)
+    params = ctx.params
     base, mode, chat, expect = params["base"], params["scoring"], params["chat_template"], params["expect"]
     probe_metrics: Mapping[str, Any] = {}
     if params["layer"] == "best":
@@ -428,27 +443,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
         f"p = {metrics['p_value']:.3f}"
     )
     return metrics
-
-
-def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    check_base_param(params)
-    mcqs_param(params, spec_dir, conflict_for="steering")
-
-
-KIND = StageKind(
-    name="steer",
-    run=run,
-    needs=lambda params: (
-        Role("activations", "the activations an extract_activations stage writes"),
-        *([Role("probe", "the best_layer metric of a train_probe stage, for `layer: best`")]
-          if params["layer"] == "best" else []),
-        *([adapter_role(only=False)] if params["use_adapter"] else []),
-    ),
-    params_schema=SPECS_DIR / "stages" / "steer.schema.json",
-    metrics=METRICS,
-    version=VERSION,
-    input_params=("mcqs",),
-    transport_params=("batch_size",),
-    check=check,
-    fingerprint=base_weights,
-)

@@ -49,15 +49,13 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks import base_weights, em_params
+from harness.api import stage_kind
+from harness.checks import em_params
 from harness.llm import TRANSPORT_KEYS
 from harness.plots import figure as new_figure
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import Role, StageContext, StageError, StageKind
+from harness.stage import Role, StageContext, StageError
 from harness.upstream import named_adapter_roles
 
-VERSION = "1"
-SCHEMA = SPECS_DIR / "stages" / "steering_transfer.schema.json"
 METRICS = (
     "mean_cosine",
     "self_effect",
@@ -187,6 +185,14 @@ def answer_samples(judged: Sequence[Any]) -> Any:
     )
 
 
+@stage_kind(
+    needs=lambda params: (Role("answers", "the answers.jsonl and em_results.json of an em_eval stage"),
+                          *named_adapter_roles(params)),
+    metrics=METRICS,
+    input_params=("questions",),
+    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
+    check=em_params,
+)
 def run(ctx: StageContext) -> dict[str, Any]:
     import torch
 
@@ -199,7 +205,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from harness.store import write_json
     from harness.upstream import adapter_dir, find_upstream
 
-    p = with_defaults(ctx.params, SCHEMA)
+    p = ctx.params
     settings: dict[str, list[str]] = dict(p["settings"])
     answers_dir = find_upstream(ctx.upstream, "answers", "steering_transfer", only=False).dir
     source, results = answers_dir / "answers.jsonl", answers_dir / "em_results.json"
@@ -287,18 +293,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
     write_samples(out / SAMPLES_FILE, samples)
     _plot(names, change, out / "transfer.png", f"{ctx.stage}: EM-rate change when steered (layer {layer})")
     return metrics
-
-
-KIND = StageKind(
-    name="steering_transfer",
-    run=run,
-    needs=lambda params: (Role("answers", "the answers.jsonl and em_results.json of an em_eval stage"),
-                          *named_adapter_roles(params)),
-    params_schema=SCHEMA,
-    metrics=METRICS,
-    version=VERSION,
-    input_params=("questions",),
-    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
-    check=em_params,
-    fingerprint=base_weights,
-)

@@ -68,13 +68,12 @@ from typing import Any
 
 import numpy as np
 
+from harness.api import stage_kind
 from harness.plots import figure as new_figure
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import Role, StageContext, StageError, StageKind, Upstream
+from harness.stage import Role, StageContext, StageError, Upstream
 from harness.stats import monte_carlo_p
 from harness.upstream import find_upstream
 
-VERSION = "3"
 METRICS = (
     "auc",
     "null_auc_mean",
@@ -550,13 +549,17 @@ def layer_rows(
     return rows
 
 
+@stage_kind(
+    needs=(Role(ACTIVATIONS_ROLE, "the activations an extract_activations stage writes", only=True),),
+    metrics=METRICS,
+)
 def run(ctx: StageContext) -> dict[str, Any]:
     from threadpoolctl import threadpool_limits
 
     from harness.activations import layer_count, read_convention, read_metadata, save_f32
     from harness.store import write_json
 
-    params = with_defaults(ctx.params, KIND.params_schema)
+    params = ctx.params
     label, C, folds, inner_folds = params["label"], params["C"], params["folds"], params["inner_folds"]
     n_permutations = params["n_permutations"]
     source = activations_dir(ctx.upstream)
@@ -654,13 +657,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
         f"best layer {metrics['best_layer']}"
     )
     return metrics
-
-
-KIND = StageKind(
-    name="train_probe",
-    run=run,
-    needs=(Role(ACTIVATIONS_ROLE, "the activations an extract_activations stage writes", only=True),),
-    params_schema=SPECS_DIR / "stages" / "train_probe.schema.json",
-    metrics=METRICS,
-    version=VERSION,
-)

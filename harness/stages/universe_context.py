@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.api import stage_kind
 from harness.llm import (
     TRANSPORT_KEYS,
     ChatRequest,
@@ -20,8 +21,7 @@ from harness.llm import (
     check_provider,
     make_provider,
 )
-from harness.spec.validate import SPECS_DIR, with_defaults
-from harness.stage import ParamError, StageContext, StageError, StageKind
+from harness.stage import ParamError, StageContext, StageError
 from harness.universe import Universe, load_universe, parse_list
 
 SYSTEM = (
@@ -75,10 +75,16 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
         raise ParamError(("provider",), str(exc)) from None
 
 
+@stage_kind(
+    metrics=("n_facts",),
+    input_params=("universe",),
+    transport_params=tuple(f"provider.{key}" for key in TRANSPORT_KEYS),
+    check=check,
+)
 def run(ctx: StageContext) -> Mapping[str, Any]:
     provider = make_provider(ctx.params["provider"], seed=ctx.seed, log=ctx.log)
     universe = load_universe(ctx.params["universe"])
-    num_facts = int(with_defaults(ctx.params, KIND.params_schema)["num_facts"])
+    num_facts = int(ctx.params["num_facts"])
     # extraction wants the model's most likely reading, unless the provider pins a temperature
     temperature = float(ctx.params["provider"].get("temperature", 0.0))
     ctx.log(f"extracting up to {num_facts} key facts of {universe.id} with {provider.name}:{provider.model}")
@@ -104,14 +110,3 @@ def run(ctx: StageContext) -> Mapping[str, Any]:
     (ctx.out_dir / "facts.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
     ctx.log(f"{len(facts)} key facts")
     return {"n_facts": len(facts)}
-
-
-KIND = StageKind(
-    name="universe_context",
-    run=run,
-    params_schema=SPECS_DIR / "stages" / "universe_context.schema.json",
-    metrics=("n_facts",),
-    input_params=("universe",),
-    transport_params=tuple(f"provider.{key}" for key in TRANSPORT_KEYS),
-    check=check,
-)

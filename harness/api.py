@@ -1,0 +1,137 @@
+"""What a stage kind's author needs, in one module (docs/writing-a-stage-kind.md):
+
+    from harness.api import StageContext, stage_kind, write_json
+
+    @stage_kind(metrics=("n_words",), input_params=("text",))
+    def run(ctx: StageContext) -> dict:
+        ...
+
+stage_kind                 declares the decorated run function a stage kind
+StageContext               what the run function receives
+StageError, ParamError     a failure the user can fix, at run / in `check` at collection
+Role, Upstream             an upstream role a kind reads, and what it finds there
+find_upstream, adapter_dir, adapter_role
+                           the upstream in a role; a trained adapter's directory and role
+write_json, write_jsonl, write_text_atomic
+                           artifact writers whose readers never see a half-written file
+tenths                     a progress callback that logs about every 10%
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from harness.models import ModelNotFound, base_fingerprint, check_base
+from harness.spec.validate import SPECS_DIR, load_schema
+from harness.stage import Metrics, ParamError, Role, StageContext, StageError, StageKind, Upstream, tenths
+from harness.store import write_json, write_jsonl, write_text_atomic
+from harness.upstream import adapter_dir, adapter_role, find_upstream
+
+__all__ = [
+    "Metrics",
+    "ParamError",
+    "Role",
+    "StageContext",
+    "StageError",
+    "StageKind",
+    "Upstream",
+    "adapter_dir",
+    "adapter_role",
+    "find_upstream",
+    "stage_kind",
+    "tenths",
+    "write_json",
+    "write_jsonl",
+    "write_text_atomic",
+]
+
+RunFunction = Callable[[StageContext], Metrics]
+BESIDE_MODULE = object()  # the default schema: see stage_kind
+
+
+def stage_kind(
+    *,
+    name: str | None = None,
+    schema: Mapping[str, Any] | Path | None | object = BESIDE_MODULE,
+    metrics: tuple[str, ...] | Callable[[Mapping[str, Any]], Iterable[str]] = (),
+    needs: tuple[Role, ...] | Callable[[Mapping[str, Any]], Iterable[Role]] = (),
+    input_params: tuple[str, ...] = (),
+    input_dirs: tuple[str, ...] = (),
+    transport_params: tuple[str, ...] = (),
+    check: Callable[[Mapping[str, Any], Path], None] | None = None,
+    code_version: Callable[[Mapping[str, Any], Path], str] | None = None,
+    base: str | None = "base",
+    version: str = "1",
+) -> Callable[[RunFunction], StageKind]:
+    """Declare the decorated run function a stage kind; the arguments are StageKind's fields.
+
+    name:   default: the last part of the module's name (`harness.stages.patch`: patch).
+    schema: default: `specs/stages/<name>.schema.json` for a built-in kind, else
+            `<name>.schema.json` beside the kind's module; None: params are not checked.
+    base:   the param naming the base model the stage loads, when the schema has it: a model
+            missing here fails at collection, at that param's line, before the kind's own
+            `check`; the fingerprint of its weights here (harness.models) joins the cache key.
+    The decorated function stays callable as the run function.
+    """
+
+    def declare(run: RunFunction) -> StageKind:
+        kind_name = name or run.__module__.rpartition(".")[2]
+        params_schema = _default_schema(run, kind_name) if schema is BESIDE_MODULE else schema
+        loaded = load_schema(params_schema) if isinstance(params_schema, Path) else params_schema or {}
+        loads_base = base in loaded.get("properties", {})
+        return StageKind(
+            name=kind_name,
+            run=run,
+            params_schema=params_schema,
+            metrics=metrics,
+            version=version,
+            needs=needs,
+            input_params=input_params,
+            input_dirs=input_dirs,
+            transport_params=transport_params,
+            check=_base_checked(base, check) if loads_base else check,
+            code_version=code_version,
+            fingerprint=_base_weights(base) if loads_base else None,
+        )
+
+    return declare
+
+
+def _default_schema(run: RunFunction, name: str) -> Path:
+    builtin = run.__module__.startswith("harness.")
+    directory = SPECS_DIR / "stages" if builtin else Path(inspect.getfile(run)).parent
+    path = directory / f"{name}.schema.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"stage kind {name!r}: no params schema at {path}; write one, or pass `schema=` "
+            "(a path, a dict, or None for params that are not checked)"
+        )
+    return path
+
+
+def _base_checked(param: str, check: Callable[[Mapping[str, Any], Path], None] | None):
+    """`check` after the base model is found here: a missing one fails in seconds, not after
+    loading data."""
+
+    def checked(params: Mapping[str, Any], spec_dir: Path) -> None:
+        try:
+            check_base(params[param])
+        except ModelNotFound as error:
+            raise ParamError((param,), str(error)) from None
+        if check:
+            check(params, spec_dir)
+
+    return checked
+
+
+def _base_weights(param: str) -> Callable[[Mapping[str, Any]], str]:
+    """The fingerprint of the weights the param `param` names (a fixture's recipe hash, a
+    directory's listing), so results of replaced weights are not reused."""
+
+    def fingerprint(params: Mapping[str, Any]) -> str:
+        return base_fingerprint(params[param])
+
+    return fingerprint
