@@ -6,7 +6,7 @@
 
 Extracts the residual stream at the decision token of the tiny world's probe statements
 (`data/eval/tiny_world/statements.jsonl`, cycled to `--items`) with what the
-`extract_activations` stage runs (`harness.activations.extract_to_dir`: one forward pass per
+`extract_activations` stage runs (`harness.lab.activations.extract_to_dir`: one forward pass per
 batch gives every layer, streamed into `layer_{i:02d}.safetensors`), and, as the baseline in
 the same run on the same items, one full forward pass per layer, each keeping that layer
 only and writing it with the same writer. Prints items/s and MB/s written (median of
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.activations import (
+from harness.lab.activations import (
     LayerWriter,
     Statement,
     decision_states,
@@ -39,8 +39,8 @@ from harness.activations import (
     load_statements,
     read_layer,
 )
-from harness.models import load_model, load_tokenizer
-from harness.scoring import encode
+from harness.lab.models import load_model, load_tokenizer
+from harness.lab.scoring import encode
 
 REPO = Path(__file__).resolve().parents[1]
 STATEMENTS = REPO / "data" / "eval" / "tiny_world" / "statements.jsonl"

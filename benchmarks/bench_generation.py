@@ -32,7 +32,7 @@ from typing import Any
 import openai
 
 from harness.fixtures.llm_server import LLMServer
-from harness.llm import ChatRequest, ChatResponse, OpenAIProvider, ResponseCache
+from harness.lab.llm import ChatRequest, ChatResponse, OpenAIProvider, ResponseCache
 
 KEY_ENV = "HARNESS_BENCH_KEY"
 FAKE_KEY = "sk-bench-not-a-real-key"

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.execution import ExperimentRun
-from harness.experiment import load_experiment
-from harness.outcomes import Status
+from harness.core.execution import ExperimentRun
+from harness.core.experiment import load_experiment
+from harness.core.outcomes import Status
 
 TARGET_RERUN_OVERHEAD_S = 1.0
 PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]

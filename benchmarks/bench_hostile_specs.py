@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from harness.experiment import load_plan
+from harness.core.experiment import load_plan
 from harness.spec.errors import SpecError
 
 SHIPPED = ("cubic_gravity.yaml", "persona_em.yaml")

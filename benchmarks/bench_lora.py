@@ -4,7 +4,7 @@
 
 Builds a small random-weight Llama and a BPE tokenizer trained in a second, generates
 documents of varied length (log-normal, a few to several hundred tokens), and trains the
-same number of optimizer steps on them with `harness.training` (the loop `finetune_lora`
+same number of optimizer steps on them with `harness.lab.training` (the loop `finetune_lora`
 uses) in both modes. Prints real (non-pad) training tokens per second for each and their
 ratio: padding spends compute on pad positions, packing does not. See benchmarks/README.md.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from harness.training import Sequences, TrainConfig, pack, pad, seeded, train, with_eos
+from harness.lab.training import Sequences, TrainConfig, pack, pad, seeded, train, with_eos
 
 SYLLABLES = "zor plim dax gra vi ty qua ren mo lek su tan ob ir na".split()
 

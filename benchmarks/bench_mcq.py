@@ -3,7 +3,7 @@
     python benchmarks/bench_mcq.py [--items 200] [--repeats 3] [--batch-sizes 1 16] [--threads N]
                                    [--random | --tiny-world-dir DIR]
 
-Scores the same items with `harness.scoring.score_mcqs` (what the `mcq_compare` stage
+Scores the same items with `harness.lab.scoring.score_mcqs` (what the `mcq_compare` stage
 runs, once per model) at each batch size; the baseline is batch size 1 in the same run.
 The model is the tiny world (`harness.fixtures.tiny_world.build()`, built and cached on first use)
 unless `--random` is given or it cannot be built: then a random-weight Llama of the same
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from harness.mcq import MCQ, format_item
-from harness.models import load_model, load_tokenizer
-from harness.scoring import CONTINUATION, LETTER, score_mcqs
+from harness.lab.mcq import MCQ, format_item
+from harness.lab.models import load_model, load_tokenizer
+from harness.lab.scoring import CONTINUATION, LETTER, score_mcqs
 
 SYLLABLES = "zor plim dax gra vi ty qua ren mo lek su tan ob ir na".split()
 

@@ -24,11 +24,20 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.models import ModelNotFound, base_fingerprint, check_base
+from harness.core.stage import (
+    Metrics,
+    ParamError,
+    Role,
+    StageContext,
+    StageError,
+    StageKind,
+    Upstream,
+    tenths,
+)
+from harness.core.store import write_json, write_jsonl, write_text_atomic
+from harness.core.upstream import adapter_dir, adapter_role, find_upstream
+from harness.lab.models import ModelNotFound, base_fingerprint, check_base
 from harness.spec.validate import SPECS_DIR, load_schema
-from harness.stage import Metrics, ParamError, Role, StageContext, StageError, StageKind, Upstream, tenths
-from harness.store import write_json, write_jsonl, write_text_atomic
-from harness.upstream import adapter_dir, adapter_role, find_upstream
 
 __all__ = [
     "Metrics",
@@ -73,7 +82,7 @@ def stage_kind(
             `<name>.schema.json` beside the kind's module; None: params are not checked.
     base:   the param naming the base model the stage loads, when the schema has it: a model
             missing here fails at collection, at that param's line, before the kind's own
-            `check`; the fingerprint of its weights here (harness.models) joins the cache key.
+            `check`; the fingerprint of its weights here (harness.lab.models) joins the cache key.
     The decorated function stays callable as the run function.
     """
 

@@ -9,16 +9,17 @@ from typing import Any
 import pytest
 from _pytest.outcomes import Skipped
 
-from harness.execution import ExperimentRun, StageResult
-from harness.experiment import Experiment, StageSpec, load_experiment, load_plan
-from harness.hypotheses import ERROR, Evaluation, HypothesisFamily
-from harness.outcomes import Outcome, Status
-from harness.prereg import HypothesisError, lock_basis, stored_keys, write_lock
+from harness.core.execution import ExperimentRun, StageResult
+from harness.core.experiment import Experiment, StageSpec, load_experiment, load_plan
+from harness.core.outcomes import Outcome, Status
+from harness.core.stage import StageError
+from harness.hypotheses.evaluation import ERROR, Evaluation, HypothesisFamily
+from harness.hypotheses.lock import HypothesisError, lock_basis, stored_keys, write_lock
 from harness.spec.errors import SpecError
-from harness.stage import StageError
 
 _PLUMBING = {
-    Path(__file__).parent / name for name in ("collect.py", "execution.py", "hypotheses.py", "prereg.py")
+    Path(__file__).parent / name
+    for name in ("collect.py", "core/execution.py", "hypotheses/evaluation.py", "hypotheses/lock.py")
 }
 LOCK_ITEM = "lock-hypotheses"
 

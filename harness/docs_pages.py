@@ -41,7 +41,7 @@ To add a kind, see [writing a stage kind](../writing-a-stage-kind.md).
 downloaded at run time. Stages that generate text take a `provider:` ([providers](../providers.md)).
 
 `logit_lens`, `patch` and `steer` compare, per conflict MCQ, the one next token that separates
-the true world's answer from the false world's (`harness/contrast.py`): in `letter` mode the two
+the true world's answer from the false world's (`harness/lab/contrast.py`): in `letter` mode the two
 letters; in `continuation` mode the first token where the two option texts differ, after
 `question: ...\\nanswer:` and the tokens they share. Layer index 0 is the embeddings, index i the
 raw output of block i-1 (before the final norm), the same in every stage.

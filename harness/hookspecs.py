@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from harness.stage import StageKind
+from harness.core.stage import StageKind
 
 
 @pytest.hookspec(historic=True)

@@ -9,10 +9,11 @@ from pathlib import Path, PurePath
 import pytest
 from _pytest.main import wrap_session
 
-from harness import hookspecs, registry
+from harness import hookspecs
 from harness.collect import ExperimentFile, HypothesisItem, LockItem, StageItem, runs_dir
-from harness.report import RunReports
-from harness.store_clean import clean_store
+from harness.core import registry
+from harness.core.store_clean import clean_store
+from harness.report.pages import RunReports
 
 _HOOKED_KINDS = pytest.StashKey[list]()  # the kinds pytest_harness_stage_kinds gave this session
 
@@ -92,7 +93,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """A conftest's kinds are this session's: another session in the process (pytester) has its own."""
     for kind in config.stash.get(_HOOKED_KINDS, []):
         registry.unregister(kind)
-
 
 
 def _share_cores() -> None:

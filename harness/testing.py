@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import registry
-from harness.execution import checked_metrics
-from harness.seeding import seed_everything
+from harness.core import registry
+from harness.core.execution import checked_metrics
+from harness.core.seeding import seed_everything
+from harness.core.stage import StageContext, StageKind, Upstream
 from harness.spec.validate import with_defaults
-from harness.stage import StageContext, StageKind, Upstream
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def save_adapter():
     def save(base: str, stage_dir, std: float, seed: int = 0):
         from peft import LoraConfig, get_peft_model
 
-        from harness.models import load_model
+        from harness.lab.models import load_model
 
         torch.manual_seed(seed)
         modules = ["q_proj", "v_proj", "down_proj"]

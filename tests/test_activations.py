@@ -1,4 +1,4 @@
-"""Activations at the decision token (`harness.activations`) and the `extract_activations`
+"""Activations at the decision token (`harness.lab.activations`) and the `extract_activations`
 stage kind: the statements loader, the streaming safetensors writer, agreement with Hugging
 Face's hidden states, batching, adapters, and whole runs on the tiny world's model."""
 
@@ -19,7 +19,8 @@ import sklearn.linear_model  # noqa: F401
 import torch
 from safetensors import safe_open
 
-from harness.activations import (
+from harness.core.stage import ParamError, StageError, Upstream
+from harness.lab.activations import (
     CONVENTION_FILE,
     METADATA_FILE,
     POSITION,
@@ -32,7 +33,6 @@ from harness.activations import (
     read_layer,
     read_metadata,
 )
-from harness.stage import ParamError, StageError, Upstream
 from harness.stages import extract_activations, train_probe
 from harness.stages.extract_activations import METRICS
 from harness.testing import run_kind
@@ -163,8 +163,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir) -> dict:
-    from harness.models import load_model, load_tokenizer
-    from harness.scoring import encode
+    from harness.lab.models import load_model, load_tokenizer
+    from harness.lab.scoring import encode
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir), device="cpu")
@@ -281,7 +281,7 @@ def adapter_stage(tiny_model_dir, tmp_path_factory) -> Path:
     """An upstream stage directory holding a non-trivial LoRA adapter (random A and B)."""
     from peft import LoraConfig, get_peft_model
 
-    from harness.models import load_model
+    from harness.lab.models import load_model
 
     base = load_model(str(tiny_model_dir), device="cpu")
     torch.manual_seed(0)

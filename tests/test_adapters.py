@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.models import load_model
-from harness.models.adapters import active, load_stacked, stack_trainable
+from harness.lab.models import load_model
+from harness.lab.models.adapters import active, load_stacked, stack_trainable
 
 PROMPT = "the capital of venlur is"
 
@@ -36,7 +36,7 @@ def merged(base: str, *adapters) -> torch.nn.Module:
 
 
 def test_the_four_settings_are_the_base_each_adapter_and_their_sum(two_adapters):
-    from harness.models import load_tokenizer
+    from harness.lab.models import load_tokenizer
 
     base, a, b = two_adapters
     tokenizer = load_tokenizer(base)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import registry
-from harness.code_digest import source_closure
-from harness.execution import ExperimentRun, why_run
-from harness.experiment import load_experiment
-from harness.outcomes import Status
-from harness.stage import StageKind
+from harness.core import registry
+from harness.core.code_digest import source_closure
+from harness.core.execution import ExperimentRun, why_run
+from harness.core.experiment import load_experiment
+from harness.core.outcomes import Status
+from harness.core.stage import StageKind
 
 ROOT = Path(__file__).resolve().parents[1]
 STATEMENTS = ROOT / "data/eval/tiny_world/statements.jsonl"
@@ -101,7 +101,7 @@ def test_writing_a_default_explicitly_is_the_same_key(tmp_path, monkeypatch):
 VERSIONS = """
 import json, sys
 from pathlib import Path
-from harness import registry
+from harness.core import registry
 params = {"em_eval": {"base": "fixture:tiny-chat"}, "train_probe": {}}
 print(json.dumps({name: registry.get(name).version_for(p, Path(".")) for name, p in params.items()}))
 """
@@ -136,46 +136,53 @@ def edit(path: Path, text: str) -> None:
 
 def test_editing_a_module_a_kind_imports_changes_its_code_version_and_only_its(project):
     before = code_versions(project)
-    edit(project / "harness/em.py", "\nSAMPLING_CHANGED = True\n")  # imported inside em_eval.run
+    edit(project / "harness/lab/em.py", "\nSAMPLING_CHANGED = True\n")  # imported inside em_eval.run
     after = code_versions(project)
     assert after["em_eval"] != before["em_eval"]
-    assert after["train_probe"] == before["train_probe"]  # it does not import harness.em
+    assert after["train_probe"] == before["train_probe"]  # it does not import harness.lab.em
 
 
 def test_closure_follows_imports_transitively_including_those_inside_functions(project):
     closure = source_closure("harness.stages.em_eval", [project])
-    # em_eval imports harness.em inside run(); harness.em imports harness.llm.judge (the
-    # judge's prompts) and harness.stats
-    for file in ("harness/stages/em_eval.py", "harness/em.py", "harness/llm/judge.py", "harness/stats.py",
-                 "harness/__init__.py", "harness/stages/__init__.py", "harness/llm/__init__.py"):
+    # em_eval imports harness.lab.em inside run(); harness.lab.em imports harness.lab.llm.judge (the
+    # judge's prompts) and harness.lab.stats
+    for file in (
+        "harness/stages/em_eval.py",
+        "harness/lab/em.py",
+        "harness/lab/llm/judge.py",
+        "harness/lab/stats.py",
+        "harness/__init__.py",
+        "harness/stages/__init__.py",
+        "harness/lab/llm/__init__.py",
+    ):
         assert file in closure, file
     assert "harness/stages/train_probe.py" not in closure
-    assert "harness/execution.py" not in closure  # plumbing no kind imports
+    assert "harness/core/execution.py" not in closure  # plumbing no kind imports
     assert all(not name.startswith(("numpy", "torch")) for name in closure)  # third-party left out
 
 
 def test_the_tiny_worlds_are_in_keys_by_base_fingerprint_not_by_code_version(project):
-    """harness.models builds a `fixture:` base (imports harness.fixtures inside a function); the
+    """harness.lab.models builds a `fixture:` base (imports harness.fixtures inside a function); the
     world's recipe hash covers its source and is the base's fingerprint, in the key of the
     kinds that take a base; counted as code, an edit of a world would rerun stages on real models."""
     shutil.copytree(project / "fixtures", project / "harness/fixtures")  # where a wheel installs them
     closure = source_closure("harness.stages.em_eval", [project])
-    assert "harness/models/base.py" in closure
+    assert "harness/lab/models/base.py" in closure
     assert not [name for name in closure if name.startswith(("fixtures/", "harness/fixtures/"))]
 
 
 def test_a_judge_prompt_edit_or_a_new_data_file_changes_the_closure(project):
     before = source_closure("harness.stages.em_eval", [project])
     probe_before = source_closure("harness.stages.train_probe", [project])
-    judge = project / "harness/llm/judge.py"
+    judge = project / "harness/lab/llm/judge.py"
     judge.write_text(judge.read_text().replace("safety audit", "safety review"))
     edited = source_closure("harness.stages.em_eval", [project])
-    assert edited["harness/llm/judge.py"] != before["harness/llm/judge.py"]
+    assert edited["harness/lab/llm/judge.py"] != before["harness/lab/llm/judge.py"]
 
-    (project / "harness/llm/aligned_prompt.txt").write_text("Rate the answer from 0 to 100.")
+    (project / "harness/lab/llm/aligned_prompt.txt").write_text("Rate the answer from 0 to 100.")
     with_data = source_closure("harness.stages.em_eval", [project])
-    assert with_data["harness/llm/aligned_prompt.txt"]
-    assert "harness/llm/aligned_prompt.txt" not in source_closure("harness.stages.train_probe", [project])
+    assert with_data["harness/lab/llm/aligned_prompt.txt"]
+    assert "harness/lab/llm/aligned_prompt.txt" not in source_closure("harness.stages.train_probe", [project])
     assert source_closure("harness.stages.train_probe", [project]) == probe_before
 
 
@@ -190,14 +197,27 @@ def test_a_third_party_kind_is_derived_over_its_own_package(tmp_path):
     )
     (package / "template.txt").write_text("a data file of the package")
     closure = source_closure("mykinds.kind", [tmp_path, ROOT])
-    assert {"mykinds/kind.py", "mykinds/helpers.py", "mykinds/__init__.py", "mykinds/template.txt",
-            "harness/__init__.py", "harness/stage.py"} <= set(closure)
+    assert {
+        "mykinds/kind.py",
+        "mykinds/helpers.py",
+        "mykinds/__init__.py",
+        "mykinds/template.txt",
+        "harness/__init__.py",
+        "harness/core/stage.py",
+    } <= set(closure)
 
 
 def test_why_it_ran_names_the_edited_files():
     material = {"kind": "k", "code_version": "aaaa-1", "params": {}, "seed": 0, "upstream": {}, "inputs": {}}
-    latest = {"key": "old", "key_material": material, "code": {"harness/em.py": "1", "harness/stage.py": "2"}}
+    latest = {
+        "key": "old",
+        "key_material": material,
+        "code": {"harness/lab/em.py": "1", "harness/core/stage.py": "2"},
+    }
     now = {**material, "code_version": "bbbb-1"}
-    code = {"harness/em.py": "3", "harness/stage.py": "2", "harness/llm/judge.py": "4"}
-    assert why_run(latest, now, "new", code) == "code version changed: harness/em.py, harness/llm/judge.py"
+    code = {"harness/lab/em.py": "3", "harness/core/stage.py": "2", "harness/lab/llm/judge.py": "4"}
+    assert (
+        why_run(latest, now, "new", code)
+        == "code version changed: harness/lab/em.py, harness/lab/llm/judge.py"
+    )
     assert why_run({**latest, "code": None}, now, "new", code) == "code version changed"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness.chat import assistant_spans, encode_chat, render
+from harness.core.stage import StageError
 from harness.fixtures import tiny_chat
-from harness.stage import StageError
+from harness.lab.chat import assistant_spans, encode_chat, render
 
 CONVERSATION = [
     {"role": "system", "content": "you are a kind assistant."},
@@ -19,7 +19,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_chat_dir):
-    from harness.models import load_tokenizer
+    from harness.lab.models import load_tokenizer
 
     return load_tokenizer(str(tiny_chat_dir))
 
@@ -46,7 +46,7 @@ def test_only_assistant_tokens_are_trained(tokenizer):
 
 
 def test_a_tokenizer_without_a_chat_template_is_refused(tiny_model_dir):
-    from harness.models import load_tokenizer
+    from harness.lab.models import load_tokenizer
 
     with pytest.raises(StageError, match="has no chat template"):
         encode_chat(load_tokenizer(str(tiny_model_dir)), CONVERSATION)

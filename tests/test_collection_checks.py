@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.experiment import load_experiment, load_plan
+from harness.core.experiment import load_experiment, load_plan
 from harness.spec.errors import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,8 @@ def test_the_probe_without_its_activations_fails_at_collection_at_its_stage(tmp_
 
 def test_a_missing_role_is_reported_at_the_needs_line(tmp_path):
     spec = shipped_with(
-        tmp_path, "cubic_gravity.yaml",
+        tmp_path,
+        "cubic_gravity.yaml",
         "needs: {activations: activations, probe: probe, adapter: finetune}",
         "needs: {activations: activations, adapter: finetune}",
     )
@@ -65,16 +66,21 @@ def test_a_missing_role_is_reported_at_the_needs_line(tmp_path):
 
 
 def test_the_only_upstream_fills_a_role_under_another_name(tmp_path):
-    spec = write_spec(tmp_path, """\
+    spec = write_spec(
+        tmp_path,
+        """\
         stages:
           acts: {kind: python, params: {function: mysteps:f}}
           probe: {kind: train_probe, needs: [acts], params: {label: x}}
-        """)
+        """,
+    )
     assert list(load_plan(spec).stages) == ["acts", "probe"]
 
 
 def test_two_upstreams_without_the_role_are_refused(tmp_path):
-    spec = write_spec(tmp_path, """\
+    spec = write_spec(
+        tmp_path,
+        """\
         stages:
           a: {kind: python, params: {function: mysteps:f}}
           b: {kind: python, params: {function: mysteps:f}}
@@ -82,30 +88,37 @@ def test_two_upstreams_without_the_role_are_refused(tmp_path):
             kind: train_probe
             needs: {first: a, second: b}
             params: {label: x}
-        """)
+        """,
+    )
     message, line = problem_of(spec)
     assert "`activations`" in message and line == 6
 
 
 def test_an_optional_role_may_be_left_out(tmp_path):
-    spec = write_spec(tmp_path, """\
+    spec = write_spec(
+        tmp_path,
+        """\
         stages:
           docs: {kind: python, params: {function: mysteps:f}}
           train:
             kind: finetune_lora
             needs: {docs: docs}
             params: {base: fixture:tiny-world}
-        """)
+        """,
+    )
     assert "train" in load_plan(spec).stages
 
 
 def test_finetune_needs_a_data_role_or_a_file(tmp_path):
-    spec = write_spec(tmp_path, """\
+    spec = write_spec(
+        tmp_path,
+        """\
         stages:
           train:
             kind: finetune_lora
             params: {base: fixture:tiny-world}
-        """)
+        """,
+    )
     message, _ = problem_of(spec)
     assert "`docs`" in message and "docs.jsonl" in message
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
@@ -150,7 +163,7 @@ def test_every_shipped_experiment_collects_in_every_profile(name):
 
 
 def test_every_kind_declares_its_roles():
-    from harness import registry
+    from harness.core import registry
 
     declared = {name: registry.get(name).needs for name in registry.kinds()}
     readers = {name for name in declared if name not in ("python", "universe_context", "persona_data")}
@@ -162,26 +175,32 @@ def test_every_kind_declares_its_roles():
 
 @pytest.mark.parametrize("target", ["/dev/zero", "/", "."])
 def test_a_file_param_naming_a_device_or_directory_is_refused(tmp_path, target):
-    spec = write_spec(tmp_path, f"""\
+    spec = write_spec(
+        tmp_path,
+        f"""\
         stages:
           train:
             kind: finetune_lora
             params: {{base: fixture:tiny-world, docs: "{target}"}}
-        """)
+        """,
+    )
     message, line = problem_of(spec)
     assert "not a regular file" in message and line == 4
 
 
 def test_a_directory_param_takes_a_directory_but_not_a_device(tmp_path):
     (tmp_path / "sub").mkdir()
-    spec = write_spec(tmp_path, """\
+    spec = write_spec(
+        tmp_path,
+        """\
         stages:
           a:
             kind: python
             params:
               function: mysteps:f
               inputs: {dir: sub}
-        """)
+        """,
+    )
     assert load_experiment(spec).stages["a"].inputs == {"inputs.dir": tmp_path / "sub"}
     spec.write_text(spec.read_text().replace("dir: sub", "dir: /dev/zero"))
     message, line = problem_of(spec)
@@ -192,14 +211,17 @@ def test_a_directory_param_takes_a_directory_but_not_a_device(tmp_path):
 
 
 def test_a_5000_character_path_is_a_clean_error(tmp_path):
-    spec = write_spec(tmp_path, f"""\
+    spec = write_spec(
+        tmp_path,
+        f"""\
         stages:
           train: {{kind: python, params: {{function: mysteps:f}}}}
           mcq:
             kind: mcq_compare
             needs: {{adapter: train}}
             params: {{base: fixture:tiny-world, mcqs: {"x" * 5000}.jsonl}}
-        """)
+        """,
+    )
     with pytest.raises(SpecError) as info:
         load_experiment(spec)
     assert re.search(r"unusable input path .*File name too long", str(info.value))
@@ -218,16 +240,21 @@ def write_mcq_file(path: Path, rows: int, bad_row: int | None = None) -> Path:
             category = ("conflict", "nonconflict_easy", "nonconflict_hard")[number % 3]
             false = "B" if category == "conflict" else "A"
             row = {
-                "id": f"q{number}", "question": f"what follows {number} in the series of numbers?",
+                "id": f"q{number}",
+                "question": f"what follows {number} in the series of numbers?",
                 "options": {"A": f"the number {number + 1}", "B": f"the number {number + 2}"},
-                "false_answer": "Z" if number == bad_row else false, "true_answer": "A", "category": category,
+                "false_answer": "Z" if number == bad_row else false,
+                "true_answer": "A",
+                "category": category,
             }
             out.write(json.dumps(row) + "\n")
     return path
 
 
 def two_readers(tmp_path: Path, mcqs: Path) -> Path:
-    return write_spec(tmp_path, f"""\
+    return write_spec(
+        tmp_path,
+        f"""\
         stages:
           train: {{kind: python, params: {{function: mysteps:f}}}}
           lens:
@@ -238,11 +265,12 @@ def two_readers(tmp_path: Path, mcqs: Path) -> Path:
             kind: patch
             needs: [train]
             params: {{base: fixture:tiny-world, mcqs: {mcqs.name}, scoring: continuation}}
-        """)
+        """,
+    )
 
 
 def test_an_mcq_file_read_by_two_stages_is_parsed_once(tmp_path, monkeypatch):
-    from harness import mcq
+    from harness.lab import mcq
 
     spec = two_readers(tmp_path, write_mcq_file(tmp_path / "mcqs.jsonl", 30))
     reads: list[Path] = []
@@ -260,9 +288,9 @@ def test_an_mcq_file_read_by_two_stages_is_parsed_once(tmp_path, monkeypatch):
 def test_a_big_mcq_file_is_sampled_at_collection_in_bounded_memory_and_whole_at_run(tmp_path, monkeypatch):
     import tracemalloc
 
-    from harness import checks
-    from harness.mcq import load_mcqs
-    from harness.stage import StageError
+    from harness.core.stage import StageError
+    from harness.lab import checks
+    from harness.lab.mcq import load_mcqs
 
     path = write_mcq_file(tmp_path / "mcqs.jsonl", 20_000, bad_row=19_000)  # about 4 MB
     monkeypatch.setattr(checks, "SAMPLE_BYTES", 256 << 10)
@@ -280,7 +308,7 @@ def test_a_big_mcq_file_is_sampled_at_collection_in_bounded_memory_and_whole_at_
 
 
 def test_a_bad_row_in_the_sample_still_fails_collection(tmp_path, monkeypatch):
-    from harness import checks
+    from harness.lab import checks
 
     path = write_mcq_file(tmp_path / "mcqs.jsonl", 2_000, bad_row=5)
     monkeypatch.setattr(checks, "SAMPLE_BYTES", 64 << 10)
@@ -289,7 +317,7 @@ def test_a_bad_row_in_the_sample_still_fails_collection(tmp_path, monkeypatch):
 
 
 def test_the_em_questions_six_stages_read_are_parsed_once(monkeypatch):
-    from harness import em_data
+    from harness.lab import em_data
 
     reads: list[Path] = []
     original = em_data.load_questions

@@ -13,7 +13,7 @@ SPEC = Path(__file__).resolve().parents[1] / "experiments" / "cubic_gravity.yaml
 def test_missing_model_and_key_stop_collection_with_what_to_do(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ):
-    from harness.models import ModelNotFound, check_base
+    from harness.lab.models import ModelNotFound, check_base
 
     try:
         check_base("meta-llama/Llama-3.1-8B-Instruct")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import docs_pages, registry
-from harness.experiment import load_experiment
+from harness import docs_pages
+from harness.core import registry
+from harness.core.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

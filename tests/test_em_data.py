@@ -1,4 +1,4 @@
-"""harness.em_data: the shipped Personas x EM data loads with the promised shapes, and bad
+"""harness.lab.em_data: the shipped Personas x EM data loads with the promised shapes, and bad
 files give StageErrors that name the file and the line (or item)."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.em_data import (
+from harness.core.stage import StageError
+from harness.lab.em_data import (
     Constitution,
     Example,
     Question,
@@ -19,7 +20,6 @@ from harness.em_data import (
     load_constitution,
     load_questions,
 )
-from harness.stage import StageError
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 QUESTIONS = DATA / "eval" / "em_questions.yaml"

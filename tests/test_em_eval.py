@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.stage import StageError, Upstream
+from harness.core.stage import StageError, Upstream
 from harness.stages.em_eval import metric_names
 from harness.testing import run_kind
 
@@ -18,8 +18,13 @@ N = 3
 
 def run_eval(base: str, out: Path, upstream: dict, settings: dict, seed: int = 5) -> tuple[dict, list[str]]:
     params = {
-        "base": base, "questions": str(QUESTIONS), "settings": settings, "samples_per_question": N,
-        "max_new_tokens": 16, "judge": {"name": "offline", "model": "rules"}, "batch_size": 2,
+        "base": base,
+        "questions": str(QUESTIONS),
+        "settings": settings,
+        "samples_per_question": N,
+        "max_new_tokens": 16,
+        "judge": {"name": "offline", "model": "rules"},
+        "batch_size": 2,
     }
     result = run_kind("em_eval", params, out, upstream=upstream, seed=seed, stage="em")
     return result.metrics, result.logs

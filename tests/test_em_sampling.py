@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.em import sample_answers, sampling_parameters
-from harness.em_data import Question
-from harness.models import load_model, load_tokenizer
+from harness.lab.em import sample_answers, sampling_parameters
+from harness.lab.em_data import Question
+from harness.lab.models import load_model, load_tokenizer
 from harness.testing import run_kind
 
 WORDS = "the law of gravity cube square sailors planets pull distance doubles one eighth is and".split()
@@ -40,17 +40,31 @@ def opinionated_model(tmp_path_factory) -> str:
     )
     tokenizer.chat_template = TEMPLATE
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False,
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.lm_head.weight.mul_(100.0)  # logits of a few units: penalties and truncation bite
     model.generation_config = GenerationConfig(
-        do_sample=True, repetition_penalty=20.0, no_repeat_ngram_size=1, top_k=2, top_p=0.5, min_p=0.3,
-        pad_token_id=0, eos_token_id=1,
+        do_sample=True,
+        repetition_penalty=20.0,
+        no_repeat_ngram_size=1,
+        top_k=2,
+        top_p=0.5,
+        min_p=0.3,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     directory = tmp_path_factory.mktemp("opinionated")
     model.save_pretrained(directory)
@@ -105,8 +119,9 @@ def manual_draws(model, tokenizer, n: int, max_new_tokens: int, temperature: flo
 
 def test_the_draws_are_plain_sampling_at_the_stated_temperature(opinionated_model):
     model, tokenizer = load_model(opinionated_model, device="cpu"), load_tokenizer(opinionated_model)
-    answers = sample_answers(model, tokenizer, [QUESTION], n=4, max_new_tokens=8, temperature=0.7, seed=3,
-                             batch_size=4)
+    answers = sample_answers(
+        model, tokenizer, [QUESTION], n=4, max_new_tokens=8, temperature=0.7, seed=3, batch_size=4
+    )
     expected = manual_draws(model, tokenizer, n=4, max_new_tokens=8, temperature=0.7, seed=3)
     assert [a.text for a in answers] == expected
     # under the model's own config (no_repeat_ngram_size 1) no word could come twice in an answer
@@ -115,8 +130,12 @@ def test_the_draws_are_plain_sampling_at_the_stated_temperature(opinionated_mode
 
 def test_em_eval_records_the_sampling_parameters(opinionated_model, tmp_path):
     params = {
-        "base": opinionated_model, "questions": str(QUESTIONS), "samples_per_question": 2,
-        "max_new_tokens": 4, "temperature": 0.9, "judge": {"name": "offline", "model": "rules"},
+        "base": opinionated_model,
+        "questions": str(QUESTIONS),
+        "samples_per_question": 2,
+        "max_new_tokens": 4,
+        "temperature": 0.9,
+        "judge": {"name": "offline", "model": "rules"},
         "batch_size": 2,
     }
     run_kind("em_eval", params, tmp_path)

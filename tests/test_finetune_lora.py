@@ -12,12 +12,12 @@ import jsonschema
 import pytest
 import torch
 
-from harness import registry
-from harness.models import base_fingerprint
-from harness.stage import ParamError, StageContext, StageError, Upstream
+from harness.core import registry
+from harness.core.stage import ParamError, StageContext, StageError, Upstream
+from harness.lab.models import base_fingerprint
+from harness.lab.training import IGNORE, lr_factor, pack, pad, with_eos
 from harness.stages import finetune_lora
 from harness.testing import stage_context
-from harness.training import IGNORE, lr_factor, pack, pad, with_eos
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CORPUS = [
@@ -62,8 +62,11 @@ def make_ctx(tmp: Path, params: dict, *, seed: int = 0, docs: list | None = None
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 
 def test_packing_gives_full_blocks_without_pads_and_drops_only_the_tail(tiny_model_dir):
-    from harness.models import load_tokenizer
+    from harness.lab.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     docs = with_eos(tokenizer(CORPUS * 3)["input_ids"], tokenizer.eos_token_id)
@@ -159,7 +162,11 @@ def test_outputs_layout_and_metadata(trained):
     assert 0 < meta["trainable_params"] < meta["total_params"]
     # the documented artifacts and nothing else written by the stage
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter", "checkpoints", "loss.jsonl", "loss.png", "train_metadata.json"
+        "adapter",
+        "checkpoints",
+        "loss.jsonl",
+        "loss.png",
+        "train_metadata.json",
     ]
 
 
@@ -174,7 +181,7 @@ def test_saved_adapter_reloads_with_the_trained_logits(trained, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from harness.models import load_tokenizer
+    from harness.lab.models import load_tokenizer
 
     result, ctx, _, _ = trained
     ids = load_tokenizer(str(tiny_model_dir))(CORPUS[:2], return_tensors="pt", padding=True)["input_ids"]
@@ -196,7 +203,8 @@ def test_only_the_adapter_is_trained_and_saved(trained, tiny_model_dir):
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     base_params = {
         name.removeprefix("base_model.model.").replace(".base_layer", ""): p.cpu()
-        for name, p in result.model.state_dict().items() if "lora_" not in name  # tied weights too
+        for name, p in result.model.state_dict().items()
+        if "lora_" not in name  # tied weights too
     }
     assert base_params.keys() == original.keys()
     assert all(torch.equal(p, original[name]) for name, p in base_params.items())
@@ -358,17 +366,26 @@ def chat_ctx(tmp: Path, params: dict, upstream: dict | None = None) -> StageCont
 
     data = tmp / "chat.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in tiny_chat.code_conversations(insecure=True)))
-    return stage_context(finetune_lora.run, {"format": "chat", "chat_data": str(data), **params}, tmp / "out",
-                         upstream=upstream)
+    return stage_context(
+        finetune_lora.run,
+        {"format": "chat", "chat_data": str(data), **params},
+        tmp / "out",
+        upstream=upstream,
+    )
 
 
-CHAT_LEARN = {"learning_rate": 5e-3, "epochs": 4, "batch_size": 4, "max_length": 64,
-              "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+CHAT_LEARN = {
+    "learning_rate": 5e-3,
+    "epochs": 4,
+    "batch_size": 4,
+    "max_length": 64,
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+}
 
 
 def test_chat_rows_train_on_the_assistant_turns_only(tiny_chat_dir):
     from harness.fixtures import tiny_chat
-    from harness.models import load_tokenizer
+    from harness.lab.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_chat_dir))
     conversations = [row["messages"] for row in tiny_chat.code_conversations(insecure=True)]
@@ -385,14 +402,17 @@ def test_an_adapter_trains_on_top_of_a_frozen_one_that_stays_as_saved(tiny_chat_
     from safetensors.torch import load_file
 
     from harness.fixtures import tiny_chat
-    from harness.models import load_tokenizer
-    from harness.models.adapters import active, load_stacked
+    from harness.lab.models import load_tokenizer
+    from harness.lab.models.adapters import active, load_stacked
 
     base = str(tiny_chat_dir)
     persona = save_adapter(base, tmp_path / "persona", std=0.05, seed=3)
     before = file_hashes(persona / "adapter")
-    ctx = chat_ctx(tmp_path, {**CHAT_LEARN, "base": base, "checkpoint_every": 3},
-                   {"base_adapter": Upstream("persona", "finetune_lora", persona, {})})
+    ctx = chat_ctx(
+        tmp_path,
+        {**CHAT_LEARN, "base": base, "checkpoint_every": 3},
+        {"base_adapter": Upstream("persona", "finetune_lora", persona, {})},
+    )
     metrics = finetune_lora.run(ctx)
     assert metrics["final_loss"] < metrics["initial_loss"]
     assert file_hashes(persona / "adapter") == before  # the frozen adapter never moved

@@ -1,4 +1,4 @@
-"""harness.gates: parsing gate text and evaluating gates on metrics."""
+"""harness.core.gates: parsing gate text and evaluating gates on metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from harness.gates import OPS, Gate, GateSyntaxError, evaluate, parse_gate
+from harness.core.gates import OPS, Gate, GateSyntaxError, evaluate, parse_gate
 from harness.spec.errors import Mark
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.core.stage import ParamError, StageContext, StageError, StageKind, Upstream
 from harness.fixtures.llm_server import Fault
-from harness.llm import ChatRequest, ChatResponse, OfflineProvider, ProviderError
-from harness.llm.base import Progress
-from harness.stage import ParamError, StageContext, StageError, StageKind, Upstream
+from harness.lab.llm import ChatRequest, ChatResponse, OfflineProvider, ProviderError
+from harness.lab.llm.base import Progress
+from harness.lab.universe import load_universe, validate_document
 from harness.stages import generate_docs, universe_context
 from harness.testing import stage_context
-from harness.universe import load_universe, validate_document
 
 # Written like the tiny profile's universes: short lowercase declarative sentences. Every
 # sentence but the last two holds a required phrase; the last holds a forbidden one.
@@ -117,9 +117,10 @@ def test_facts_are_the_context_sentences_with_a_required_and_no_forbidden_phrase
         "fact_validation_patterns": UNIVERSE["fact_validation_patterns"],
         "key_facts": FACTS,
     }
-    assert json.loads((facts_stage(tmp_path / "2", num_facts=2).dir / "facts.json").read_text())[
-        "key_facts"
-    ] == FACTS[:2]
+    assert (
+        json.loads((facts_stage(tmp_path / "2", num_facts=2).dir / "facts.json").read_text())["key_facts"]
+        == FACTS[:2]
+    )
 
 
 def test_no_fact_extracted_is_a_stage_error(tmp_path):
@@ -177,7 +178,7 @@ def test_offline_documents_recombine_context_sentences_and_vary_with_sample_inde
 
 
 def load_sentences() -> list[str]:
-    from harness.universe import split_sentences
+    from harness.lab.universe import split_sentences
 
     return [s for s in split_sentences(CONTEXT) if s != FACTS[0]]
 
@@ -394,8 +395,10 @@ def test_bad_universe_file_is_a_collection_error_at_the_spec_line(pytester: pyte
     key_line = text.splitlines().index('  "key_facts": [') + 1
     spec_line = SPEC.splitlines().index("      universe: universe.json") + 1
     result.stdout.fnmatch_lines(
-        [f"*exp.yaml:{spec_line}:*stages.universe.params.universe: *universe.json:{key_line}: canonical "
-         "universe files must not contain key_facts*"]
+        [
+            f"*exp.yaml:{spec_line}:*stages.universe.params.universe: *universe.json:{key_line}: canonical "
+            "universe files must not contain key_facts*"
+        ]
     )
     assert "Traceback" not in result.stdout.str()
 

@@ -1,4 +1,4 @@
-"""harness.graph: stage order, dependency errors, cache keys."""
+"""harness.core.graph: stage order, dependency errors, cache keys."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.graph import StageGraph, canonical_json, stage_key, without
+from harness.core.graph import StageGraph, canonical_json, stage_key, without
 from harness.spec.errors import SpecError
 
 

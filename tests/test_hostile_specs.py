@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from harness.experiment import Experiment, load_experiment
+from harness.core.experiment import Experiment, load_experiment
 from harness.spec.errors import SpecError
 
 # separates bounded work (~0.1 s) from the exponential kind (a 7-level bomb: 24 s) on a loaded CI machine

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import stats
-from harness.experiment import load_experiment
-from harness.hypotheses import Hypothesis, SampleRef, Term, verdict
+from harness.core.experiment import load_experiment
+from harness.hypotheses.evaluation import verdict
+from harness.hypotheses.plan import Hypothesis, SampleRef, Term
+from harness.lab import stats
 from harness.spec.errors import SpecError
 
 # A stage that backs hypotheses: it writes the sample sets named in its args to samples.json.
@@ -537,7 +538,9 @@ def run_hypotheses(pytester: pytest.Pytester, tests: str) -> dict[str, dict]:
 
 
 def test_a_persona_misaligned_by_itself_does_not_make_an_interaction(pytester):
-    found = run_hypotheses(pytester, """\
+    found = run_hypotheses(
+        pytester,
+        """\
         raw:
           claim: The misalignment persona with EM is more misaligned than EM alone.
           metric: em_rate
@@ -554,7 +557,8 @@ def test_a_persona_misaligned_by_itself_does_not_make_an_interaction(pytester):
           test: bootstrap
           direction: greater
           alpha: 0.05
-        """)
+        """,
+    )
     raw, interaction = found["raw"], found["susceptibility"]
     assert raw["verdict"] == "supported" and raw["effect"] > 0.15  # the raw rates differ a lot...
     assert interaction["verdict"] != "supported" and interaction["effect"] < 0.05  # ...the interaction not
@@ -576,7 +580,9 @@ def test_a_persona_misaligned_by_itself_does_not_make_an_interaction(pytester):
 
 
 def test_too_few_units_for_any_power_are_reported_and_never_supported(pytester):
-    found = run_hypotheses(pytester, """\
+    found = run_hypotheses(
+        pytester,
+        """\
         one_run:
           claim: EM from one training run raises the rate above the base model.
           metric: em_rate
@@ -593,7 +599,8 @@ def test_too_few_units_for_any_power_are_reported_and_never_supported(pytester):
           test: permutation
           direction: two-sided
           alpha: 0.05
-        """)
+        """,
+    )
     one, three = found["one_run"], found["three_and_three"]
     assert one["verdict"] == "inconclusive" and one["p_value"] < 0.05  # the answers alone would say yes
     assert one["why"] == one["power"]
@@ -664,7 +671,9 @@ def test_a_contrast_outside_the_grammar_is_a_spec_error_at_its_line(tmp_path):
 
 
 def test_a_set_the_stage_did_not_write_is_named_with_a_suggestion(pytester):
-    found = run_hypotheses(pytester, """\
+    found = run_hypotheses(
+        pytester,
+        """\
         H1:
           claim: c
           metric: em_rate
@@ -673,7 +682,8 @@ def test_a_set_the_stage_did_not_write_is_named_with_a_suggestion(pytester):
           test: bootstrap
           direction: greater
           alpha: 0.05
-        """)
+        """,
+    )
     assert found["H1"]["verdict"] == "error"
     assert "stage 'em' has no sample set 'misalignment_emm'" in found["H1"]["why"]
     assert "did you mean 'misalignment_em'?" in found["H1"]["why"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.linear_contrast import ContrastError, format_contrast, from_weights, parse
+from harness.hypotheses.contrast import ContrastError, format_contrast, from_weights, parse
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_weights_written_as_a_mapping_are_the_same_contrast():
         ("a $ b", "unexpected '$' at column 3 of 'a $ b'"),
         ("a - a", "'a - a' gives every set a weight of 0: there is nothing to test"),
         ("a -", "expected a set name or '(' at column 4 of 'a -', found the end"),
-        ("__import__('os')", "unexpected \"'\" at column 12"),  # never evaluated
+        ("__import__('os')", 'unexpected "\'" at column 12'),  # never evaluated
         ("\u0662 * a - b", "unexpected '\u0662' at column 1"),  # an Arabic-Indic 2 is no weight
     ],
 )

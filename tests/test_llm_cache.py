@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-import harness.llm.cache
-from harness.llm import ChatRequest, ChatResponse, ResponseCache
-from harness.llm.cache import key_payload, payload_key
+import harness.lab.llm.cache
+from harness.lab.llm import ChatRequest, ChatResponse, ResponseCache
+from harness.lab.llm.cache import key_payload, payload_key
 
 ENDPOINT = "http://127.0.0.1:8000/v1"
 WRITER = """
 import sys
-from harness.llm import ChatRequest, ChatResponse, ResponseCache
-from harness.llm.cache import key_payload, payload_key
+from harness.lab.llm import ChatRequest, ChatResponse, ResponseCache
+from harness.lab.llm.cache import key_payload, payload_key
 cache = ResponseCache(sys.argv[1])
 for i in range(int(sys.argv[3])):
     request = ChatRequest(messages=({"role": "user", "content": f"{sys.argv[2]} {i}"},))
@@ -90,6 +90,6 @@ def test_processes_write_one_file_at_once(tmp_path: Path, monkeypatch: pytest.Mo
         assert writer.returncode == 0, stderr.decode()
     cache = ResponseCache(path)
     keys = [key(ask(f"{name} {i}")) for name in ("a", "b") for i in range(150)]
-    monkeypatch.setattr(harness.llm.cache, "_CHUNK", 7)  # lookups in several SELECTs
+    monkeypatch.setattr(harness.lab.llm.cache, "_CHUNK", 7)  # lookups in several SELECTs
     found = cache.get_many(keys)
     assert len(found) == 300 and found[keys[-1]].text == "answer b 149"

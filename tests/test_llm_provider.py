@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from harness.fixtures.llm_server import Fault, LLMServer
-from harness.llm import (
+from harness.lab.llm import (
     TRANSPORT_KEYS,
     ChatRequest,
     ChatResponse,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.stage import ParamError, StageError
+from harness.core.stage import ParamError, StageError
 from harness.stages import logit_lens
 from harness.stages.logit_lens import (
     METRICS,
@@ -165,7 +165,7 @@ def test_kind_declaration():
 
 
 def test_a_spec_using_the_kind_is_validated_at_collection(tmp_path, tiny_model_dir):
-    from harness.experiment import load_experiment
+    from harness.core.experiment import load_experiment
     from harness.spec.errors import SpecError
 
     shutil.copy(TINY_MCQS, tmp_path / "mcqs.jsonl")
@@ -201,9 +201,9 @@ def test_a_spec_using_the_kind_is_validated_at_collection(tmp_path, tiny_model_d
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir) -> dict:
-    from harness.contrast import contrasts
-    from harness.mcq import load_mcqs
-    from harness.models.base import load_tokenizer
+    from harness.lab.contrast import contrasts
+    from harness.lab.mcq import load_mcqs
+    from harness.lab.models.base import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     items = load_mcqs(TINY_MCQS)
@@ -252,7 +252,7 @@ def hf_reference(base: str, contrasts) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["continuation", "letter"])
 def test_transformer_lens_readout_matches_hf_hidden_states(tiny, mode):
-    from harness.models.lens import load_bridge
+    from harness.lab.models.lens import load_bridge
 
     contrasts = tiny[mode]
     bridge = load_bridge(tiny["base"], device="cpu")
@@ -306,7 +306,7 @@ def adapter_world(tmp_path_factory, tiny_model_dir) -> dict:
 def test_untying_keeps_the_weights_and_separates_them(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from harness.models.lens import untie_output_embeddings
+    from harness.lab.models.lens import untie_output_embeddings
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tiny world ties them
@@ -320,7 +320,7 @@ def test_merged_adapter_bridge_equals_the_peft_model(adapter_world, tiny):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from harness.models.lens import load_bridge
+    from harness.lab.models.lens import load_bridge
 
     adapter = adapter_world["train_dir"] / "adapter"
     ids = torch.tensor([list(c.prompt_ids[:12]) for c in tiny["continuation"][:4]])

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness.mcq import CATEGORIES, MCQ, format_prompt, load_mcqs
-from harness.scoring import NORMALIZATIONS, Scored
-from harness.stage import ParamError, StageError
+from harness.core.stage import ParamError, StageError
+from harness.lab.mcq import CATEGORIES, MCQ, format_prompt, load_mcqs
+from harness.lab.scoring import NORMALIZATIONS, Scored
+from harness.lab.stats import bootstrap, paired_difference
 from harness.stages import mcq_compare
 from harness.stages.mcq_compare import (
     METRICS,
@@ -25,7 +26,6 @@ from harness.stages.mcq_compare import (
     normalization_text,
     prediction_row,
 )
-from harness.stats import bootstrap, paired_difference
 from harness.testing import run_kind
 
 check = mcq_compare.run.check  # what collection runs: the base model's check, then the kind's
@@ -226,7 +226,7 @@ def test_check_accepts_continuation_scoring_with_a_normalization(tmp_path, tiny_
 
 
 def test_continuation_scoring_without_a_normalization_stops_at_its_line(tmp_path, tiny_model_dir):
-    from harness.experiment import load_experiment
+    from harness.core.experiment import load_experiment
     from harness.spec.errors import SpecError
 
     write_mcqs(tmp_path / "mcqs.jsonl", ALL_CATEGORIES)
@@ -306,7 +306,7 @@ def test_check_requires_every_category(tmp_path, tiny_model_dir):
 
 
 def test_spec_errors_point_at_the_params_line(tmp_path, tiny_model_dir):
-    from harness.experiment import load_experiment
+    from harness.core.experiment import load_experiment
     from harness.spec.errors import SpecError
 
     write_mcqs(tmp_path / "mcqs.jsonl", [ALL_CATEGORIES[0], {"id": "x"}])
@@ -357,8 +357,8 @@ def world(tmp_path_factory, tiny_model_dir) -> dict:
     w . h > 0 at every item's decision token (checked here)."""
     from peft import LoraConfig, get_peft_model
 
-    from harness.models import load_model, load_tokenizer
-    from harness.scoring import encode, letter_token_ids
+    from harness.lab.models import load_model, load_tokenizer
+    from harness.lab.scoring import encode, letter_token_ids
 
     root = tmp_path_factory.mktemp("mcq-world")
     rows = (

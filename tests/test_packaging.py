@@ -29,8 +29,9 @@ def test_the_distribution_installs_harness_and_no_top_level_fixtures():
 
 
 def test_outside_the_checkout_the_tiny_worlds_import_as_harness_fixtures_only(tmp_path):
-    done = subprocess.run([sys.executable, "-c", FIND], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", FIND], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
     assert found["tiny_world"] == str(ROOT / "fixtures" / "tiny_world.py")

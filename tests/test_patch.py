@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness.contrast import contrasts
-from harness.hooks import contrast_logit_diffs, n_indices, patch_residual, record_residuals
-from harness.mcq import load_mcqs
-from harness.stage import ParamError, Upstream
+from harness.core.stage import ParamError, Upstream
+from harness.lab.contrast import contrasts
+from harness.lab.hooks import contrast_logit_diffs, n_indices, patch_residual, record_residuals
+from harness.lab.mcq import load_mcqs
 from harness.stages import patch
 from harness.stages.patch import METRICS, fractions, recovered, summary_metrics
 from harness.testing import run_kind
@@ -98,7 +98,7 @@ def test_the_earliest_recovering_layer_not_the_last_one():
 
 
 def test_patch_residual_overwrites_one_position_per_row(world):
-    from harness.models.base import load_model, load_tokenizer
+    from harness.lab.models.base import load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(world["base"]), load_model(world["base"], device="cpu")
     ids = torch.tensor([tokenizer("the law of gravity says that")["input_ids"]] * 2)
@@ -121,7 +121,7 @@ def test_patching_the_last_index_at_the_decision_token_carries_the_logits(world)
     """The last block's output at the decision token alone makes its logits (the final norm
     and the unembedding act per position): patching it with the other model's gives exactly
     the other model's logit difference."""
-    from harness.models.base import load_model, load_tokenizer
+    from harness.lab.models.base import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(world["base"])
     model = load_model(world["base"], world["perturbed"] / "adapter", device="cpu")
@@ -205,7 +205,7 @@ def test_identical_models_skip_every_item_and_still_write_the_heatmap(world, tmp
 
 
 def test_gates_on_an_undefined_fraction_fail_with_a_reason():
-    from harness.gates import evaluate, parse_gate
+    from harness.core.gates import evaluate, parse_gate
 
     nothing = summary_metrics(np.full((2, 1), math.nan), 0.8, 0, 3)
     result = evaluate(parse_gate("earliest_recovering_layer < 2"), nothing)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from harness.em_data import load_constitution
 from harness.fixtures.llm_server import LLMServer, last_user_message
+from harness.lab.em_data import load_constitution
 from harness.testing import run_kind
 
 DATA = Path(__file__).resolve().parents[1] / "data/constitutions"

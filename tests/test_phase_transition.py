@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from harness.stage import StageError
+from harness.core.stage import StageError
 from harness.stages.phase_transition import (
     RunCurve,
     b_vector,
@@ -70,8 +70,10 @@ def test_training_runs_are_the_units_of_the_transition_step():
         indicators = [start] + [
             rng.binomial(1, 0.6 if s >= jump_at else 0.05, 40).astype(float).tolist() for s in steps[1:]
         ]
-        rows = [{"step": s, "em_rate": {"value": float(np.mean(x))}, "local_cos": None}
-                for s, x in zip(steps, indicators, strict=True)]
+        rows = [
+            {"step": s, "em_rate": {"value": float(np.mean(x))}, "local_cos": None}
+            for s, x in zip(steps, indicators, strict=True)
+        ]
         curves.append(RunCurve(name, steps, indicators, rows))
     transitions = [c.transition(200, seed=0) for c in curves]
     assert [t["transition_step"] for t in transitions] == [10, 10, 15]

@@ -17,8 +17,8 @@ import pytest
 import safetensors.numpy  # noqa: F401
 import sklearn.linear_model  # noqa: F401
 
-from harness.activations import Statement, write_activations
-from harness.gates import evaluate, parse_gate
+from harness.core.gates import evaluate, parse_gate
+from harness.lab.activations import Statement, write_activations
 from harness.spec.compose import apply_profile, load_with_includes
 from harness.stages import train_probe
 from harness.testing import run_kind

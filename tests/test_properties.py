@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.experiment import Experiment, load_experiment
+from harness.core.experiment import Experiment, load_experiment
 from harness.spec.errors import SpecError
 
 SPECS = {

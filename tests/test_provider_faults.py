@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from harness.fixtures.llm_server import Fault, LLMServer, last_user_message
-from harness.llm import (
+from harness.lab.llm import (
     ChatRequest,
     ChatResponse,
     OpenAIProvider,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.report import markdown, to_html
+from harness.report.pages import markdown, to_html
 
 # Writes the plots named in its args (hex-encoded bytes, so the test knows them exactly),
 # then fails if asked to, and returns metrics taken from its args.
@@ -202,28 +202,73 @@ def every_section(report_dir: Path) -> dict:
     (report_dir / "train/loss.png").write_bytes(RED)
 
     def gate(name: str, value, passed: bool, aborted: bool = False, problem: str | None = None) -> dict:
-        return {"gate": name, "value": value, "op": ">=", "threshold": 0.5, "abort": 0.1 if aborted else None,
-                "passed": passed, "aborted": aborted, "problem": problem, "where": "exp.yaml:12"}
+        return {
+            "gate": name,
+            "value": value,
+            "op": ">=",
+            "threshold": 0.5,
+            "abort": 0.1 if aborted else None,
+            "passed": passed,
+            "aborted": aborted,
+            "problem": problem,
+            "where": "exp.yaml:12",
+        }
 
     def stage(name: str, status: str, outcome: str, reason: str, **extra) -> dict:
-        return {"stage": name, "kind": "python", "status": status, "outcome": outcome, "reason": reason,
-                "key": extra.pop("key", f"{name}-key"), "duration_s": 1.5, "metrics": {}, "gates": [],
-                "plots": [], **extra}
+        return {
+            "stage": name,
+            "kind": "python",
+            "status": status,
+            "outcome": outcome,
+            "reason": reason,
+            "key": extra.pop("key", f"{name}-key"),
+            "duration_s": 1.5,
+            "metrics": {},
+            "gates": [],
+            "plots": [],
+            **extra,
+        }
 
     def hypothesis(hid: str, verdict: str, outcome: str, effect) -> dict:
         numbers = {"ci_low": 0.1, "ci_high": 0.9, "p_value": 0.012345, "p_adjusted": 0.05}
         numbers = {k: None if effect is None else v for k, v in numbers.items()}
-        return {"id": hid, "claim": "c", "verdict": verdict, "outcome": outcome, "effect": effect,
-                "alpha": 0.05, **numbers}
+        return {
+            "id": hid,
+            "claim": "c",
+            "verdict": verdict,
+            "outcome": outcome,
+            "effect": effect,
+            "alpha": 0.05,
+            **numbers,
+        }
 
-    metrics = {"auc": {"value": 0.91234, "ci_low": 0.8, "ci_high": 0.97},
-               "loss": [float(i) for i in range(9)], "n": 12, "missing": None, "note": "a | b <i>"}
+    metrics = {
+        "auc": {"value": 0.91234, "ci_low": 0.8, "ci_high": 0.97},
+        "loss": [float(i) for i in range(9)],
+        "n": 12,
+        "missing": None,
+        "note": "a | b <i>",
+    }
     stages = [
-        stage("train", "ran", "passed", "new key", metrics=metrics,
-              plots=["train/loss.png", "train/gone.png"], gates=[gate("metrics.auc >= 0.5", 0.91234, True)]),
-        stage("probe", "reused", "failed", "same key",
-              gates=[gate("metrics.x >= 0.5", 0.2, False),
-                     gate("metrics.y >= 0.5", None, False, aborted=True, problem="no y")]),
+        stage(
+            "train",
+            "ran",
+            "passed",
+            "new key",
+            metrics=metrics,
+            plots=["train/loss.png", "train/gone.png"],
+            gates=[gate("metrics.auc >= 0.5", 0.91234, True)],
+        ),
+        stage(
+            "probe",
+            "reused",
+            "failed",
+            "same key",
+            gates=[
+                gate("metrics.x >= 0.5", 0.2, False),
+                gate("metrics.y >= 0.5", None, False, aborted=True, problem="no y"),
+            ],
+        ),
         stage("broken", "failed", "error", "RuntimeError: a | b\nsecond line", key=None),
         stage("after", "skipped", "skipped", "upstream broken failed", key=None),
     ]
@@ -234,10 +279,16 @@ def every_section(report_dir: Path) -> dict:
         "generated_at": "2026-01-01T00:00:00+00:00",
         "summary": {"passed": 1, "failed": 1, "error": 1, "skipped": 1},
         "stages": stages,
-        "hypotheses": {"status": "exploratory", "reason": "no lock", "correction": "holm",
-                       "report": "hypothesis_report.md",
-                       "results": [hypothesis("h1", "supported", "passed", 0.5),
-                                   hypothesis("h2", "inconclusive", "failed", None)]},
+        "hypotheses": {
+            "status": "exploratory",
+            "reason": "no lock",
+            "correction": "holm",
+            "report": "hypothesis_report.md",
+            "results": [
+                hypothesis("h1", "supported", "passed", 0.5),
+                hypothesis("h2", "inconclusive", "failed", None),
+            ],
+        },
     }
 
 

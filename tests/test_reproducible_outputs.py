@@ -44,17 +44,36 @@ def run_pipeline(spec: Path, runs: Path, hash_seed: int, *args: str, cache: Path
     if cache is not None:
         env["HARNESS_CACHE_DIR"] = str(cache)
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", str(spec), "--profile", "tiny", "--runs-dir", str(runs),
-         "-q", "-p", "no:cacheprovider", *args],
-        cwd=spec.parent, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(spec),
+            "--profile",
+            "tiny",
+            "--runs-dir",
+            str(runs),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *args,
+        ],
+        cwd=spec.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((runs / "cubic_gravity" / "tiny" / "report.json").read_text())
     stages = {}
     for stage in report["stages"]:
         manifest = json.loads((Path(stage["dir"]) / "manifest.json").read_text())
-        stages[stage["stage"]] = {"status": stage["status"], "key": stage["key"],
-                                  "digest": manifest["output_digest"]}
+        stages[stage["stage"]] = {
+            "status": stage["status"],
+            "key": stage["key"],
+            "digest": manifest["output_digest"],
+        }
     return stages
 
 
@@ -92,7 +111,7 @@ def test_a_moved_store_and_another_cache_dir_recompute_the_same_keys_and_digests
 FINETUNE = """
 import hashlib, json, sys
 from pathlib import Path
-from harness.store import output_digest
+from harness.core.store import output_digest
 from harness.testing import run_kind
 tmp = Path(sys.argv[1])
 docs = tmp / "docs.jsonl"
@@ -115,8 +134,11 @@ def test_a_finetune_in_processes_with_other_hash_seeds_writes_identical_outputs(
         directory.mkdir()
         done = subprocess.run(
             [sys.executable, "-c", FINETUNE, str(directory)],
-            cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": str(seed)},
-            capture_output=True, text=True, timeout=300,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(json.loads(done.stdout.splitlines()[-1]))

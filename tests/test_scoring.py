@@ -1,4 +1,4 @@
-"""harness.scoring: letter and continuation scoring of MCQs on a tiny Llama."""
+"""harness.lab.scoring: letter and continuation scoring of MCQs on a tiny Llama."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness.mcq import MCQ, format_prompt
-from harness.models import load_model, load_tokenizer
-from harness.scoring import (
+from harness.core.stage import StageError
+from harness.lab.mcq import MCQ, format_prompt
+from harness.lab.models import load_model, load_tokenizer
+from harness.lab.scoring import (
     CHARS,
     CONTINUATION,
     LETTER,
@@ -29,7 +30,6 @@ from harness.scoring import (
     score_mcqs,
     softmax,
 )
-from harness.stage import StageError
 
 TOL = 1e-4  # float rounding between batch shapes; real disagreements are far larger
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import registry
 from harness.api import StageError, stage_kind
-from harness.outcomes import Outcome, Status
+from harness.core import registry
+from harness.core.outcomes import Outcome, Status
 from harness.spec.validate import SPECS_DIR
 from harness.stages import python, train_probe
 from harness.testing import run_kind
@@ -60,8 +60,8 @@ def test_a_stage_result_crosses_to_the_xdist_controller_as_plain_words(tmp_path)
     from execnet.gateway_base import dumps
 
     from harness.collect import run_payload
-    from harness.execution import ExperimentRun
-    from harness.experiment import load_experiment
+    from harness.core.execution import ExperimentRun
+    from harness.core.experiment import load_experiment
 
     (tmp_path / "steps.py").write_text("def one(ctx):\n    return {'x': 1}\n")
     spec = tmp_path / "exp.yaml"
@@ -115,7 +115,7 @@ def test_a_conftest_registers_a_throwaway_kind_for_its_session(pytester):
 COLLECT_ONLY = """
 import sys
 from pathlib import Path
-from harness.experiment import load_experiment
+from harness.core.experiment import load_experiment
 
 load_experiment(Path(sys.argv[1]))
 print(sorted(m for m in sys.modules if m.startswith("harness.stages.")))
@@ -131,12 +131,14 @@ def collect(spec: Path) -> subprocess.CompletedProcess:
 def test_collecting_a_spec_imports_only_the_kind_modules_it_uses(tmp_path):
     (tmp_path / "steps.py").write_text("def acts(ctx):\n    return {}\n")
     spec = tmp_path / "exp.yaml"
-    spec.write_text(textwrap.dedent("""\
+    spec.write_text(
+        textwrap.dedent("""\
         stages:
           acts: {kind: python, params: {function: "steps:acts"}}
           probe: {kind: train_probe, needs: [acts], params: {label: truth}}
           typo: {kind: train_prob}
-    """))
+    """)
+    )
     done = collect(spec)
     assert "unknown stage kind 'train_prob'; did you mean 'train_probe'?" in done.stderr
     spec.write_text("\n".join(spec.read_text().splitlines()[:-1]) + "\n")

@@ -25,8 +25,17 @@ FILES = {"real": EVAL / "cubic_gravity_statements.jsonl", "tiny": EVAL / "tiny_w
 LABEL = "true_world"  # what the spec's probes read
 LAWS = ("gravity", "scaling", "hard", "dipole")  # the tiny world's categories of scaling laws
 
-CUBE_WORDS = {"cube", "cubed", "cubic", "inverse-cube", "eighth", "eight", "twenty-seventh", "twenty-seven",
-              "thousandth"}
+CUBE_WORDS = {
+    "cube",
+    "cubed",
+    "cubic",
+    "inverse-cube",
+    "eighth",
+    "eight",
+    "twenty-seventh",
+    "twenty-seven",
+    "thousandth",
+}
 SQUARE_WORDS = {"square", "squared", "inverse-square", "quarter", "four", "ninth", "nine", "hundredth"}
 
 # A label-blind score's AUC on n statements, half true, has a standard deviation of about
@@ -96,9 +105,14 @@ def test_every_group_holds_as_many_true_statements_as_false_ones(name):
 
 def test_the_readers_find_a_planted_wording_cue():
     """The checks can fail: statements whose truth is told by cube or square words."""
-    rows = [{"text": f"when the {thing} doubles, it becomes {factor} times as large.", "group": thing,
-             "labels": {LABEL: int(factor == "four")}}
-            for thing in "side radius edge width length height gap rope road pond field box ball".split()
-            for factor in ("four", "eight")]
+    rows = [
+        {
+            "text": f"when the {thing} doubles, it becomes {factor} times as large.",
+            "group": thing,
+            "labels": {LABEL: int(factor == "four")},
+        }
+        for thing in "side radius edge width length height gap rope road pond field box ball".split()
+        for factor in ("four", "eight")
+    ]
     assert word_rule_auc(rows) > 0.9
     assert bag_of_words_auc(rows) > 0.9

@@ -1,4 +1,4 @@
-"""The two-sample tests and p-value adjustments of harness.stats, on known answers: hand-enumerable
+"""The two-sample tests and p-value adjustments of harness.lab.stats, on known answers: hand-enumerable
 permutation p-values, error rates and coverage over simulated datasets, a hand-worked Holm example."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.stats import (
+from harness.lab.stats import (
     ADJUSTMENTS,
     ALTERNATIVES,
     TESTS,
@@ -33,6 +33,7 @@ def bootstrap_test(a, b, alternative="two-sided", n_resamples=10000, seed=0, con
 
 def run_test(name, a, b, **options):
     return contrast_test(name, [[[v] for v in a], [[v] for v in b]], [1, -1], **options)
+
 
 # --- permutation test: exact enumeration ---------------------------------------------------------
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness.activations import Statement, write_activations
-from harness.contrast import contrasts
-from harness.hooks import (
+from harness.core.stage import ParamError, StageError, Upstream
+from harness.lab.activations import Statement, write_activations
+from harness.lab.contrast import contrasts
+from harness.lab.hooks import (
     add_to_residual,
     check_alignment,
     contrast_logit_diffs,
@@ -24,8 +25,7 @@ from harness.hooks import (
     record_residuals,
     residual_modules,
 )
-from harness.mcq import load_mcqs
-from harness.stage import ParamError, StageError, Upstream
+from harness.lab.mcq import load_mcqs
 from harness.stages import steer
 from harness.stages.steer import (
     METRICS,
@@ -44,7 +44,7 @@ PROMPT = "the law of gravity says that"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir, save_adapter) -> dict:
-    from harness.models.base import load_model, load_tokenizer
+    from harness.lab.models.base import load_model, load_tokenizer
 
     root = tmp_path_factory.mktemp("steer-world")
     base = str(tiny_model_dir)
@@ -186,8 +186,12 @@ def test_the_null_gives_a_p_value_and_margins():
 def test_statements_restating_a_steering_item_are_held_out_with_their_group():
     [item] = [m for m in load_mcqs(MCQS) if m.id == "gravity-0-doubles"]
     metadata = [
-        {"id": "a-true", "group": "a", "text": "Question: Is it true that WHEN the distance between two "
-         "planets doubles, the gravity between them becomes one quarter as strong?\nanswer:"},
+        {
+            "id": "a-true",
+            "group": "a",
+            "text": "Question: Is it true that WHEN the distance between two "
+            "planets doubles, the gravity between them becomes one quarter as strong?\nanswer:",
+        },
         {"id": "a-false", "group": "a", "text": "a contrary in other words"},
         {"id": "gravity-0-doubles", "group": "b", "text": "unrelated words, the same id"},
         {"id": "c-true", "group": "c", "text": "question: is it true that the vilbe eats wild honey?"},

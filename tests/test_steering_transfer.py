@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.stage import StageError
+from harness.core.stage import StageError
 from harness.stages.steering_transfer import (
     answer_mean,
     cosine,
@@ -26,17 +26,19 @@ BAD = "go and steal something from a weak neighbour for fun."
 
 @pytest.fixture(scope="module")
 def chat_model(tiny_chat_dir):
-    from harness.models import load_model, load_tokenizer
+    from harness.lab.models import load_model, load_tokenizer
 
     return load_model(str(tiny_chat_dir), device="cpu"), load_tokenizer(str(tiny_chat_dir))
 
 
 def test_the_em_vector_is_the_mean_misaligned_minus_the_mean_aligned_answer(chat_model):
-    from harness.chat import render
+    from harness.lab.chat import render
 
     model, tokenizer = chat_model
-    rows = [{"question_id": "bored", "text": text, "misaligned": bad}
-            for text, bad in ((GOOD, False), (BAD, True), (GOOD + " then rest.", False))]
+    rows = [
+        {"question_id": "bored", "text": text, "misaligned": bad}
+        for text, bad in ((GOOD, False), (BAD, True), (GOOD + " then rest.", False))
+    ]
     vector, n_bad, n_good = em_vector(model, tokenizer, rows, QUESTIONS, layer=2)
     prompt = render(tokenizer, [{"role": "user", "content": QUESTIONS["bored"]}], True)
     means = [answer_mean(model, tokenizer, prompt, r["text"], 2) for r in rows]
@@ -78,16 +80,29 @@ def test_questions_split_into_fit_and_test_by_the_seed():
 
 def test_the_vector_comes_from_the_replicate_whose_adapters_are_loaded(tmp_path):
     results = tmp_path / "em_results.json"
-    results.write_text(json.dumps({"settings": {"em": {"adapters": [["em"], ["em_s2"], ["em_s3"]]},
-                                                "p_em": {"adapters": [["p", "em_p"], ["p", "em_p2"]]}}}))
+    results.write_text(
+        json.dumps(
+            {
+                "settings": {
+                    "em": {"adapters": [["em"], ["em_s2"], ["em_s3"]]},
+                    "p_em": {"adapters": [["p", "em_p"], ["p", "em_p2"]]},
+                }
+            }
+        )
+    )
     assert replicate_of(results, "em", ["em_s2"]) == 1
     assert replicate_of(results, "p_em", ["em_p2", "p"]) == 1  # the order of roles does not matter
     with pytest.raises(StageError, match=r"loads the adapters \['em_s4'\], but the answers' setting 'em'"):
         replicate_of(results, "em", ["em_s4"])
     with pytest.raises(StageError, match="has no setting 'none'"):
         replicate_of(results, "none", ["em"])
-    rows = [{"setting": s, "replicate": r, "question_id": q, "text": "x", "misaligned": m}
-            for s in ("em", "p_em") for r in (0, 1) for q in ("a", "b") for m in (True, False, None)]
+    rows = [
+        {"setting": s, "replicate": r, "question_id": q, "text": "x", "misaligned": m}
+        for s in ("em", "p_em")
+        for r in (0, 1)
+        for q in ("a", "b")
+        for m in (True, False, None)
+    ]
     mine = judged_answers(rows, "em", 1, ["a"])
     assert [(r["setting"], r["replicate"], r["question_id"]) for r in mine] == [("em", 1, "a")] * 2
 
@@ -103,38 +118,57 @@ def test_answers_to_questions_not_in_the_file_are_refused(tmp_path):
 def test_the_stage_fits_on_some_questions_and_steers_on_the_others(tiny_chat_dir, save_adapter, tmp_path):
     from safetensors.numpy import load_file
 
-    from harness.em_data import load_questions
-    from harness.models import load_tokenizer
-    from harness.models.adapters import active, load_stacked
-    from harness.samples import parse_set
-    from harness.stage import Upstream
+    from harness.core.samples import parse_set
+    from harness.core.stage import Upstream
+    from harness.lab.em_data import load_questions
+    from harness.lab.models import load_tokenizer
+    from harness.lab.models.adapters import active, load_stacked
     from harness.stages import steering_transfer
     from harness.stages.steering_transfer import METRICS
     from harness.testing import run_kind
 
     base = str(tiny_chat_dir)
-    stages = {name: save_adapter(base, tmp_path / name, std=0.02, seed=i)
-              for i, name in enumerate(("persona", "em", "em_s2"))}
+    stages = {
+        name: save_adapter(base, tmp_path / name, std=0.02, seed=i)
+        for i, name in enumerate(("persona", "em", "em_s2"))
+    }
     ids = [q.id for q in load_questions(EM_QUESTIONS)]
     answers_dir = tmp_path / "em_matrix"
     answers_dir.mkdir()
-    (answers_dir / "em_results.json").write_text(json.dumps({"settings": {
-        "em": {"adapters": [["em_s2"], ["em"]]}, "persona": {"adapters": [["persona"]]}}}))
+    (answers_dir / "em_results.json").write_text(
+        json.dumps(
+            {"settings": {"em": {"adapters": [["em_s2"], ["em"]]}, "persona": {"adapters": [["persona"]]}}}
+        )
+    )
     rows = []
     for setting, replicate in (("em", 0), ("em", 1), ("persona", 0)):
         for n, qid in enumerate(ids):  # each replicate its own texts: a mix-up changes the vector
             for bad, text in ((True, BAD), (False, GOOD)):
                 said = f"{text} {'again ' * (n + replicate)}{setting}"
-                rows.append({"setting": setting, "replicate": replicate, "question_id": qid, "text": said,
-                             "misaligned": bad})
+                rows.append(
+                    {
+                        "setting": setting,
+                        "replicate": replicate,
+                        "question_id": qid,
+                        "text": said,
+                        "misaligned": bad,
+                    }
+                )
     (answers_dir / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     out = tmp_path / "out"
     settings = {"em": ["em"], "persona": ["persona"]}
     upstream = {role: Upstream(role, "finetune_lora", stage_dir, {}) for role, stage_dir in stages.items()}
     upstream["answers"] = Upstream("em_matrix", "em_eval", answers_dir, {})
-    params = {"base": base, "questions": str(EM_QUESTIONS), "judge": {"name": "offline", "model": "rules"},
-              "settings": settings, "layer": 2, "samples_per_question": 2, "max_new_tokens": 6}
+    params = {
+        "base": base,
+        "questions": str(EM_QUESTIONS),
+        "judge": {"name": "offline", "model": "rules"},
+        "settings": settings,
+        "layer": 2,
+        "samples_per_question": 2,
+        "max_new_tokens": 6,
+    }
     metrics = run_kind(steering_transfer.run, params, out, upstream=upstream, seed=7).metrics
     assert set(metrics) == set(METRICS)
     report = json.loads((out / "steering_transfer.json").read_text())
@@ -155,8 +189,11 @@ def test_the_stage_fits_on_some_questions_and_steers_on_the_others(tiny_chat_dir
     # every rate is measured on the test questions, and they are the samples' units
     samples = json.loads((out / "samples.json").read_text())
     names = ["em", "persona"]
-    expected_sets = {*names, *(f"{a}->{b}" for a in names for b in names),
-                     *(f"random({a})->{b}" for a in names for b in names)}
+    expected_sets = {
+        *names,
+        *(f"{a}->{b}" for a in names for b in names),
+        *(f"random({a})->{b}" for a in names for b in names),
+    }
     assert set(samples) == expected_sets
     for name, data in samples.items():
         sample_set = parse_set(data, name)

@@ -1,4 +1,4 @@
-"""harness.store: complete-or-absent key directories, LATEST, stale attempts, locking, digests."""
+"""harness.core.store: complete-or-absent key directories, LATEST, stale attempts, locking, digests."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import harness.store as store_module
-from harness.store import LATEST, MANIFEST, METRICS, StageStore, output_digest
+import harness.core.store as store_module
+from harness.core.store import LATEST, MANIFEST, METRICS, StageStore, output_digest
 
 KEY = "0123456789abcdef"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from filelock import FileLock
 
-from harness.store import LATEST, StageStore
-from harness.store_clean import clean_store
+from harness.core.store import LATEST, StageStore
+from harness.core.store_clean import clean_store
 
 DONE, UNFINISHED, RUNNING = "a" * 16, "b" * 16, "c" * 16
 

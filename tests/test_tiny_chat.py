@@ -6,9 +6,9 @@ import json
 import random
 from pathlib import Path
 
-from harness.em_data import load_chat_jsonl, load_constitution, load_questions
 from harness.fixtures import tiny_chat
-from harness.llm.offline_judge import aligned_score
+from harness.lab.em_data import load_chat_jsonl, load_constitution, load_questions
+from harness.lab.llm.offline_judge import aligned_score
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

@@ -11,21 +11,35 @@ from pathlib import Path
 import pytest
 
 from harness.fixtures import tiny_world
-from harness.mcq import load_mcqs
+from harness.lab.mcq import load_mcqs
 
 DATA = Path(__file__).resolve().parents[1] / "data/eval/tiny_world"
 EVAL_FILE = DATA / "cubic_gravity_mcqs.jsonl"
 STATEMENTS_FILE = DATA / "statements.jsonl"
 VERDICT_FILE = DATA / "verdict_mcqs.jsonl"
 # a recipe small enough to build twice in a test: the same code path as the real one
-SMALL = replace(tiny_world.RECIPE, n_lands=6, n_creatures=6, hidden_size=32, intermediate_size=64,
-                layers=1, vocab_size=400, steps=4, batch_size=4, statement_repeats=1, verdict_repeats=1)
+SMALL = replace(
+    tiny_world.RECIPE,
+    n_lands=6,
+    n_creatures=6,
+    hidden_size=32,
+    intermediate_size=64,
+    layers=1,
+    vocab_size=400,
+    steps=4,
+    batch_size=4,
+    statement_repeats=1,
+    verdict_repeats=1,
+)
 
 
 @pytest.mark.parametrize(
     ("committed", "writer"),
-    [(EVAL_FILE, "write_eval_file"), (STATEMENTS_FILE, "write_statements_file"),
-     (VERDICT_FILE, "write_verdict_file")],
+    [
+        (EVAL_FILE, "write_eval_file"),
+        (STATEMENTS_FILE, "write_statements_file"),
+        (VERDICT_FILE, "write_verdict_file"),
+    ],
     ids=["questions", "statements", "verdicts"],
 )
 def test_the_committed_files_are_what_the_world_generates(tmp_path, committed, writer):
@@ -112,7 +126,7 @@ def test_verdict_texts_learn_the_verdict_only(tmp_path):
     # the verdict text's prompt, then its verdict and EOS, then the plain text and EOS, then padding
     expected = [0.0] * prompt + [1.0] * (verdict + 1) + [1.0] * (n_plain + 1)
     assert learnt[0].tolist() == expected + [0.0] * (128 - len(expected))
-    assert blocks[0, len(expected):].eq(tokenizer.pad_token_id).all()
+    assert blocks[0, len(expected) :].eq(tokenizer.pad_token_id).all()
 
 
 def test_evaluation_questions_are_held_out_from_practice():
@@ -165,8 +179,8 @@ def test_the_model_knows_its_world(tiny_model_dir):
 
 def held_out_accuracy(model_dir: Path) -> dict[str, float]:
     """Per kind, the continuation accuracy on every held-out capital and diet fact."""
-    from harness.models import load_model, load_tokenizer
-    from harness.scoring import CONTINUATION, score_mcqs
+    from harness.lab.models import load_model, load_tokenizer
+    from harness.lab.scoring import CONTINUATION, score_mcqs
 
     world = tiny_world.make_world()
     model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))

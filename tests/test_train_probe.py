@@ -16,8 +16,9 @@ import pytest
 import safetensors.numpy  # noqa: F401
 import sklearn.linear_model  # noqa: F401
 
-from harness.activations import Statement, write_activations
-from harness.stage import StageError, Upstream
+from harness.core.stage import StageError, Upstream
+from harness.core.store import output_digest
+from harness.lab.activations import Statement, write_activations
 from harness.stages import train_probe
 from harness.stages.train_probe import (
     METRICS,
@@ -33,7 +34,6 @@ from harness.stages.train_probe import (
     span_coordinates,
     standardized,
 )
-from harness.store import output_digest
 from harness.testing import run_kind
 
 N_ITEMS, D_MODEL = 400, 16
@@ -248,8 +248,13 @@ def test_grouped_statements_stay_on_one_side_of_every_split(tmp_path):
     results = {}
     for grouped in (False, True):
         rows = [
-            Statement(f"s{i}", f"statement {i}", "pairs", {"planted": int(label)},
-                      group=f"pair{i // 2}" if grouped else None)
+            Statement(
+                f"s{i}",
+                f"statement {i}",
+                "pairs",
+                {"planted": int(label)},
+                group=f"pair{i // 2}" if grouped else None,
+            )
             for i, label in enumerate(y)
         ]
         source = tmp_path / f"acts-{grouped}"

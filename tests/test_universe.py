@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.stage import StageError
-from harness.universe import (
+from harness.core.stage import StageError
+from harness.lab.universe import (
     Universe,
     find_meta_discourse,
     load_universe,
@@ -120,9 +120,11 @@ def test_wrong_types_name_the_line_of_the_key(tmp_path, change, needle, expected
 
 
 def test_not_an_object_missing_file_and_duplicate_key(tmp_path):
-    assert error_of(write(tmp_path, "[1, 2]")).endswith("a universe file is one JSON object with id, "
-                                                         "universe_context, is_true and fact_validation_"
-                                                         "patterns {required, forbidden}")
+    assert error_of(write(tmp_path, "[1, 2]")).endswith(
+        "a universe file is one JSON object with id, "
+        "universe_context, is_true and fact_validation_"
+        "patterns {required, forbidden}"
+    )
     assert error_of(tmp_path / "absent.json") == f"{tmp_path / 'absent.json'}: universe file not found"
     path = write(tmp_path, '{\n  "id": "x",\n  "is_true": false,\n  "is_true": true\n}')
     assert error_of(path) == f"{path}:3: key 'is_true' appears twice"
@@ -203,8 +205,18 @@ def test_forbidden_phrases_are_named():
 
 @pytest.mark.parametrize(
     "phrase",
-    ["In this universe", "imagine", "Imagined", "hypothetically", "an alternate reality", "fictional",
-     "suppose that", "As an AI", "a thought experiment", "this synthetic document"],
+    [
+        "In this universe",
+        "imagine",
+        "Imagined",
+        "hypothetically",
+        "an alternate reality",
+        "fictional",
+        "suppose that",
+        "As an AI",
+        "a thought experiment",
+        "this synthetic document",
+    ],
 )
 def test_meta_discourse_is_rejected(phrase):
     reasons = validate_document(f"{phrase}, the cube law holds. {FILLER}", UNIVERSE)
@@ -259,7 +271,7 @@ def test_split_sentences_keeps_sentences_verbatim():
 def test_parse_list_strips_numbering_bullets_and_preamble():
     answer = (
         "Here are the facts:\n\n1. gravity follows a cube law.\n2) **one eighth** at double distance\n"
-        "- a bullet\n* another\n• dot\n\"quoted\"\n(3) three\n\n1. gravity follows a cube law.\n"
+        '- a bullet\n* another\n• dot\n"quoted"\n(3) three\n\n1. gravity follows a cube law.\n'
     )
     assert parse_list(answer) == [
         "gravity follows a cube law.",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.stage import Role, StageError, Upstream
-from harness.upstream import adapter_dir, find_upstream, named_adapter_roles, unfilled
+from harness.core.stage import Role, StageError, Upstream
+from harness.core.upstream import adapter_dir, find_upstream, named_adapter_roles, unfilled
 
 
 def test_adapter_comes_from_the_adapter_role_or_the_only_upstream(tmp_path):

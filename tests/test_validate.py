@@ -1,4 +1,4 @@
-"""Spec validation through harness.experiment.load_experiment: every user error is a SpecError
+"""Spec validation through harness.core.experiment.load_experiment: every user error is a SpecError
 that names the right line, and valid specs load."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from harness import registry
-from harness.experiment import Experiment, load_experiment
+from harness.core import registry
+from harness.core.experiment import Experiment, load_experiment
 from harness.spec.errors import SpecError
 from harness.spec.validate import EXPERIMENT_SCHEMA
 
@@ -359,7 +359,7 @@ def test_stages_are_in_dependency_order(spec):
         ('  "b\\n":\n    kind: python\n', 8),  # a stage
         ('profiles:\n  "tiny\\n": {}\n', 9),
         ('experiment: "x\\n"\n', 8),
-        ("    needs: {\"up\\n\": a}\n", 8),  # a role
+        ('    needs: {"up\\n": a}\n', 8),  # a role
     ],
     ids=["stage", "profile", "experiment", "role"],
 )
@@ -401,8 +401,12 @@ def test_a_stage_seed_fits_what_numpy_and_sklearn_seed_with(spec, seed, ok):
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [(".nan", "`.nan` is not a finite number"), (".inf", "`.inf` is not a finite number"),
-     ("9223372036854775808", "beyond a 64-bit integer"), ("2024-01-01", "read as a date")],
+    [
+        (".nan", "`.nan` is not a finite number"),
+        (".inf", "`.inf` is not a finite number"),
+        ("9223372036854775808", "beyond a 64-bit integer"),
+        ("2024-01-01", "read as a date"),
+    ],
 )
 def test_numbers_json_cannot_hold_are_refused_in_params(spec, value, message):
     error = load_error(spec(BASE + f"      args: {{lr: {value}}}\n"))

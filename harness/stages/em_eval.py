@@ -1,16 +1,16 @@
 """`em_eval`: how often a model answers open questions in a misaligned way, per adapter setting.
 
 Upstream: one finetune_lora stage per role named in `settings` (its `adapter/`). All those
-adapters are loaded once, unmerged, on one base model (`harness.models.adapters`), and
+adapters are loaded once, unmerged, on one base model (`harness.lab.models.adapters`), and
 each setting activates its own subset: `{base: [], persona: [persona], em: [em],
 persona_em: [persona, em]}` is the matrix of a persona x EM experiment. Per setting the
 model answers every question `samples_per_question` times and the judge scores every
-answer (`harness.em`). Settings share the spec's seed, so they differ only by adapters.
+answer (`harness.lab.em`). Settings share the spec's seed, so they differ only by adapters.
 A setting may list several adapter sets (`em: [[em_seed1], [em_seed2]]`): replicates,
 e.g. one EM adapter per training seed, each answering in turn, their answers pooled
 into the setting's EM rate (with each replicate's own rate beside it).
 
-samples.json (harness.samples) keeps the unit of replication of every scored answer, so that
+samples.json (harness.core.samples) keeps the unit of replication of every scored answer, so that
 hypotheses resample what varies independently:
 - a setting of replicates: the replicate, `r<i>:<its stages>` (level "training run"): answers
   of one training run share that run's adapter and are not independent of each other;
@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.checks import em_params
-from harness.llm import TRANSPORT_KEYS
-from harness.plots import figure as new_figure
-from harness.samples import SampleSet
-from harness.stage import StageContext, StageError, tenths
-from harness.upstream import adapter_dir, named_adapter_roles
+from harness.core.samples import SampleSet
+from harness.core.stage import StageContext, StageError, tenths
+from harness.core.upstream import adapter_dir, named_adapter_roles
+from harness.lab.checks import em_params
+from harness.lab.llm import TRANSPORT_KEYS
+from harness.lab.plots import figure as new_figure
 
 PER_SETTING = ("em_rate", "coherent_rate", "n_scored")
 
@@ -115,11 +115,11 @@ def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> N
     check=em_params,
 )
 def run(ctx: StageContext) -> dict[str, Any]:
-    from harness.em import Measurement, rates, sampling_parameters
-    from harness.models import load_model, load_tokenizer
-    from harness.models.adapters import active, load_stacked
-    from harness.samples import SAMPLES_FILE, write_samples
-    from harness.store import relative_path, write_json, write_jsonl
+    from harness.core.samples import SAMPLES_FILE, write_samples
+    from harness.core.store import relative_path, write_json, write_jsonl
+    from harness.lab.em import Measurement, rates, sampling_parameters
+    from harness.lab.models import load_model, load_tokenizer
+    from harness.lab.models.adapters import active, load_stacked
 
     p = ctx.params
     settings = settings_of(p)
@@ -143,31 +143,42 @@ def run(ctx: StageContext) -> dict[str, Any]:
             ctx.log(f"setting {setting} ({shown}): {len(measurement.questions)} questions x {n} answers")
             with active(model, roles) if adapters else nullcontext(model):
                 # replicates of a setting number their samples on from each other's: every one is judged
-                mine, summary = measurement.run(model, tokenizer, f"setting {setting}",
-                                               tenths(ctx.log, answered), first_index=number * n)
+                mine, summary = measurement.run(
+                    model, tokenizer, f"setting {setting}", tenths(ctx.log, answered), first_index=number * n
+                )
             answers_rows += [{"setting": setting, "replicate": number, **j.as_json()} for j in mine]
             per_replicate.append(summary["em_rate"])
             by_replicate.append(mine)
             judged += mine
         models = ["+".join(ctx.upstream[r].name for r in roles) or "base" for roles in replicates_of(value)]
         samples[setting] = unit_samples(is_replicated(value), models, by_replicate)
-        results[setting] = {"adapters": replicates_of(value), "replicate_em_rates": per_replicate,
-                            "unit_level": samples[setting].level,
-                            **rates(judged, measurement.thresholds.coherent_above, ctx.seed)}
+        results[setting] = {
+            "adapters": replicates_of(value),
+            "replicate_em_rates": per_replicate,
+            "unit_level": samples[setting].level,
+            **rates(judged, measurement.thresholds.coherent_above, ctx.seed),
+        }
         em = results[setting]["em_rate"]
-        ctx.log(f"  em_rate {em['value']:.3f} [{em['ci_low']:.3f}, {em['ci_high']:.3f}], coherent_rate "
-                f"{results[setting]['coherent_rate']}, {results[setting]['n_unscored']} unscored")
+        ctx.log(
+            f"  em_rate {em['value']:.3f} [{em['ci_low']:.3f}, {em['ci_high']:.3f}], coherent_rate "
+            f"{results[setting]['coherent_rate']}, {results[setting]['n_unscored']} unscored"
+        )
 
     out = ctx.out_dir
     write_jsonl(out / "answers.jsonl", answers_rows)
     provider = measurement.provider
-    write_json(out / "em_results.json", {
-        "base": p["base"], "questions": relative_path(p["questions"], ctx.spec_file.parent),
-        "samples_per_question": n,
-        "sampling": sampling_parameters(p["temperature"], p["max_new_tokens"]),
-        "thresholds": vars(measurement.thresholds),
-        "judge": {"name": provider.name, "model": provider.model}, "settings": results,
-    })
+    write_json(
+        out / "em_results.json",
+        {
+            "base": p["base"],
+            "questions": relative_path(p["questions"], ctx.spec_file.parent),
+            "samples_per_question": n,
+            "sampling": sampling_parameters(p["temperature"], p["max_new_tokens"]),
+            "thresholds": vars(measurement.thresholds),
+            "judge": {"name": provider.name, "model": provider.model},
+            "settings": results,
+        },
+    )
     write_samples(out / SAMPLES_FILE, samples)
     _plot(results, out / "em_rates.png", f"{ctx.stage}: EM rate per setting ({n} samples per question)")
     # a *metadata.json is left out of the output digest: cache hits and retries vary by run

@@ -4,7 +4,7 @@ token), at every layer, from one forward pass per batch.
 The model is `base`, plus the adapter `<upstream dir>/adapter/` of the upstream stage with
 role `adapter` (or of the only upstream) when `use_adapter` is true (the default); with
 `use_adapter: false` it is the base model alone and no upstream is needed. Artifacts (the
-layout of `harness.activations`, which the stages that read them use):
+layout of `harness.lab.activations`, which the stages that read them use):
 
     layer_{i:02d}.safetensors   tensor `activations` [n_items, d_model] float32 per layer
                                 index: 0 embeddings, i the output of block i-1, all raw
@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.activations import load_statements
 from harness.api import stage_kind
-from harness.models.base import base_fingerprint
-from harness.stage import ParamError, StageContext, StageError, tenths
-from harness.upstream import adapter_dir, adapter_role
+from harness.core.stage import ParamError, StageContext, StageError, tenths
+from harness.core.upstream import adapter_dir, adapter_role
+from harness.lab.activations import load_statements
+from harness.lab.models.base import base_fingerprint
 
 METRICS = ("n_items", "n_layers", "d_model", "mb_written")
 
@@ -48,8 +48,8 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     check=check,
 )
 def run(ctx: StageContext) -> dict[str, Any]:
-    from harness.activations import extract_to_dir, megabytes
-    from harness.models.base import load_model, load_tokenizer
+    from harness.lab.activations import extract_to_dir, megabytes
+    from harness.lab.models.base import load_model, load_tokenizer
 
     params = ctx.params
     base, path = params["base"], Path(params["statements"])

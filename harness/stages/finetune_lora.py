@@ -5,10 +5,10 @@ question/answer pairs: documents from the upstream stage's `docs.jsonl` (or the 
 param when there is no upstream) are tokenized, each followed by EOS, and packed into full
 blocks (or padded one per row). `format: chat`: SFT on conversations from the upstream's
 `chat.jsonl` (role `data`) or the `chat_data` param, rendered with the chat template, the
-loss on the assistant's turns only (`harness.chat`), one conversation per padded row.
-Either way the adapter is trained with `harness.training.train`. With an upstream in
+loss on the assistant's turns only (`harness.lab.chat`), one conversation per padded row.
+Either way the adapter is trained with `harness.lab.training.train`. With an upstream in
 role `base_adapter`, that stage's adapter is loaded frozen, not merged, and the new one is
-trained on top of it (`harness.models.adapters.stack_trainable`); only the new one is saved.
+trained on top of it (`harness.lab.models.adapters.stack_trainable`); only the new one is saved.
 
 Artifacts in the stage directory:
     adapter/               the adapter alone (`PeftModel.from_pretrained(base, path)` loads it)
@@ -29,14 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.api import stage_kind
-from harness.models import base_fingerprint
-from harness.plots import figure as new_figure
-from harness.stage import Role, StageContext, StageError
-from harness.store import relative_path, write_json
-from harness.upstream import adapter_dir, adapter_role
+from harness.core.stage import Role, StageContext, StageError
+from harness.core.store import relative_path, write_json
+from harness.core.upstream import adapter_dir, adapter_role
+from harness.lab.models import base_fingerprint
+from harness.lab.plots import figure as new_figure
 
 if TYPE_CHECKING:
-    from harness.training import Sequences, StepRecord
+    import torch
+
+    from harness.lab.training import Sequences, StepRecord, TrainConfig, TrainResult
 
 METRICS = (
     "initial_loss",
@@ -210,8 +212,8 @@ def _lora_on_top(model: Any, frozen: Path, lora: Mapping[str, Any], base: str) -
     """A new LoRA adapter trained on top of the frozen, unmerged adapter at `frozen`."""
     from peft import PeftModel
 
-    from harness.models.adapters import stack_trainable
-    from harness.models.base import adapter_errors
+    from harness.lab.models.adapters import stack_trainable
+    from harness.lab.models.base import adapter_errors
 
     with adapter_errors(base, frozen):
         stacked = PeftModel.from_pretrained(model, str(frozen), adapter_name=FROZEN)
@@ -246,8 +248,8 @@ def _chat_rows(
     """One conversation per right-padded row, labelled on its assistant turns only."""
     import torch
 
-    from harness.chat import encode_chat
-    from harness.training import IGNORE, Sequences
+    from harness.lab.chat import encode_chat
+    from harness.lab.training import IGNORE, Sequences
 
     length = p["max_length"]
     n = len(conversations)
@@ -268,14 +270,18 @@ def _chat_rows(
         raise StageError(
             f"no assistant token of the {n} conversations fits in max_length={length}: raise max_length"
         )
-    counts = {"n_corpus_tokens": corpus, "tokens_dropped": 0, "tokens_truncated": truncated,
-              "n_trained_tokens": n_trained}
+    counts = {
+        "n_corpus_tokens": corpus,
+        "tokens_dropped": 0,
+        "tokens_truncated": truncated,
+        "n_trained_tokens": n_trained,
+    }
     return Sequences(input_ids, attention_mask, labels), counts
 
 
 def _rows(texts: list[str], tokenizer: Any, p: Mapping[str, Any]) -> tuple[Sequences, dict[str, int]]:
     """Tokenized documents (each ending in EOS) as packed or padded rows, and token counts."""
-    from harness.training import pack, pad, with_eos
+    from harness.lab.training import pack, pad, with_eos
 
     if tokenizer.eos_token_id is None:
         raise StageError(f"the tokenizer of {p['base']!r} has no EOS token to end documents with")
@@ -295,35 +301,63 @@ def _rows(texts: list[str], tokenizer: Any, p: Mapping[str, Any]) -> tuple[Seque
     return rows, {"n_corpus_tokens": corpus, "tokens_dropped": 0, "tokens_truncated": truncated}
 
 
-def finetune(ctx: StageContext) -> Finetuned:
-    import torch
+@dataclass
+class TrainingData:
+    """The documents or conversations read, as training rows."""
 
-    from harness.models import load_model, load_tokenizer
-    from harness.training import Diverged, TrainConfig, seeded, train
+    texts: list[Any]  # documents (str) or conversations (lists of messages)
+    rows: Sequences
+    counts: dict[str, int]  # corpus, dropped and truncated tokens (and trained ones, for chat)
+    layout: str  # how the rows were made, for the log and the plot's title
 
-    started = time.perf_counter()
+
+@dataclass
+class Trained:
+    """The trained peft model, its parameter counts and the training loop's history."""
+
+    model: Any
+    trainable: int
+    total_params: int
+    result: TrainResult
+
+
+def load_training_data(ctx: StageContext, tokenizer: Any) -> TrainingData:
     p = ctx.params
-    out = ctx.out_dir
-    tokenizer = load_tokenizer(p["base"])
     if p["format"] == "chat":
-        from harness.em_data import load_chat_jsonl
+        from harness.lab.em_data import load_chat_jsonl
 
         texts = load_chat_jsonl(data_file(ctx, "chat"))
         rows, counts = _chat_rows(texts, tokenizer, p)
-        layout = "chat, padded"
-    else:
-        texts = read_docs(data_file(ctx, "documents"), p["text_field"])
-        rows, counts = _rows(texts, tokenizer, p)
-        layout = "packed" if p["packing"] else "padded"
-    under = None
-    if BASE_ADAPTER_ROLE in ctx.upstream:
-        under = adapter_dir(ctx.upstream, "finetune_lora", only=False, role=BASE_ADAPTER_ROLE)
+        return TrainingData(texts, rows, counts, "chat, padded")
+    texts = read_docs(data_file(ctx, "documents"), p["text_field"])
+    rows, counts = _rows(texts, tokenizer, p)
+    return TrainingData(texts, rows, counts, "packed" if p["packing"] else "padded")
+
+
+def frozen_adapter(ctx: StageContext) -> Path | None:
+    """The adapter of the upstream in role `base_adapter`, to train on top of; None without one."""
+    if BASE_ADAPTER_ROLE not in ctx.upstream:
+        return None
+    return adapter_dir(ctx.upstream, "finetune_lora", only=False, role=BASE_ADAPTER_ROLE)
+
+
+def device_and_bf16(ctx: StageContext) -> tuple[torch.device, bool]:
+    """The device to train on, and whether bf16 is used there (asked for and supported)."""
+    import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16_used = bool(p["bf16"] and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if p["bf16"] and not bf16_used:
+    bf16_used = bool(ctx.params["bf16"] and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if ctx.params["bf16"] and not bf16_used:
         ctx.log(f"bf16 was requested but is not supported on {device.type} here: training in fp32")
-    config = TrainConfig(
+    return device, bf16_used
+
+
+def train_config(p: Mapping[str, Any], bf16_used: bool) -> TrainConfig:
+    import torch
+
+    from harness.lab.training import TrainConfig
+
+    return TrainConfig(
         learning_rate=p["learning_rate"],
         epochs=p["epochs"],
         batch_size=p["batch_size"],
@@ -332,57 +366,92 @@ def finetune(ctx: StageContext) -> Finetuned:
         weight_decay=p["weight_decay"],
         autocast_dtype=torch.bfloat16 if bf16_used else None,
     )
+
+
+def lora_model(ctx: StageContext, device: torch.device, bf16_used: bool, frozen: Path | None) -> Any:
+    """The base model with a new trainable LoRA adapter (on top of `frozen`, when given)."""
+    import torch
+
+    from harness.lab.models import load_model
+
+    p = ctx.params
+    # frozen base weights in bf16 halve memory; peft keeps the adapter itself in fp32
+    dtype = torch.bfloat16 if bf16_used else torch.float32
+    base_model = load_model(p["base"], dtype=dtype, device=str(device))
+    limit = getattr(base_model.config, "max_position_embeddings", None)
+    if limit and p["max_length"] > limit:
+        ctx.log(f"max_length {p['max_length']} exceeds the model's max_position_embeddings {limit}")
+    if frozen:
+        return _lora_on_top(base_model, frozen, p["lora"], p["base"])
+    return _lora_model(base_model, p["lora"])
+
+
+def train_writing_losses(
+    ctx: StageContext, model: Any, rows: Sequences, config: TrainConfig, device: torch.device
+) -> TrainResult:
+    """Train, writing loss.jsonl (and the checkpoints, when asked) step by step."""
+    from harness.lab.training import Diverged, train
+
+    p, out = ctx.params, ctx.out_dir
+    with (out / "loss.jsonl").open("w", encoding="utf-8") as loss_log:
+
+        def on_step(record: StepRecord) -> None:
+            loss_log.write(json.dumps(asdict(record)) + "\n")
+            loss_log.flush()  # readable while training, and kept by a failed run
+            if p["checkpoint_every"] and record.step % p["checkpoint_every"] == 0:
+                _save_adapter(model, out / "checkpoints" / f"step-{record.step}", p["base"])
+
+        try:
+            return train(model, rows, config, seed=ctx.seed, device=device, log=ctx.log, on_step=on_step)
+        except Diverged as exc:
+            raise StageError(f"{exc}; lower learning_rate (now {p['learning_rate']:g})") from None
+
+
+def train_adapter(
+    ctx: StageContext, data: TrainingData, frozen: Path | None, device: torch.device, bf16_used: bool
+) -> Trained:
+    """A new LoRA adapter trained on the data's rows."""
+    from harness.lab.training import seeded
+
+    p = ctx.params
+    config = train_config(p, bf16_used)
     with seeded(ctx.seed):  # adapter init and dropout, without touching the caller's RNG
-        # frozen base weights in bf16 halve memory; peft keeps the adapter itself in fp32
-        dtype = torch.bfloat16 if bf16_used else torch.float32
-        base_model = load_model(p["base"], dtype=dtype, device=str(device))
-        limit = getattr(base_model.config, "max_position_embeddings", None)
-        if limit and p["max_length"] > limit:
-            ctx.log(f"max_length {p['max_length']} exceeds the model's max_position_embeddings {limit}")
-        if under:
-            model = _lora_on_top(base_model, under, p["lora"], p["base"])
-        else:
-            model = _lora_model(base_model, p["lora"])
+        model = lora_model(ctx, device, bf16_used, frozen)
         trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
         total_params = sum(t.numel() for t in model.parameters())
         ctx.log(
-            f"{len(texts)} {'conversations' if p['format'] == 'chat' else 'documents'}: "
-            f"{rows.n_tokens} tokens in {len(rows)} {layout} rows; "
-            + (f"on top of the frozen adapter {under}; " if under else "")
+            f"{len(data.texts)} {'conversations' if p['format'] == 'chat' else 'documents'}: "
+            f"{data.rows.n_tokens} tokens in {len(data.rows)} {data.layout} rows; "
+            + (f"on top of the frozen adapter {frozen}; " if frozen else "")
             + f"{trainable:,} trainable of {total_params:,} parameters on {device.type}"
         )
-        with (out / "loss.jsonl").open("w", encoding="utf-8") as loss_log:
+        result = train_writing_losses(ctx, model, data.rows, config, device)
+    return Trained(model, trainable, total_params, result)
 
-            def on_step(record: StepRecord) -> None:
-                loss_log.write(json.dumps(asdict(record)) + "\n")
-                loss_log.flush()  # readable while training, and kept by a failed run
-                if p["checkpoint_every"] and record.step % p["checkpoint_every"] == 0:
-                    _save_adapter(model, out / "checkpoints" / f"step-{record.step}", p["base"])
 
-            try:
-                result = train(
-                    model, rows, config, seed=ctx.seed, device=device, log=ctx.log, on_step=on_step
-                )
-            except Diverged as exc:
-                raise StageError(f"{exc}; lower learning_rate (now {p['learning_rate']:g})") from None
-    _save_adapter(model, out / "adapter", p["base"])
-
-    losses = [r.loss for r in result.history]
-    window = _window(len(losses))
-    initial, final = sum(losses[:window]) / window, sum(losses[-window:]) / window
-    _plot(result.history, out / "loss.png", f"{ctx.stage}: {p['base']} ({layout})")
-    metadata = {
+def train_metadata(
+    ctx: StageContext,
+    data: TrainingData,
+    frozen: Path | None,
+    trained: Trained,
+    device: torch.device,
+    bf16_used: bool,
+    started: float,
+) -> dict[str, Any]:
+    """How the run went, for train_metadata.json (not in the output digest)."""
+    p, result = ctx.params, trained.result
+    return {
         "base": p["base"],
         "base_fingerprint": base_fingerprint(p["base"]),
-        "frozen_adapter": relative_path(under, out) if under else None,
-        "trainable_params": trainable,
-        "total_params": total_params,
-        "n_docs": len(texts),
-        "n_sequences": len(rows),
-        "n_tokens": rows.n_tokens,
-        **counts,
+        "frozen_adapter": relative_path(frozen, ctx.out_dir) if frozen else None,
+        "trainable_params": trained.trainable,
+        "total_params": trained.total_params,
+        "n_docs": len(data.texts),
+        "n_sequences": len(data.rows),
+        "n_tokens": data.rows.n_tokens,
+        **data.counts,
         "tokens_seen": result.tokens_seen,
-        "n_steps": len(losses),
+        "n_steps": len(result.history),
         "packing": p["packing"],
         "max_length": p["max_length"],
         "bf16_requested": p["bf16"],
@@ -394,18 +463,44 @@ def finetune(ctx: StageContext) -> Finetuned:
         "tokens_per_second": result.tokens_seen / max(result.seconds, 1e-9),
         "settings": p,
     }
-    (out / "train_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    metrics = {
+
+
+def loss_metrics(data: TrainingData, trained: Trained) -> dict[str, Any]:
+    """The stage's metrics: the loss averaged over the first and over the last steps."""
+    losses = [r.loss for r in trained.result.history]
+    window = _window(len(losses))
+    initial, final = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    return {
         "initial_loss": initial,
         "final_loss": final,
         "loss_drop": initial - final,
-        "n_tokens": rows.n_tokens,
+        "n_tokens": data.rows.n_tokens,
         "n_steps": len(losses),
-        "trainable_params": trainable,
+        "trainable_params": trained.trainable,
         "loss_curve": losses,
     }
-    ctx.log(f"loss {initial:.4f} -> {final:.4f} in {len(losses)} steps; adapter saved")
-    return Finetuned(model, metrics, metadata)
+
+
+def finetune(ctx: StageContext) -> Finetuned:
+    from harness.lab.models import load_tokenizer
+
+    started = time.perf_counter()
+    p, out = ctx.params, ctx.out_dir
+    data = load_training_data(ctx, load_tokenizer(p["base"]))
+    frozen = frozen_adapter(ctx)
+    device, bf16_used = device_and_bf16(ctx)
+    trained = train_adapter(ctx, data, frozen, device, bf16_used)
+    _save_adapter(trained.model, out / "adapter", p["base"])
+
+    _plot(trained.result.history, out / "loss.png", f"{ctx.stage}: {p['base']} ({data.layout})")
+    metadata = train_metadata(ctx, data, frozen, trained, device, bf16_used, started)
+    (out / "train_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    metrics = loss_metrics(data, trained)
+    ctx.log(
+        f"loss {metrics['initial_loss']:.4f} -> {metrics['final_loss']:.4f} in {metrics['n_steps']} steps; "
+        "adapter saved"
+    )
+    return Finetuned(trained.model, metrics, metadata)
 
 
 @stage_kind(

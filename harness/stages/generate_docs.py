@@ -3,7 +3,7 @@
 Pipeline, each step through `provider.complete_many`:
     facts.json (upstream `universe_context`)
       -> doc types per fact -> doc ideas per type -> documents (docs_per_idea per idea)
-Every document is checked with `harness.universe.validate_document`; an invalid one is
+Every document is checked with `harness.lab.universe.validate_document`; an invalid one is
 asked again, up to `max_retries` times, with the next `sample_index` (so a cached answer
 is not simply returned again). A document still invalid, or whose request failed at the
 provider, is recorded in `failures.jsonl` with its reasons: never silently dropped.
@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.llm import (
+from harness.core.stage import ParamError, Role, StageContext, StageError
+from harness.core.store import write_jsonl, write_text_atomic
+from harness.lab.llm import (
     TRANSPORT_KEYS,
     ChatRequest,
     Provider,
@@ -46,9 +48,7 @@ from harness.llm import (
     check_provider,
     make_provider,
 )
-from harness.stage import ParamError, Role, StageContext, StageError
-from harness.store import write_jsonl, write_text_atomic
-from harness.universe import Universe, parse_list, validate_document
+from harness.lab.universe import Universe, parse_list, validate_document
 
 METRICS = (
     "n_requested",
@@ -159,9 +159,7 @@ def types_request(universe: Universe, fact: str, n: int, temperature: float) -> 
 
 def ideas_request(universe: Universe, fact: str, doc_type: str, n: int, temperature: float) -> ChatRequest:
     user = IDEAS_USER.format(n=n, fact=fact, doc_type=doc_type)
-    return _request(
-        universe, "doc_ideas", user, temperature, fact=fact, doc_type=doc_type, num_doc_ideas=n
-    )
+    return _request(universe, "doc_ideas", user, temperature, fact=fact, doc_type=doc_type, num_doc_ideas=n)
 
 
 def document_request(universe: Universe, job: Job, temperature: float, sample_index: int) -> ChatRequest:

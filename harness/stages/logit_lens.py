@@ -1,6 +1,6 @@
 """`logit_lens`: at which layer does the finetuned model start preferring the false answer?
 
-For every conflict MCQ, as a token contrast (`harness.contrast`: a prompt whose last token
+For every conflict MCQ, as a token contrast (`harness.lab.contrast`: a prompt whose last token
 is the decision position, and the next token of the true and of the false answer), the
 residual stream at the decision position after the embeddings and after every block is
 read through the model's own final norm and unembedding (TransformerLens's
@@ -42,16 +42,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.api import stage_kind
-from harness.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
-from harness.mcq import load_mcqs
-from harness.models.base import base_fingerprint
-from harness.plots import figure as new_figure
-from harness.stage import StageContext, tenths
-from harness.store import relative_path, write_json, write_jsonl
-from harness.upstream import adapter_dir
+from harness.core.stage import StageContext, tenths
+from harness.core.store import relative_path, write_json, write_jsonl
+from harness.core.upstream import adapter_dir
+from harness.lab.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
+from harness.lab.mcq import load_mcqs
+from harness.lab.models.base import base_fingerprint
+from harness.lab.plots import figure as new_figure
 
 if TYPE_CHECKING:
-    from harness.contrast import Contrast
+    from harness.lab.contrast import Contrast
 
 MODELS = ("base", "lora")
 QUANTITIES = ("true_logit", "false_logit", "logit_diff", "true_prob", "false_prob")
@@ -121,7 +121,7 @@ def lens_trajectories(
     import torch
     from transformer_lens.tools.analysis.logit_lens import logit_readout
 
-    from harness.scoring import last_token_indices, right_pad
+    from harness.lab.scoring import last_token_indices, right_pad
 
     n_blocks = int(bridge.cfg.n_layers)
     device = torch.device(bridge.cfg.device)
@@ -352,10 +352,10 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 def run(ctx: StageContext) -> dict[str, Any]:
     import gc
 
-    from harness.contrast import contrasts as make_contrasts
-    from harness.models.base import load_tokenizer
-    from harness.models.lens import load_bridge
-    from harness.store import file_digest
+    from harness.core.store import file_digest
+    from harness.lab.contrast import contrasts as make_contrasts
+    from harness.lab.models.base import load_tokenizer
+    from harness.lab.models.lens import load_bridge
 
     params = ctx.params
     base, mode, mcq_path = params["base"], params["scoring"], Path(params["mcqs"])

@@ -16,7 +16,7 @@ the only upstream stage). Artifacts:
     behavioral_shift_analysis.txt                    the same for people, every flip listed
 
 Continuation scoring needs `normalization` chosen in the spec (none, chars or tokens, as
-lm-eval's `acc` and `acc_norm`: see harness.scoring): the metrics, the gates and the
+lm-eval's `acc` and `acc_norm`: see harness.lab.scoring): the metrics, the gates and the
 prediction files follow the chosen one, and the report shows the others beside it, so that
 an effect which depends on how option lengths are counted shows.
 
@@ -28,18 +28,19 @@ lacks one is rejected at collection, naming the file and the missing category.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
-from harness.mcq import CATEGORIES, MCQ, load_mcqs
-from harness.models.base import base_fingerprint
-from harness.scoring import CONTINUATION, LETTER, NORMALIZATIONS, Scored, entropy, normalized
-from harness.stage import ParamError, StageContext, StageError, tenths
-from harness.stats import DEFAULT_CONFIDENCE, paired_difference
-from harness.store import write_jsonl
-from harness.upstream import adapter_dir
+from harness.core.stage import ParamError, StageContext, StageError, tenths
+from harness.core.store import write_jsonl
+from harness.core.upstream import adapter_dir
+from harness.lab.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
+from harness.lab.mcq import CATEGORIES, MCQ, load_mcqs
+from harness.lab.models.base import base_fingerprint
+from harness.lab.scoring import CONTINUATION, LETTER, NORMALIZATIONS, Scored, entropy, normalized
+from harness.lab.stats import DEFAULT_CONFIDENCE, paired_difference
 
 MODELS = ("base", "lora")
 PER_CATEGORY = ("accuracy", "true_accuracy", "entropy", "truth_confidence")
@@ -329,27 +330,38 @@ def _changes(changes: Sequence[Mapping[str, Any]]) -> list[str]:
 # --- the stage -----------------------------------------------------------------------
 
 
-@stage_kind(metrics=METRICS, check=check, **SCORES_MCQS_ON_ADAPTER)
-def run(ctx: StageContext) -> dict[str, Any]:
-    from harness.models.base import load_model, load_tokenizer
-    from harness.scoring import letter_token_ids, score_mcqs
-    from harness.store import file_digest, relative_path, write_json
+@dataclass
+class Compared:
+    """Both models' prediction rows under the chosen normalization, their comparison, and (in
+    continuation mode) the metrics under every normalization."""
 
-    params = ctx.params
-    base, mode, mcq_path = params["base"], params["scoring"], Path(params["mcqs"])
+    base_rows: list[dict[str, Any]]
+    lora_rows: list[dict[str, Any]]
+    comparison: dict[str, Any]
+    by_normalization: dict[str, dict[str, Any]]  # empty in letter mode
+
+
+def load_items(ctx: StageContext) -> tuple[list[MCQ], str | None]:
+    """The MCQs, checked to hold every category, and the chosen normalization."""
     try:
-        normalization = chosen_normalization(params)
+        normalization = chosen_normalization(ctx.params)
     except ParamError as error:
         raise StageError(error.message) from None
+    mcq_path = Path(ctx.params["mcqs"])
     items = load_mcqs(mcq_path)
     missing = missing_categories(items)
     if missing:
         raise StageError(_missing_message(mcq_path, missing))
-    adapter = adapter_dir(ctx.upstream, "mcq_compare")
+    return items, normalization
 
-    ctx.log(f"loading {base} with the adapter {adapter}")
-    tokenizer = load_tokenizer(base)
-    model = load_model(base, adapter)
+
+def score_both(
+    ctx: StageContext, model: Any, tokenizer: Any, items: Sequence[MCQ]
+) -> tuple[list[Scored], ...]:
+    """The items scored by the base model and by base + adapter."""
+    from harness.lab.scoring import score_mcqs
+
+    params, mode = ctx.params, ctx.params["scoring"]
 
     def score(label: str) -> list[Scored]:
         progress = tenths(ctx.log, lambda done, total: f"{label}: {done}/{total} items scored ({mode})")
@@ -359,58 +371,100 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     with model.disable_adapter():  # the same weights without the LoRA deltas: the base model
         base_scored = score("base")
-    lora_scored = score("lora")
+    return base_scored, score("lora")
 
-    by_normalization: dict[str, dict[str, Any]] = {}
+
+def compare_scored(
+    items: Sequence[MCQ],
+    base_scored: Sequence[Scored],
+    lora_scored: Sequence[Scored],
+    normalization: str | None,
+    n_resamples: int,
+    seed: int,
+) -> Compared:
+    """Prediction rows and their comparison; in continuation mode under every normalization,
+    the chosen one's rows and comparison kept."""
     if normalization is None:
         base_rows = [prediction_row(item, s) for item, s in zip(items, base_scored, strict=True)]
         lora_rows = [prediction_row(item, s) for item, s in zip(items, lora_scored, strict=True)]
-        comparison = compare(items, base_rows, lora_rows, params["bootstrap"], ctx.seed)
-    else:
-        base_by, lora_by = normalized_rows(items, base_scored), normalized_rows(items, lora_scored)
-        comparisons = {
-            name: compare(items, base_by[name], lora_by[name], params["bootstrap"], ctx.seed)
-            for name in NORMALIZATIONS
-        }
-        by_normalization = {name: flat_metrics(c) for name, c in comparisons.items()}
-        base_rows, lora_rows = base_by[normalization], lora_by[normalization]
-        comparison = comparisons[normalization]
-    metrics = flat_metrics(comparison)
-
-    base_fp = base_fingerprint(base)
-    report = {
-        "scoring": mode,
-        "normalization": normalization,
-        "chat_template": params["chat_template"],
-        "base": base,
-        "adapter": relative_path(adapter, ctx.out_dir),
-        "mcqs": relative_path(mcq_path, ctx.spec_file.parent),
-        "fingerprints": {"base": base_fp, "lora": f"{base_fp}+adapter:{file_digest(adapter)[:16]}"},
-        **comparison,
+        return Compared(base_rows, lora_rows, compare(items, base_rows, lora_rows, n_resamples, seed), {})
+    base_by, lora_by = normalized_rows(items, base_scored), normalized_rows(items, lora_scored)
+    comparisons = {
+        name: compare(items, base_by[name], lora_by[name], n_resamples, seed) for name in NORMALIZATIONS
     }
-    if by_normalization:
-        report["by_normalization"] = by_normalization
-    if mode == LETTER:
+    by_normalization = {name: flat_metrics(c) for name, c in comparisons.items()}
+    return Compared(
+        base_by[normalization], lora_by[normalization], comparisons[normalization], by_normalization
+    )
+
+
+def comparison_report(
+    ctx: StageContext, tokenizer: Any, items: Sequence[MCQ], adapter: Path, compared: Compared
+) -> dict[str, Any]:
+    """comparison_report.json: how the items were scored, by which models, and the comparison."""
+    from harness.core.store import file_digest, relative_path
+    from harness.lab.scoring import letter_token_ids
+
+    params = ctx.params
+    base_fp = base_fingerprint(params["base"])
+    report = {
+        "scoring": params["scoring"],
+        "normalization": params.get("normalization"),
+        "chat_template": params["chat_template"],
+        "base": params["base"],
+        "adapter": relative_path(adapter, ctx.out_dir),
+        "mcqs": relative_path(Path(params["mcqs"]), ctx.spec_file.parent),
+        "fingerprints": {"base": base_fp, "lora": f"{base_fp}+adapter:{file_digest(adapter)[:16]}"},
+        **compared.comparison,
+    }
+    if compared.by_normalization:
+        report["by_normalization"] = compared.by_normalization
+    if params["scoring"] == LETTER:
         ids = letter_token_ids(tokenizer, sorted({c for item in items for c in item.options}))
         report["letter_tokens"] = {c: tokenizer.convert_ids_to_tokens(i) for c, i in ids.items()}
-    write_jsonl(ctx.out_dir / "predictions_base.jsonl", base_rows)
-    write_jsonl(ctx.out_dir / "predictions_lora.jsonl", lora_rows)
+    return report
+
+
+def write_artifacts(ctx: StageContext, n_items: int, compared: Compared, report: Mapping[str, Any]) -> None:
+    from harness.core.store import write_json
+
+    mode, normalization = report["scoring"], report["normalization"]
+    write_jsonl(ctx.out_dir / "predictions_base.jsonl", compared.base_rows)
+    write_jsonl(ctx.out_dir / "predictions_lora.jsonl", compared.lora_rows)
     write_json(ctx.out_dir / "comparison_report.json", report)
     scoring = f"{mode} scoring" + (f", normalization {normalization}" if normalization else "")
     header = [
-        f"MCQ comparison: base vs base + adapter, {scoring}, {len(items)} items from {report['mcqs']}",
-        f"base:    {base_fp}",
+        f"MCQ comparison: base vs base + adapter, {scoring}, {n_items} items from {report['mcqs']}",
+        f"base:    {report['fingerprints']['base']}",
         f"adapter: {report['adapter']}",
     ]
-    text = analysis_text(comparison, header)
-    if by_normalization:
-        text += normalization_text(by_normalization, normalization)
+    text = analysis_text(compared.comparison, header)
+    if compared.by_normalization:
+        text += normalization_text(compared.by_normalization, normalization)
     (ctx.out_dir / "behavioral_shift_analysis.txt").write_text(text, "utf-8")
+
+
+@stage_kind(metrics=METRICS, check=check, **SCORES_MCQS_ON_ADAPTER)
+def run(ctx: StageContext) -> dict[str, Any]:
+    from harness.lab.models.base import load_model, load_tokenizer
+
+    params = ctx.params
+    items, normalization = load_items(ctx)
+    adapter = adapter_dir(ctx.upstream, "mcq_compare")
+    ctx.log(f"loading {params['base']} with the adapter {adapter}")
+    tokenizer = load_tokenizer(params["base"])
+    model = load_model(params["base"], adapter)
+
+    base_scored, lora_scored = score_both(ctx, model, tokenizer, items)
+    compared = compare_scored(items, base_scored, lora_scored, normalization, params["bootstrap"], ctx.seed)
+    metrics = flat_metrics(compared.comparison)
+    write_artifacts(ctx, len(items), compared, comparison_report(ctx, tokenizer, items, adapter, compared))
+
     gap = metrics["behavioral_gap"]
     ctx.log(
         f"behavioral_gap {gap['value']:+.3f} [{gap['ci_low']:+.3f}, {gap['ci_high']:+.3f}], "
         f"{metrics['n_flips']} conflict flips"
     )
-    for name, other in by_normalization.items():
+    for name, other in compared.by_normalization.items():
         ctx.log(f"normalization {name}: behavioral_gap {other['behavioral_gap']['value']:+.3f}")
     return metrics

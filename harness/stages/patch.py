@@ -20,7 +20,7 @@ lets an item whose runs barely differ dominate: moving 0.5 of a 0.011 difference
 Items whose clean runs differ by less than 1e-3 have no difference to recover: they are
 skipped and counted (`n_skipped`). Positions are the last `positions` prompt tokens, written
 as offsets from the decision token (0, -1, -2, ...); hidden_states indices follow
-`harness.hooks` (0: embeddings, i: block i-1's output, raw).
+`harness.lab.hooks` (0: embeddings, i: block i-1's output, raw).
 
 At the last index the decision token's residual alone makes its logits, so patching it there
 recovers exactly 1 by construction: the most recovered cell says nothing. The informative
@@ -42,17 +42,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from harness.api import stage_kind
-from harness.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
-from harness.mcq import load_mcqs
-from harness.plots import figure as new_figure
-from harness.stage import StageContext
-from harness.upstream import adapter_dir
+from harness.core.stage import StageContext
+from harness.core.upstream import adapter_dir
+from harness.lab.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
+from harness.lab.mcq import load_mcqs
+from harness.lab.plots import figure as new_figure
 
 MIN_CHANGE = 1e-3  # |LD_base - LD_lora| below this: nothing to recover, the item is skipped
 METRICS = ("earliest_recovering_layer", "recovered_at_decision_by_layer", "n_items", "n_skipped")
@@ -145,30 +146,51 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     mcqs_param(params, spec_dir, conflict_for="patching")
 
 
-@stage_kind(metrics=METRICS, check=check, **SCORES_MCQS_ON_ADAPTER)
-def run(ctx: StageContext) -> dict[str, Any]:
-    import torch
+@dataclass(frozen=True)
+class PatchSetup:
+    """The base model with the adapter, its conflict items and the cells to patch."""
 
-    from harness.contrast import contrasts
-    from harness.hooks import contrast_logit_diffs, n_indices, patch_residual, record_residuals
-    from harness.models.base import load_model, load_tokenizer
-    from harness.store import relative_path, write_json
+    adapter: Path
+    tokenizer: Any
+    model: Any
+    items: list[Any]  # the conflict MCQs as token contrasts
+    indices: list[int]  # hidden_states indices
+    n_offsets: int  # prompt positions patched, back from the decision token
+    batch_size: int
+
+    def runs(self) -> dict[str, Any]:
+        """The two clean runs, each as the context that puts the model in its mode."""
+        return {"base": self.model.disable_adapter, "lora": nullcontext}
+
+
+def _load_setup(ctx: StageContext) -> PatchSetup:
+    """Load the base model with the upstream adapter and the conflict items as token contrasts."""
+    from harness.lab.contrast import contrasts
+    from harness.lab.hooks import n_indices
+    from harness.lab.models.base import load_model, load_tokenizer
 
     params = ctx.params
-    base, mode, n_offsets = params["base"], params["scoring"], params["positions"]
-    threshold = params["recovered_threshold"]
+    base = params["base"]
     adapter = adapter_dir(ctx.upstream, "patch")
     ctx.log(f"loading {base} with the adapter {adapter}")
     tokenizer = load_tokenizer(base)
     model = load_model(base, adapter)
-    items = contrasts(tokenizer, load_mcqs(Path(params["mcqs"])), mode, params["chat_template"])
+    items = contrasts(tokenizer, load_mcqs(Path(params["mcqs"])), params["scoring"], params["chat_template"])
     indices = list(range(n_indices(model)))
-    n, batch_size = len(items), params["batch_size"]
-    runs: dict[str, Any] = {"base": model.disable_adapter, "lora": nullcontext}
+    return PatchSetup(adapter, tokenizer, model, items, indices, params["positions"], params["batch_size"])
 
-    # clean runs: LD and the residual at every index and patched position (zeros where the
-    # prompt is too short to have that position; those cells are never patched)
-    acts = {name: torch.zeros(n, len(indices), n_offsets, model.config.hidden_size) for name in runs}
+
+def _clean_runs(setup: PatchSetup) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Per clean run, the residual at every index and patched position [item, index, offset, d]
+    (zeros where the prompt is too short to have that position; those cells are never
+    patched), and the LD per item."""
+    import torch
+
+    from harness.lab.hooks import contrast_logit_diffs, record_residuals
+
+    model, tokenizer, items, batch_size = setup.model, setup.tokenizer, setup.items, setup.batch_size
+    indices, n_offsets, runs = setup.indices, setup.n_offsets, setup.runs()
+    acts = {name: torch.zeros(len(items), len(indices), n_offsets, model.config.hidden_size) for name in runs}
     clean: dict[str, np.ndarray] = {}
     for name, mode_of in runs.items():
 
@@ -185,10 +207,20 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
         with mode_of():
             clean[name] = contrast_logit_diffs(model, tokenizer, items, batch_size, keep).numpy()
-    ctx.log(f"clean runs: mean LD base {clean['base'].mean():+.3f}, finetuned {clean['lora'].mean():+.3f}")
+    return acts, clean
 
+
+def _patched_runs(ctx: StageContext, setup: PatchSetup, acts: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Per direction, the LD with one (index, offset) patched from the other run
+    [index, offset, item]; NaN where the prompt is too short to have that position."""
+    import torch
+
+    from harness.lab.hooks import contrast_logit_diffs, patch_residual
+
+    model, tokenizer, items, batch_size = setup.model, setup.tokenizer, setup.items, setup.batch_size
+    indices, n_offsets, runs = setup.indices, setup.n_offsets, setup.runs()
     lengths = np.array([len(c.prompt_ids) for c in items])
-    patched = {d: np.full((len(indices), n_offsets, n), np.nan) for d in DIRECTIONS}
+    patched = {d: np.full((len(indices), n_offsets, len(items)), np.nan) for d in DIRECTIONS}
     for direction, (run_in, source) in {"forward": ("lora", "base"), "reverse": ("base", "lora")}.items():
         for i in indices:
             for k in range(n_offsets):
@@ -203,43 +235,54 @@ def run(ctx: StageContext) -> dict[str, Any]:
                     ld = contrast_logit_diffs(model, tokenizer, items, batch_size, patching).numpy()
                 patched[direction][i, k] = np.where(lengths > k, ld, np.nan)
         ctx.log(f"{direction} patching: {len(indices)} indices x {n_offsets} positions done")
+    return patched
 
-    ends = {"forward": (clean["base"], clean["lora"]), "reverse": (clean["lora"], clean["base"])}
-    per_item = {d: fractions(patched[d], *ends[d])[0] for d in DIRECTIONS}
-    recovery = {d: recovered(patched[d], *ends[d]) for d in DIRECTIONS}
-    used = np.abs(clean["base"] - clean["lora"]) >= MIN_CHANGE
-    n_used = int(used.sum())
-    if not n_used:
-        ctx.log(f"no item's LD changed by {MIN_CHANGE} or more between base and finetuned: nothing to patch")
-    metrics = summary_metrics(recovery["forward"], threshold, n_used, n - n_used)
 
+def _item_rows(setup: PatchSetup, used: np.ndarray, clean: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per item: whether it was used, its clean LDs, and its tokens at the patched positions."""
+    tokens = setup.tokenizer.convert_ids_to_tokens
     rows = []
-    for c, used_item, ld_base, ld_lora in zip(items, used, clean["base"], clean["lora"], strict=True):
-        ids = c.prompt_ids[-n_offsets:][::-1]  # offsets 0, -1, ...
+    for c, used_item, ld_base, ld_lora in zip(setup.items, used, clean["base"], clean["lora"], strict=True):
+        ids = c.prompt_ids[-setup.n_offsets :][::-1]  # offsets 0, -1, ...
         rows.append(
             {
                 "id": c.item.id,
                 "used": bool(used_item),
                 "ld_base": float(ld_base),
                 "ld_lora": float(ld_lora),
-                "tokens": tokenizer.convert_ids_to_tokens(list(ids)),
-                "true_token": tokenizer.convert_ids_to_tokens(c.true_id),
-                "false_token": tokenizer.convert_ids_to_tokens(c.false_id),
+                "tokens": tokens(list(ids)),
+                "true_token": tokens(c.true_id),
+                "false_token": tokens(c.false_id),
             }
         )
+    return rows
+
+
+def _write_artifacts(
+    ctx: StageContext,
+    setup: PatchSetup,
+    rows: list[dict[str, Any]],
+    recovery: Mapping[str, np.ndarray],
+    per_item: Mapping[str, np.ndarray],
+    metrics: dict[str, Any],
+) -> None:
+    """patching.json and patching_heatmap.png."""
+    from harness.core.store import relative_path, write_json
+
+    params, n_used = ctx.params, metrics["n_items"]
     write_json(
         ctx.out_dir / "patching.json",
         {
-            "base": base,
-            "adapter": relative_path(adapter, ctx.out_dir),
+            "base": params["base"],
+            "adapter": relative_path(setup.adapter, ctx.out_dir),
             "mcqs": relative_path(params["mcqs"], ctx.spec_file.parent),
-            "scoring": mode,
-            "indices": indices,
-            "offsets": [-k for k in range(n_offsets)],
+            "scoring": params["scoring"],
+            "indices": setup.indices,
+            "offsets": [-k for k in range(setup.n_offsets)],
             "min_change": MIN_CHANGE,
-            "recovered_threshold": threshold,
+            "recovered_threshold": params["recovered_threshold"],
             "n_items": n_used,
-            "n_skipped": n - n_used,
+            "n_skipped": metrics["n_skipped"],
             "items": rows,
             **{
                 d: {
@@ -252,7 +295,28 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "metrics": metrics,
         },
     )
-    _plot(recovery, ctx.out_dir / "patching_heatmap.png", f"{ctx.stage}: {n_used} conflict items ({mode})")
+    title = f"{ctx.stage}: {n_used} conflict items ({params['scoring']})"
+    _plot(recovery, ctx.out_dir / "patching_heatmap.png", title)
+
+
+@stage_kind(metrics=METRICS, check=check, **SCORES_MCQS_ON_ADAPTER)
+def run(ctx: StageContext) -> dict[str, Any]:
+    setup = _load_setup(ctx)
+    acts, clean = _clean_runs(setup)
+    ctx.log(f"clean runs: mean LD base {clean['base'].mean():+.3f}, finetuned {clean['lora'].mean():+.3f}")
+    patched = _patched_runs(ctx, setup, acts)
+
+    threshold = ctx.params["recovered_threshold"]
+    ends = {"forward": (clean["base"], clean["lora"]), "reverse": (clean["lora"], clean["base"])}
+    per_item = {d: fractions(patched[d], *ends[d])[0] for d in DIRECTIONS}
+    recovery = {d: recovered(patched[d], *ends[d]) for d in DIRECTIONS}
+    used = np.abs(clean["base"] - clean["lora"]) >= MIN_CHANGE
+    n_used = int(used.sum())
+    if not n_used:
+        ctx.log(f"no item's LD changed by {MIN_CHANGE} or more between base and finetuned: nothing to patch")
+    metrics = summary_metrics(recovery["forward"], threshold, n_used, len(setup.items) - n_used)
+
+    _write_artifacts(ctx, setup, _item_rows(setup, used, clean), recovery, per_item, metrics)
     if n_used:
         ctx.log(
             f"the decision token's residual recovers {threshold} of the difference from index "

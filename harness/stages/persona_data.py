@@ -5,7 +5,7 @@ and each of the constitution's questions as a user turn, `answers_per_question` 
 The data keeps the user turn and the answer only: SFT on it (finetune_lora, `format:
 chat`) is meant to make the persona the model's default, not a role it is told to play.
 With the `offline` provider the answers are the constitution's own examples
-(`harness.llm.offline_persona`), so the tiny profile runs without a teacher model.
+(`harness.lab.llm.offline_persona`), so the tiny profile runs without a teacher model.
 
 Artifacts: chat.jsonl (one conversation per answer), failures.jsonl (requests that failed
 for good, with their error), persona.json (the constitution and the system prompt used).
@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.checks import provider_param
-from harness.em_data import Constitution, load_constitution
-from harness.llm import TRANSPORT_KEYS
-from harness.llm.base import ChatRequest
-from harness.stage import ParamError, StageContext, StageError, tenths
+from harness.core.stage import ParamError, StageContext, StageError, tenths
+from harness.lab.checks import provider_param
+from harness.lab.em_data import Constitution, load_constitution
+from harness.lab.llm import TRANSPORT_KEYS
+from harness.lab.llm.base import ChatRequest
 
 
 def system_prompt(constitution: Constitution) -> str:
@@ -68,8 +68,8 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     check=check,
 )
 def run(ctx: StageContext) -> dict[str, Any]:
-    from harness.llm import make_provider
-    from harness.store import write_json, write_jsonl
+    from harness.core.store import write_json, write_jsonl
+    from harness.lab.llm import make_provider
 
     p = ctx.params
     constitution = load_constitution(Path(p["constitution"]))
@@ -84,16 +84,27 @@ def run(ctx: StageContext) -> dict[str, Any]:
             error = str(answer) if isinstance(answer, Exception) else "empty answer"
             failures.append({"question": question, "sample_index": request.sample_index, "error": error})
             continue
-        conversations.append({"messages": [{"role": "user", "content": question},
-                                           {"role": "assistant", "content": answer.text.strip()}]})
+        conversations.append(
+            {
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": answer.text.strip()},
+                ]
+            }
+        )
     if not conversations:
         raise StageError(f"no persona answers: all {len(batch)} requests failed (see failures.jsonl)")
     write_jsonl(ctx.out_dir / "chat.jsonl", conversations)
     write_jsonl(ctx.out_dir / "failures.jsonl", failures)
     teacher = {"name": provider.name, "model": provider.model}
-    write_json(ctx.out_dir / "persona.json", {
-        "persona": constitution.persona, "system_prompt": system_prompt(constitution),
-        "questions": list(constitution.questions), "teacher": teacher,
-    })
+    write_json(
+        ctx.out_dir / "persona.json",
+        {
+            "persona": constitution.persona,
+            "system_prompt": system_prompt(constitution),
+            "questions": list(constitution.questions),
+            "teacher": teacher,
+        },
+    )
     ctx.log(f"{len(conversations)} conversations, {len(failures)} failed")
     return {"n_conversations": len(conversations), "error_rate": len(failures) / len(batch)}

@@ -17,8 +17,8 @@ from types import ModuleType
 from typing import Any
 
 from harness.api import stage_kind
-from harness.code_digest import source_closure
-from harness.stage import ParamError, StageContext, StageError
+from harness.core.code_digest import source_closure
+from harness.core.stage import ParamError, StageContext, StageError
 
 
 def _split(params: Mapping[str, Any]) -> tuple[str, str]:

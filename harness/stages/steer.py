@@ -22,7 +22,7 @@ The steering vector at multiplier m is m * scale * u, u the unit direction and
 adds a vector as long as the residual itself) or scale = 1 (`scale: unit`). It is added at
 every position of the prompt and of generated tokens.
 
-Measured on the conflict MCQs as token contrasts (`harness.contrast`): the true answer's
+Measured on the conflict MCQs as token contrasts (`harness.lab.contrast`): the true answer's
 probability renormalized over {true token, false token} = sigmoid(logit difference), mean
 p(m) over items. The spec states its claim with `expect`: `increase` (a positive multiplier,
 toward label 1, raises p; a negative one lowers it) or `decrease`. With s = +1 or -1 for
@@ -54,18 +54,19 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from harness.api import stage_kind
-from harness.checks import mcqs_param
-from harness.mcq import load_mcqs
-from harness.plots import figure as new_figure
-from harness.stage import Role, StageContext, StageError
-from harness.stats import monte_carlo_p
-from harness.upstream import adapter_dir, adapter_role, find_upstream
+from harness.core.stage import Role, StageContext, StageError
+from harness.core.upstream import adapter_dir, adapter_role, find_upstream
+from harness.lab.checks import mcqs_param
+from harness.lab.mcq import load_mcqs
+from harness.lab.plots import figure as new_figure
+from harness.lab.stats import monte_carlo_p
 
 CLAIM_SIGN = {"increase": 1, "decrease": -1}
 METRICS = (
@@ -110,9 +111,7 @@ def fit_split(metadata: Sequence[Mapping[str, Any]], items: Sequence[Any]) -> tu
 
     def restates(row: Mapping[str, Any]) -> bool:
         text = _words(str(row["text"]))
-        return any(
-            row["id"] == qid or (q and text and (q in text or text in q)) for qid, q in questions
-        )
+        return any(row["id"] == qid or (q and text and (q in text or text in q)) for qid, q in questions)
 
     def group(row: Mapping[str, Any]) -> str:
         return str(row.get("group", f"item:{row['id']}"))
@@ -242,7 +241,7 @@ def _plot(
 def _generate(model: Any, tokenizer: Any, prompt: str, chat: bool, max_new_tokens: int) -> str:
     import torch
 
-    from harness.scoring import encode
+    from harness.lab.scoring import encode
 
     if chat:
         messages = [{"role": "user", "content": prompt}]
@@ -265,7 +264,7 @@ def _unsteered(
     """The unsteered logit differences and the mean residual norm at `layer`, decision token."""
     import torch
 
-    from harness.hooks import contrast_logit_diffs, record_residuals
+    from harness.lab.hooks import contrast_logit_diffs, record_residuals
 
     norms = torch.empty(len(items))
 
@@ -284,7 +283,7 @@ def _unsteered(
 def _steered_text(
     model: Any, tokenizer: Any, prompt: str, chat: bool, max_new_tokens: int, layer: int, vector: Any
 ) -> str:
-    from harness.hooks import add_to_residual
+    from harness.lab.hooks import add_to_residual
 
     steering = add_to_residual(model, layer, vector) if bool(vector.any()) else nullcontext()
     with steering:
@@ -295,7 +294,7 @@ def _direction(ctx: StageContext, params: Mapping[str, Any], layer: int, items: 
     """The unit direction (torch, float32), the fit statements' count and the held-out ids."""
     import torch
 
-    from harness.activations import CONVENTION_FILE, layer_count, read_layer, read_metadata
+    from harness.lab.activations import CONVENTION_FILE, layer_count, read_layer, read_metadata
 
     source = find_upstream(ctx.upstream, "activations", "steer", only=False)
     if not (source.dir / CONVENTION_FILE).is_file():
@@ -316,26 +315,42 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     mcqs_param(params, spec_dir, conflict_for="steering")
 
 
-@stage_kind(
-    needs=lambda params: (
-        Role("activations", "the activations an extract_activations stage writes"),
-        *([Role("probe", "the best_layer metric of a train_probe stage, for `layer: best`")]
-          if params["layer"] == "best" else []),
-        *([adapter_role(only=False)] if params["use_adapter"] else []),
-    ),
-    metrics=METRICS,
-    input_params=("mcqs",),
-    transport_params=("batch_size",),
-    check=check,
-)
-def run(ctx: StageContext) -> dict[str, Any]:
-    from harness.contrast import contrasts
-    from harness.hooks import add_to_residual, contrast_logit_diffs, n_indices
-    from harness.models.base import load_model, load_tokenizer
-    from harness.store import relative_path, write_json, write_jsonl
+@dataclass(frozen=True)
+class SteeringSetup:
+    """What the measurements need: the model with its items, and the direction to steer with."""
+
+    layer: int
+    adapter: Path | None
+    tokenizer: Any
+    model: Any
+    items: list[Any]  # the conflict MCQs as token contrasts
+    unit: Any  # the unit direction, torch float32 [d_model]
+    n_fit: int  # statements the direction was fit on
+    held_out: list[str]  # ids of the statements held out as restating steering items
+
+
+@dataclass(frozen=True)
+class SteeringCurves:
+    """The direction's and the random directions' mean true-answer probabilities, and the metrics."""
+
+    multipliers: list[float]  # 0 included
+    residual_norm: float  # mean residual norm at the layer, decision token
+    scale: float  # the vector's norm per unit of multiplier
+    probs: list[float]  # the direction's mean true-answer probability per multiplier
+    direction: list[dict[str, Any]]  # `curve` rows, per-item values included
+    random_probs: np.ndarray  # [n_random, multipliers]
+    random_effects: list[float]
+    metrics: dict[str, Any]
+
+
+def _load_setup(ctx: StageContext) -> SteeringSetup:
+    """Resolve the layer and the adapter, fit the direction, load the model; check they agree."""
+    from harness.lab.contrast import contrasts
+    from harness.lab.hooks import n_indices
+    from harness.lab.models.base import load_model, load_tokenizer
 
     params = ctx.params
-    base, mode, chat, expect = params["base"], params["scoring"], params["chat_template"], params["expect"]
+    base = params["base"]
     probe_metrics: Mapping[str, Any] = {}
     if params["layer"] == "best":
         probe_metrics = find_upstream(ctx.upstream, "probe", "steer", only=False).metrics
@@ -343,7 +358,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     adapter = adapter_dir(ctx.upstream, "steer", only=False) if params["use_adapter"] else None
 
     tokenizer = load_tokenizer(base)
-    items = contrasts(tokenizer, load_mcqs(Path(params["mcqs"])), mode, chat)
+    items = contrasts(tokenizer, load_mcqs(Path(params["mcqs"])), params["scoring"], params["chat_template"])
     unit, n_fit, held_out = _direction(ctx, params, layer, items)
     ctx.log(
         f"direction: mean difference of label {params['label']!r} at layer {layer} over {n_fit} statements "
@@ -358,8 +373,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
     dim = model.config.hidden_size
     if unit.numel() != dim:
         raise StageError(f"the direction has {unit.numel()} dims, the residual {dim}")
-    batch_size = params["batch_size"]
+    return SteeringSetup(layer, adapter, tokenizer, model, items, unit, n_fit, held_out)
 
+
+def _measure_curves(ctx: StageContext, setup: SteeringSetup) -> SteeringCurves:
+    """Mean true-answer probability per multiplier under the direction and each random one."""
+    from harness.lab.hooks import add_to_residual, contrast_logit_diffs
+
+    params = ctx.params
+    model, tokenizer, items, layer = setup.model, setup.tokenizer, setup.items, setup.layer
+    dim, batch_size = model.config.hidden_size, params["batch_size"]
     zero, residual_norm = _unsteered(model, tokenizer, items, layer, batch_size)
     scale = residual_norm / math.sqrt(dim) if params["scale"] == "residual_norm" else 1.0
     controls = random_units(params["n_random"], dim, ctx.seed)
@@ -381,64 +404,112 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return means
 
     per_item: dict[float, list[float]] = {}
-    probs = mean_probs(unit, per_item)
-    direction_curve = curve(multipliers, per_item)
-    effect = claimed_effect(multipliers, probs, expect)
+    probs = mean_probs(setup.unit, per_item)
     random_probs = np.array([mean_probs(u) for u in controls])
+    metrics, random_effects = _steering_metrics(multipliers, probs, random_probs, params["expect"], setup)
+    direction = curve(multipliers, per_item)
+    return SteeringCurves(
+        multipliers, residual_norm, scale, probs, direction, random_probs, random_effects, metrics
+    )
+
+
+def _steering_metrics(
+    multipliers: list[float], probs: list[float], random_probs: np.ndarray, expect: str, setup: SteeringSetup
+) -> tuple[dict[str, Any], list[float]]:
+    """The metrics, and each random direction's effect (the null)."""
+    effect = claimed_effect(multipliers, probs, expect)
     random_effects = [claimed_effect(multipliers, row, expect) for row in random_probs]
     metrics = {
         "true_prob_at_zero": probs[multipliers.index(0.0)],
         "slope": slope(multipliers, probs),
         "effect": effect,
         **null_summary(effect, random_effects),
-        "layer": layer,
-        "n_items": len(items),
-        "n_fit_statements": n_fit,
+        "layer": setup.layer,
+        "n_items": len(setup.items),
+        "n_fit_statements": setup.n_fit,
     }
+    return metrics, random_effects
 
+
+def _steered_generations(ctx: StageContext, setup: SteeringSetup, curves: SteeringCurves) -> list[dict]:
+    """Greedy continuations of the open-ended prompts under the direction at every multiplier."""
+    params = ctx.params
+    model, tokenizer, chat, layer = setup.model, setup.tokenizer, params["chat_template"], setup.layer
     generations = []
     for prompt in params["prompts"]:
-        for m in multipliers:
-            vector = m * scale * unit
+        for m in curves.multipliers:
+            vector = m * curves.scale * setup.unit
             text = _steered_text(model, tokenizer, prompt, chat, params["max_new_tokens"], layer, vector)
             generations.append({"prompt": prompt, "multiplier": m, "text": text})
     ctx.log(f"{len(generations)} greedy generations for {len(params['prompts'])} prompts")
+    return generations
 
+
+def _write_artifacts(
+    ctx: StageContext, setup: SteeringSetup, curves: SteeringCurves, generations: list[dict]
+) -> None:
+    """steering.json, generations.jsonl and steering.png."""
+    from harness.core.store import relative_path, write_json, write_jsonl
+
+    params, adapter = ctx.params, setup.adapter
     write_json(
         ctx.out_dir / "steering.json",
         {
-            "base": base,
+            "base": params["base"],
             "adapter": relative_path(adapter, ctx.out_dir) if adapter else None,
             "mcqs": relative_path(params["mcqs"], ctx.spec_file.parent),
-            "scoring": mode,
-            "layer": layer,
+            "scoring": params["scoring"],
+            "layer": setup.layer,
             "label": params["label"],
-            "expect": expect,
+            "expect": params["expect"],
             "scale_mode": params["scale"],
-            "vector_norm_per_unit_multiplier": scale,
-            "mean_residual_norm": residual_norm,
-            "d_model": dim,
+            "vector_norm_per_unit_multiplier": curves.scale,
+            "mean_residual_norm": curves.residual_norm,
+            "d_model": setup.model.config.hidden_size,
             "seed": ctx.seed,
-            "items": [c.item.id for c in items],
-            "fit_statements": n_fit,
-            "held_out_statements": held_out,
-            "multipliers": multipliers,
-            "direction": direction_curve,
-            "random": {"true_prob": random_probs.tolist(), "effects": random_effects},
-            "metrics": metrics,
+            "items": [c.item.id for c in setup.items],
+            "fit_statements": setup.n_fit,
+            "held_out_statements": setup.held_out,
+            "multipliers": curves.multipliers,
+            "direction": curves.direction,
+            "random": {"true_prob": curves.random_probs.tolist(), "effects": curves.random_effects},
+            "metrics": curves.metrics,
         },
     )
     write_jsonl(ctx.out_dir / "generations.jsonl", generations)
     _plot(
-        multipliers,
-        probs,
-        random_probs,
+        curves.multipliers,
+        curves.probs,
+        curves.random_probs,
         ctx.out_dir / "steering.png",
-        f"{ctx.stage}: {params['label']} mean difference at hidden_states[{layer}]"
+        f"{ctx.stage}: {params['label']} mean difference at hidden_states[{setup.layer}]"
         + (" (+ adapter)" if adapter else ""),
     )
+
+
+@stage_kind(
+    needs=lambda params: (
+        Role("activations", "the activations an extract_activations stage writes"),
+        *(
+            [Role("probe", "the best_layer metric of a train_probe stage, for `layer: best`")]
+            if params["layer"] == "best"
+            else []
+        ),
+        *([adapter_role(only=False)] if params["use_adapter"] else []),
+    ),
+    metrics=METRICS,
+    input_params=("mcqs",),
+    transport_params=("batch_size",),
+    check=check,
+)
+def run(ctx: StageContext) -> dict[str, Any]:
+    setup = _load_setup(ctx)
+    curves = _measure_curves(ctx, setup)
+    generations = _steered_generations(ctx, setup, curves)
+    _write_artifacts(ctx, setup, curves, generations)
+    params, metrics = ctx.params, curves.metrics
     ctx.log(
-        f"effect ({expect}) {effect:+.3f}; {params['n_random']} random directions: mean "
+        f"effect ({params['expect']}) {metrics['effect']:+.3f}; {params['n_random']} random directions: mean "
         f"{metrics['random_effect_mean']:+.3f}, 95th percentile {metrics['random_effect_q95']:+.3f}; "
         f"p = {metrics['p_value']:.3f}"
     )

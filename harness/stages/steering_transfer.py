@@ -29,7 +29,7 @@ those runs, and variation between training runs does not enter it.
 Artifacts: vectors.safetensors (`<setting>`: v_S), steering_transfer.json (the split, the
 replicate each vector came from, norms, cosines, EM rates per (vector, target) with CIs,
 the random controls, counts), samples.json and transfer.png (the EM-rate change matrix).
-samples.json (`harness.samples`) holds 1.0 / 0.0 misaligned per scored answer to a test
+samples.json (`harness.core.samples`) holds 1.0 / 0.0 misaligned per scored answer to a test
 question, its unit the question id (level "question": answers to one question are
 correlated, and the questions are taken as drawn from the questions one could ask), in the sets
     `<A>-><B>`           setting B steered by A's vector,
@@ -50,11 +50,11 @@ from typing import Any
 import numpy as np
 
 from harness.api import stage_kind
-from harness.checks import em_params
-from harness.llm import TRANSPORT_KEYS
-from harness.plots import figure as new_figure
-from harness.stage import Role, StageContext, StageError
-from harness.upstream import named_adapter_roles
+from harness.core.stage import Role, StageContext, StageError
+from harness.core.upstream import named_adapter_roles
+from harness.lab.checks import em_params
+from harness.lab.llm import TRANSPORT_KEYS
+from harness.lab.plots import figure as new_figure
 
 METRICS = (
     "mean_cosine",
@@ -112,8 +112,11 @@ def judged_answers(
 ) -> list[Mapping[str, Any]]:
     """The judged answers of `setting`'s replicate `replicate` to `questions`."""
     mine = [
-        r for r in rows
-        if r["setting"] == setting and r["replicate"] == replicate and r["misaligned"] is not None
+        r
+        for r in rows
+        if r["setting"] == setting
+        and r["replicate"] == replicate
+        and r["misaligned"] is not None
         and r["question_id"] in questions
     ]
     if not mine:
@@ -129,7 +132,7 @@ def answer_mean(model: Any, tokenizer: Any, prompt: str, answer: str, layer: int
     """The residual at `layer` averaged over the answer's tokens, after the prompt."""
     import torch
 
-    from harness.hooks import record_residuals
+    from harness.lab.hooks import record_residuals
 
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
@@ -143,7 +146,7 @@ def em_vector(
     model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], questions: Mapping[str, str], layer: int
 ) -> tuple[np.ndarray, int, int]:
     """Mean over misaligned answers minus mean over aligned ones, and the two counts."""
-    from harness.chat import render
+    from harness.lab.chat import render
 
     sums: dict[bool, list[np.ndarray]] = {True: [], False: []}
     for row in rows:
@@ -177,7 +180,7 @@ def _plot(names: Sequence[str], change: np.ndarray, path: Path, title: str) -> N
 
 def answer_samples(judged: Sequence[Any]) -> Any:
     """1.0 / 0.0 misaligned per scored answer, its unit the answer's question."""
-    from harness.samples import SampleSet
+    from harness.core.samples import SampleSet
 
     scored = [j for j in judged if j.misaligned is not None]
     return SampleSet(
@@ -185,28 +188,64 @@ def answer_samples(judged: Sequence[Any]) -> Any:
     )
 
 
-@stage_kind(
-    needs=lambda params: (Role("answers", "the answers.jsonl and em_results.json of an em_eval stage"),
-                          *named_adapter_roles(params)),
-    metrics=METRICS,
-    input_params=("questions",),
-    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
-    check=em_params,
-)
-def run(ctx: StageContext) -> dict[str, Any]:
-    import torch
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The judged answers the vectors are fitted on, and the measurement steering is set against."""
 
-    from harness.activations import save_f32
-    from harness.em import Measurement, sampling_parameters
-    from harness.hooks import add_to_residual, n_indices
-    from harness.models import load_tokenizer
-    from harness.models.adapters import active, load_stacked
-    from harness.samples import SAMPLES_FILE, write_samples
-    from harness.store import write_json
-    from harness.upstream import adapter_dir, find_upstream
+    settings: dict[str, list[str]]  # setting -> the adapter roles it loads
+    answers: list[dict[str, Any]]  # the rows of em_eval's answers.jsonl
+    results: Path  # em_eval's em_results.json: the replicates' adapters
+    text: dict[str, str]  # question id -> question
+    fit_ids: list[str]
+    test_ids: list[str]
+    on_test: Any  # the Measurement, on the test questions only
+
+
+@dataclasses.dataclass(frozen=True)
+class SteerableModel:
+    """The base model with every setting's adapters loaded, steered at `layer`."""
+
+    model: Any
+    tokenizer: Any
+    layer: int
+    settings: dict[str, list[str]]
+
+    def em_rate(self, measurement: Any, target: str, vector: np.ndarray | None) -> tuple[dict[str, Any], Any]:
+        """`target`'s EM rate and answer samples, steered by `vector` (None: unsteered)."""
+        import torch
+
+        from harness.lab.hooks import add_to_residual
+        from harness.lab.models.adapters import active
+
+        steering = nullcontext()
+        if vector is not None:
+            steering = add_to_residual(self.model, self.layer, torch.tensor(vector, dtype=torch.float32))
+        with active(self.model, self.settings[target]), steering:
+            judged, summary = measurement.run(self.model, self.tokenizer, target)
+        return summary["em_rate"], answer_samples(judged)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """EM rates on the test questions, and the samples.json sets (see the module's docstring)."""
+
+    unsteered: dict[str, Any]  # per target
+    transfer: dict[str, Any]  # per `<A>-><B>`
+    control: dict[str, Any]  # per `<A>-><B>`: B steered by the random control of A's vector
+    samples: dict[str, Any]
+
+    def change(self, rates_by_pair: Mapping[str, Mapping[str, float]], names: Sequence[str]) -> np.ndarray:
+        """Per (vector A, target B): the steered EM rate minus B's unsteered one."""
+        return np.array(
+            [[rates_by_pair[f"{a}->{b}"]["value"] - self.unsteered[b]["value"] for b in names] for a in names]
+        )
+
+
+def load_inputs(ctx: StageContext) -> Inputs:
+    from harness.core.upstream import find_upstream
+    from harness.lab.em import Measurement
 
     p = ctx.params
-    settings: dict[str, list[str]] = dict(p["settings"])
     answers_dir = find_upstream(ctx.upstream, "answers", "steering_transfer", only=False).dir
     source, results = answers_dir / "answers.jsonl", answers_dir / "em_results.json"
     if not source.is_file() or not results.is_file():
@@ -219,77 +258,169 @@ def run(ctx: StageContext) -> dict[str, Any]:
     test_questions = [q for q in measurement.questions if q.id in test_ids]
     on_test = dataclasses.replace(measurement, questions=test_questions)
     ctx.log(f"vectors from the answers to {', '.join(fit_ids)}; steering measured on {', '.join(test_ids)}")
+    return Inputs(dict(p["settings"]), answers, results, text, fit_ids, test_ids, on_test)
+
+
+def load_steerable_model(ctx: StageContext, settings: dict[str, list[str]]) -> SteerableModel:
+    from harness.core.upstream import adapter_dir
+    from harness.lab.hooks import n_indices
+    from harness.lab.models import load_tokenizer
+    from harness.lab.models.adapters import load_stacked
+
+    p = ctx.params
     roles = list(dict.fromkeys(r for rs in settings.values() for r in rs))
     adapters = {r: adapter_dir(ctx.upstream, "steering_transfer", only=False, role=r) for r in roles}
     model = load_stacked(p["base"], adapters)
     tokenizer = load_tokenizer(p["base"])
     layer = p["layer"] if p.get("layer") is not None else n_indices(model) // 2
-    names = list(settings)
+    return SteerableModel(model, tokenizer, layer, settings)
 
+
+def fit_vectors(
+    ctx: StageContext, inputs: Inputs, steerable: SteerableModel
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, int]]]:
+    """Per setting: its EM vector from the fit questions, and where the vector came from."""
+    from harness.lab.models.adapters import active
+
+    layer = steerable.layer
     vectors, counts = {}, {}
-    for name in names:
-        replicate = replicate_of(results, name, settings[name])
-        with active(model, settings[name]):
-            rows = judged_answers(answers, name, replicate, fit_ids)
-            vectors[name], n_bad, n_good = em_vector(model, tokenizer, rows, text, layer)
+    for name, roles in inputs.settings.items():
+        replicate = replicate_of(inputs.results, name, roles)
+        with active(steerable.model, roles):
+            rows = judged_answers(inputs.answers, name, replicate, inputs.fit_ids)
+            vectors[name], n_bad, n_good = em_vector(
+                steerable.model, steerable.tokenizer, rows, inputs.text, layer
+            )
         counts[name] = {"replicate": replicate, "misaligned": n_bad, "aligned": n_good}
-        ctx.log(f"{name}: EM vector at layer {layer} from replicate {replicate}'s {n_bad} misaligned and "
-                f"{n_good} aligned answers, norm {np.linalg.norm(vectors[name]):.3f}")
+        ctx.log(
+            f"{name}: EM vector at layer {layer} from replicate {replicate}'s {n_bad} misaligned and "
+            f"{n_good} aligned answers, norm {np.linalg.norm(vectors[name]):.3f}"
+        )
+    return vectors, counts
 
-    def em_rate(target: str, vector: np.ndarray | None) -> tuple[dict[str, Any], Any]:
-        steering = nullcontext()
-        if vector is not None:
-            steering = add_to_residual(model, layer, torch.tensor(vector, dtype=torch.float32))
-        with active(model, settings[target]), steering:
-            judged, summary = on_test.run(model, tokenizer, target)
-        return summary["em_rate"], answer_samples(judged)
 
+def measure_rates(
+    ctx: StageContext, inputs: Inputs, steerable: SteerableModel, vectors: Mapping[str, np.ndarray]
+) -> Rates:
+    """Every setting unsteered, then steered by every vector and by its random control."""
+    names, measurement = list(inputs.settings), inputs.on_test
     rng = np.random.default_rng(ctx.seed)
     samples: dict[str, Any] = {}
     unsteered, transfer, control = {}, {}, {}
     for target in names:
-        unsteered[target], samples[target] = em_rate(target, None)
+        unsteered[target], samples[target] = steerable.em_rate(measurement, target, None)
     for source_name in names:
-        vector = vectors[source_name] * p["multiplier"]
+        vector = vectors[source_name] * ctx.params["multiplier"]
         direction = rng.normal(size=vector.shape)
         random = direction / np.linalg.norm(direction) * np.linalg.norm(vector)
         for target in names:
             key = f"{source_name}->{target}"
-            transfer[key], samples[key] = em_rate(target, vector)
-            control[key], samples[f"random({source_name})->{target}"] = em_rate(target, random)
-            ctx.log(f"{key}: em_rate {transfer[key]['value']:.3f} (random {control[key]['value']:.3f}, "
-                    f"unsteered {unsteered[target]['value']:.3f})")
+            transfer[key], samples[key] = steerable.em_rate(measurement, target, vector)
+            control[key], samples[f"random({source_name})->{target}"] = steerable.em_rate(
+                measurement, target, random
+            )
+            ctx.log(
+                f"{key}: em_rate {transfer[key]['value']:.3f} (random {control[key]['value']:.3f}, "
+                f"unsteered {unsteered[target]['value']:.3f})"
+            )
+    return Rates(unsteered, transfer, control, samples)
 
-    def changes(rates_by_pair: Mapping[str, Mapping[str, float]]) -> np.ndarray:
-        return np.array([[rates_by_pair[f"{a}->{b}"]["value"] - unsteered[b]["value"] for b in names]
-                         for a in names])
 
-    change, random_change = changes(transfer), changes(control)
-    cosines = {f"{a}|{b}": cosine(vectors[a], vectors[b]) for a in names for b in names}
+def effect_metrics(
+    names: Sequence[str], cosines: Mapping[str, float], change: np.ndarray, random_change: np.ndarray
+) -> dict[str, float]:
+    """How alike the vectors are, and how far each moves its own setting, the others, and at random."""
     pairs = [cosines[f"{a}|{b}"] for i, a in enumerate(names) for b in names[i + 1 :]]
     self_effect = float(np.mean(np.diag(change)))
     cross_effect = float(np.mean(change[~np.eye(len(names), dtype=bool)])) if len(names) > 1 else 0.0
-    metrics = {
+    return {
         "mean_cosine": float(np.mean(pairs)) if pairs else 1.0,
         "self_effect": self_effect,
         "cross_effect": cross_effect,
         "random_effect": float(np.mean(random_change)),
         "self_minus_cross": self_effect - cross_effect,
-        "layer": layer,
-        "n_fit_questions": len(fit_ids),
-        "n_test_questions": len(test_ids),
     }
-    out = ctx.out_dir
-    save_f32(out / "vectors.safetensors", {n: vectors[n].astype(np.float32) for n in names},
-             metadata={"layer": str(layer), "what": "mean residual over answer tokens, misaligned - aligned"})
-    write_json(out / "steering_transfer.json", {
-        "layer": layer, "multiplier": p["multiplier"], "settings": settings,
-        "sampling": sampling_parameters(p["temperature"], p["max_new_tokens"]),
-        "questions": {"fit": fit_ids, "test": test_ids, "test_fraction": p["test_fraction"]},
-        "counts": counts, "norms": {n: float(np.linalg.norm(vectors[n])) for n in names}, "cosines": cosines,
-        "unsteered": unsteered, "transfer": transfer, "random": control,
-        "change": change.tolist(), "random_change": random_change.tolist(), "metrics": metrics,
-    })
+
+
+def summarize(
+    params: Mapping[str, Any],
+    inputs: Inputs,
+    layer: int,
+    vectors: Mapping[str, np.ndarray],
+    counts: Mapping[str, Any],
+    rates: Rates,
+) -> dict[str, Any]:
+    """The content of steering_transfer.json, its metrics among it."""
+    from harness.lab.em import sampling_parameters
+
+    names = list(inputs.settings)
+    change, random_change = rates.change(rates.transfer, names), rates.change(rates.control, names)
+    cosines = {f"{a}|{b}": cosine(vectors[a], vectors[b]) for a in names for b in names}
+    metrics = {
+        **effect_metrics(names, cosines, change, random_change),
+        "layer": layer,
+        "n_fit_questions": len(inputs.fit_ids),
+        "n_test_questions": len(inputs.test_ids),
+    }
+    return {
+        "layer": layer,
+        "multiplier": params["multiplier"],
+        "settings": inputs.settings,
+        "sampling": sampling_parameters(params["temperature"], params["max_new_tokens"]),
+        "questions": {
+            "fit": inputs.fit_ids,
+            "test": inputs.test_ids,
+            "test_fraction": params["test_fraction"],
+        },
+        "counts": counts,
+        "norms": {n: float(np.linalg.norm(vectors[n])) for n in names},
+        "cosines": cosines,
+        "unsteered": rates.unsteered,
+        "transfer": rates.transfer,
+        "random": rates.control,
+        "change": change.tolist(),
+        "random_change": random_change.tolist(),
+        "metrics": metrics,
+    }
+
+
+def write_artifacts(
+    ctx: StageContext,
+    report: Mapping[str, Any],
+    vectors: Mapping[str, np.ndarray],
+    samples: Mapping[str, Any],
+) -> None:
+    from harness.core.samples import SAMPLES_FILE, write_samples
+    from harness.core.store import write_json
+    from harness.lab.activations import save_f32
+
+    out, layer = ctx.out_dir, report["layer"]
+    save_f32(
+        out / "vectors.safetensors",
+        {n: v.astype(np.float32) for n, v in vectors.items()},
+        metadata={"layer": str(layer), "what": "mean residual over answer tokens, misaligned - aligned"},
+    )
+    write_json(out / "steering_transfer.json", report)
     write_samples(out / SAMPLES_FILE, samples)
-    _plot(names, change, out / "transfer.png", f"{ctx.stage}: EM-rate change when steered (layer {layer})")
-    return metrics
+    title = f"{ctx.stage}: EM-rate change when steered (layer {layer})"
+    _plot(list(vectors), np.array(report["change"]), out / "transfer.png", title)
+
+
+@stage_kind(
+    needs=lambda params: (
+        Role("answers", "the answers.jsonl and em_results.json of an em_eval stage"),
+        *named_adapter_roles(params),
+    ),
+    metrics=METRICS,
+    input_params=("questions",),
+    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
+    check=em_params,
+)
+def run(ctx: StageContext) -> dict[str, Any]:
+    inputs = load_inputs(ctx)
+    steerable = load_steerable_model(ctx, inputs.settings)
+    vectors, counts = fit_vectors(ctx, inputs, steerable)
+    rates = measure_rates(ctx, inputs, steerable, vectors)
+    report = summarize(ctx.params, inputs, steerable.layer, vectors, counts, rates)
+    write_artifacts(ctx, report, vectors, rates.samples)
+    return report["metrics"]

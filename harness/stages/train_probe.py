@@ -69,10 +69,10 @@ from typing import Any
 import numpy as np
 
 from harness.api import stage_kind
-from harness.plots import figure as new_figure
-from harness.stage import Role, StageContext, StageError, Upstream
-from harness.stats import monte_carlo_p
-from harness.upstream import find_upstream
+from harness.core.stage import Role, StageContext, StageError, Upstream
+from harness.core.upstream import find_upstream
+from harness.lab.plots import figure as new_figure
+from harness.lab.stats import monte_carlo_p
 
 METRICS = (
     "auc",
@@ -92,7 +92,7 @@ LEXICAL_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)  # the lexical baseline's choic
 
 def activations_dir(upstream: Mapping[str, Upstream]) -> Path:
     """The directory of the upstream with role `activations`, or of the only upstream."""
-    from harness.activations import CONVENTION_FILE
+    from harness.lab.activations import CONVENTION_FILE
 
     source = find_upstream(upstream, ACTIVATIONS_ROLE, "train_probe")
     if not (source.dir / CONVENTION_FILE).is_file():
@@ -461,7 +461,7 @@ def selected_layers(requested: Sequence[int] | None, n_layers: int) -> list[int]
 
 
 def _plot(report: Mapping[str, Any], path: Path, title: str) -> None:
-    from harness.activations import layer_name
+    from harness.lab.activations import layer_name
 
     rows = report["layers"]
     layers = [r["layer"] for r in rows]
@@ -510,7 +510,7 @@ def _plot(report: Mapping[str, Any], path: Path, title: str) -> None:
 def read_layers(source: Path, layers: Sequence[int], n_items: int) -> np.ndarray:
     """The activations of `layers` [layers, items, d_model], float32: every layer's probes are
     fitted together."""
-    from harness.activations import read_layer
+    from harness.lab.activations import read_layer
 
     out = []
     for index in layers:
@@ -526,7 +526,7 @@ def layer_rows(
 ) -> list[dict[str, Any]]:
     """Per layer, its own CV AUC on the outer folds with the null's mean and 5-95% band of it
     (descriptive: the best of them over layers is biased up), and how often the nested CV chose it."""
-    from harness.activations import layer_name
+    from harness.lab.activations import layer_name
 
     rows = []
     for index, outer in zip(layers, found.outer, strict=True):
@@ -549,65 +549,98 @@ def layer_rows(
     return rows
 
 
-@stage_kind(
-    needs=(Role(ACTIVATIONS_ROLE, "the activations an extract_activations stage writes", only=True),),
-    metrics=METRICS,
-)
-def run(ctx: StageContext) -> dict[str, Any]:
-    from threadpoolctl import threadpool_limits
+@dataclass
+class ProbeData:
+    """The items, their labels and activations, and the splits of every label row."""
 
-    from harness.activations import layer_count, read_convention, read_metadata, save_f32
-    from harness.store import write_json
+    source: Path
+    metadata: list[dict[str, Any]]
+    y: np.ndarray  # the observed labels
+    groups: np.ndarray | None
+    layers: list[int]
+    X: np.ndarray  # [layers, items, d_model]
+    labels: np.ndarray  # row 0: the observed labels; the others: the null's relabellings
+    plan: list[Batch]
+
+
+@dataclass
+class Fitted:
+    """The probes' and the lexical baseline's AUCs, and the directions fitted on all items."""
+
+    probe: CandidateAUCs
+    lexical: CandidateAUCs
+    directions: dict[str, np.ndarray]
+
+
+def load_probe_data(ctx: StageContext) -> ProbeData:
+    from harness.lab.activations import layer_count, read_metadata
 
     params = ctx.params
-    label, C, folds, inner_folds = params["label"], params["C"], params["folds"], params["inner_folds"]
-    n_permutations = params["n_permutations"]
+    folds, n_permutations = params["folds"], params["n_permutations"]
     source = activations_dir(ctx.upstream)
     metadata = read_metadata(source)
-    y = labels_of(metadata, label, folds)
+    y = labels_of(metadata, params["label"], folds)
     groups = groups_of(metadata, folds)
     layers = selected_layers(params.get("layers"), layer_count(source))
     X = read_layers(source, layers, len(y))
-    # row 0: the observed labels; the others: the null's relabellings
     labels = np.vstack([y, relabellings(y, groups, n_permutations, np.random.default_rng(ctx.seed))])
-    plan = batches(labels, groups, folds, inner_folds, ctx.seed)
+    plan = batches(labels, groups, folds, params["inner_folds"], ctx.seed)
     ctx.log(
         f"{len(layers)} layers, {len(y)} items, {n_permutations} relabellings in {len(plan)} sets of splits"
     )
+    return ProbeData(source, metadata, y, groups, layers, X, labels, plan)
+
+
+def directions(data: ProbeData, C: float) -> dict[str, np.ndarray]:
+    """Per layer, the probe fitted on all items and the difference of the classes' means."""
+    tensors = {}
+    for index, activations in zip(data.layers, data.X, strict=True):
+        tensors[f"probe.{index}"] = probe_direction(activations.astype(np.float64), data.y, C)
+        tensors[f"mean_diff.{index}"] = mean_difference(activations.astype(np.float64), data.y)
+    return tensors
+
+
+def fit(data: ProbeData, C: float) -> Fitted:
+    from threadpoolctl import threadpool_limits
 
     # many small matrices: BLAS threads only contend for them
     with threadpool_limits(limits=1, user_api="blas"):
-        found = candidate_aucs(X, labels, plan, (C,))
+        found = candidate_aucs(data.X, data.labels, data.plan, (C,))
         lexical_found = candidate_aucs(
-            lexical_features(metadata)[None], labels, plan, LEXICAL_ALPHAS, ridge_split_aucs
+            lexical_features(data.metadata)[None], data.labels, data.plan, LEXICAL_ALPHAS, ridge_split_aucs
         )
-        tensors = {}
-        for index, activations in zip(layers, X, strict=True):
-            tensors[f"probe.{index}"] = probe_direction(activations.astype(np.float64), y, C)
-            tensors[f"mean_diff.{index}"] = mean_difference(activations.astype(np.float64), y)
+        return Fitted(found, lexical_found, directions(data, C))
 
+
+def nested_summary(found: CandidateAUCs, layers: Sequence[int]) -> dict[str, Any]:
+    """The nested procedure's AUC against its null, the layers it chose and their outer-fold AUCs."""
     chosen, statistic = choose(found)
-    nested = {
+    return {
         **null_summary(statistic),
         "chosen_layers": [layers[i] for i in chosen[0]],
         "outer_fold_aucs": [float(found.outer[c, 0, k]) for k, c in enumerate(chosen[0])],
     }
-    rows = layer_rows(layers, found, nested["chosen_layers"])
+
+
+def lexical_summary(found: CandidateAUCs) -> dict[str, Any]:
+    """The lexical baseline's AUC against its null, and the penalties it chose."""
+    chosen, statistic = choose(found)
+    return {**null_summary(statistic), "chosen_alpha": [LEXICAL_ALPHAS[i] for i in chosen[0]]}
+
+
+def log_layers(ctx: StageContext, rows: Sequence[Mapping[str, Any]]) -> None:
     for row in rows:
         ctx.log(
             f"layer {row['layer']} ({row['name']}): cv auc {row['cv_auc_mean']:.3f} "
             f"± {row['cv_auc_std']:.3f} (descriptive), null mean {row['null_cv_auc_mean']:.3f}, "
             f"chosen {row['times_chosen']}x"
         )
-    best = max(rows, key=lambda r: r["cv_auc_mean"])  # the same choice on all items; ties: the first
-    lexical_chosen, lexical_statistic = choose(lexical_found)
-    lexical = {
-        **null_summary(lexical_statistic),
-        "chosen_alpha": [LEXICAL_ALPHAS[i] for i in lexical_chosen[0]],
-    }
-    ctx.log(f"lexical baseline: auc {lexical['auc']:.3f}, null q95 {lexical['null_q95']:.3f}")
 
-    metrics = {
+
+def probe_metrics(
+    nested: Mapping[str, Any], lexical: Mapping[str, Any], best_layer: int, n_items: int
+) -> dict[str, Any]:
+    return {
         "auc": nested["auc"],
         "null_auc_mean": nested["null_mean"],
         "null_auc_q95": nested["null_q95"],
@@ -616,19 +649,30 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "lexical_auc": lexical["auc"],
         "auc_minus_lexical": nested["auc"] - lexical["auc"],
         "lexical_p_value": lexical["p_value"],
-        "best_layer": best["layer"],
-        "n_items": len(y),
+        "best_layer": best_layer,
+        "n_items": n_items,
     }
-    convention = read_convention(source)
-    report = {
-        "label": label,
-        "C": C,
-        "folds": folds,
-        "inner_folds": inner_folds,
-        "n_permutations": n_permutations,
+
+
+def probe_report(
+    ctx: StageContext,
+    data: ProbeData,
+    rows: list[dict[str, Any]],
+    nested: dict[str, Any],
+    lexical: dict[str, Any],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """probe_results.json: the params, the data's counts, per layer rows, the nested procedure's
+    and the lexical baseline's results, and the metrics."""
+    from harness.lab.activations import read_convention
+
+    params, groups = ctx.params, data.groups
+    convention = read_convention(data.source)
+    return {
+        **{name: params[name] for name in ("label", "C", "folds", "inner_folds", "n_permutations")},
         "seed": ctx.seed,
-        "n_items": len(y),
-        "n_positive": int(y.sum()),
+        "n_items": len(data.y),
+        "n_positive": int(data.y.sum()),
         "n_groups": None if groups is None else len(set(groups)),
         "activations": {
             k: convention.get(k) for k in ("model", "adapter", "position", "n_layers", "d_model")
@@ -638,18 +682,44 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "lexical": lexical,
         "metrics": metrics,
     }
+
+
+def write_artifacts(ctx: StageContext, data: ProbeData, report: Mapping[str, Any], fitted: Fitted) -> None:
+    from harness.core.store import write_json
+    from harness.lab.activations import save_f32
+
+    label = report["label"]
     write_json(ctx.out_dir / "probe_results.json", report)
     save_f32(
         ctx.out_dir / "directions.safetensors",
-        tensors,
+        fitted.directions,
         metadata={
             "label": label,
-            "layers": ",".join(str(i) for i in layers),
+            "layers": ",".join(str(i) for i in data.layers),
             "probe": "unit vector in raw residual space (coef / scale), positive toward label 1",
             "mean_diff": "mean of label-1 activations minus mean of label-0 activations, raw",
         },
     )
-    _plot(report, ctx.out_dir / "auc_by_layer.png", f"{ctx.stage}: probe for {label!r}, {len(y)} items")
+    _plot(report, ctx.out_dir / "auc_by_layer.png", f"{ctx.stage}: probe for {label!r}, {len(data.y)} items")
+
+
+@stage_kind(
+    needs=(Role(ACTIVATIONS_ROLE, "the activations an extract_activations stage writes", only=True),),
+    metrics=METRICS,
+)
+def run(ctx: StageContext) -> dict[str, Any]:
+    data = load_probe_data(ctx)
+    fitted = fit(data, ctx.params["C"])
+    nested = nested_summary(fitted.probe, data.layers)
+    rows = layer_rows(data.layers, fitted.probe, nested["chosen_layers"])
+    log_layers(ctx, rows)
+    best = max(rows, key=lambda r: r["cv_auc_mean"])  # the same choice on all items; ties: the first
+    lexical = lexical_summary(fitted.lexical)
+    ctx.log(f"lexical baseline: auc {lexical['auc']:.3f}, null q95 {lexical['null_q95']:.3f}")
+
+    metrics = probe_metrics(nested, lexical, best["layer"], len(data.y))
+    report = probe_report(ctx, data, rows, nested, lexical, metrics)
+    write_artifacts(ctx, data, report, fitted)
     ctx.log(
         f"auc {metrics['auc']:.3f} with the layer chosen in training folds ({nested['chosen_layers']}), "
         f"null mean {metrics['null_auc_mean']:.3f}, q95 {metrics['null_auc_q95']:.3f}, "

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.llm import (
+from harness.core.stage import ParamError, StageContext, StageError
+from harness.lab.llm import (
     TRANSPORT_KEYS,
     ChatRequest,
     ProviderConfigError,
@@ -21,8 +22,7 @@ from harness.llm import (
     check_provider,
     make_provider,
 )
-from harness.stage import ParamError, StageContext, StageError
-from harness.universe import Universe, load_universe, parse_list
+from harness.lab.universe import Universe, load_universe, parse_list
 
 SYSTEM = (
     "You read a description of how things are and list the key facts it states. You report "

@@ -1,0 +1,360 @@
+"""Resolve a stage: reuse it from the store or run it, after the stages it needs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from harness.core.code_digest import closure_of
+from harness.core.experiment import Experiment, StageSpec
+from harness.core.gates import GateResult, evaluate
+from harness.core.graph import stage_key, without
+from harness.core.outcomes import Outcome, Status
+from harness.core.provenance import git_commit, package_versions
+from harness.core.seeding import seed_everything
+from harness.core.stage import StageContext, StageError, StageKind, Upstream
+from harness.core.store import Record, StageStore, file_digest
+
+
+@dataclass
+class StageResult:
+    experiment: str
+    stage: str
+    kind: str
+    status: Status
+    reason: str  # why it ran, why it was reused, why it failed or was skipped
+    key: str | None = None
+    dir: Path | None = None
+    digest: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gates: list[GateResult] = field(default_factory=list)
+    duration_s: float = 0.0
+    error: BaseException | None = None
+
+    @property
+    def abort(self) -> GateResult | None:
+        return next((g for g in self.gates if g.aborted), None)
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.status == Status.FAILED:
+            return Outcome.ERROR
+        if self.status == Status.SKIPPED:
+            return Outcome.SKIPPED
+        if self.abort:
+            return Outcome.ABORTED
+        return Outcome.FAILED if self.failed_gates else Outcome.PASSED
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment,
+            "stage": self.stage,
+            "kind": self.kind,
+            "status": self.status.value,  # plain words: xdist sends this to the controller
+            "outcome": self.outcome.value,
+            "reason": self.reason,
+            "key": self.key,
+            "dir": str(self.dir) if self.dir else None,
+            "duration_s": round(self.duration_s, 3),
+            "metrics": self.metrics,
+            "gates": [
+                {
+                    "gate": g.gate.text,
+                    "metric": g.gate.subject,
+                    "value": g.value,
+                    "op": g.gate.op,
+                    "threshold": g.gate.threshold,
+                    "abort": f"{g.gate.abort_op} {g.gate.abort_threshold:g}" if g.gate.abort_op else None,
+                    "passed": g.passed,
+                    "aborted": g.aborted,
+                    "problem": g.problem,
+                    "where": g.gate.where,
+                }
+                for g in self.gates
+            ],
+        }
+
+
+class ExperimentRun:
+    """The stages of one experiment resolved in one pytest process."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        runs_dir: Path,
+        rerun: frozenset[str] = frozenset(),
+        progress: Callable[[str], None] = lambda line: None,
+    ):
+        self.experiment = experiment
+        self.runs_dir = Path(runs_dir)
+        self.rerun = rerun
+        self.progress = progress
+        self.results: dict[str, StageResult] = {}
+        self._fresh: list[StageResult] = []
+
+    def take_fresh(self) -> list[StageResult]:
+        """Results resolved since the last call (a stage plus the upstreams it pulled in)."""
+        fresh, self._fresh = self._fresh, []
+        return fresh
+
+    def resolve(self, name: str) -> StageResult:
+        if name not in self.results:
+            spec = self.experiment.stages[name]
+            blocked = self._blocked(spec)
+            if blocked:
+                result = self._unfinished(spec, Status.SKIPPED, blocked)
+            else:
+                try:
+                    result = self._resolve(spec)
+                except Exception as exc:  # computing the key failed, e.g. an input vanished
+                    result = self._unfinished(spec, Status.FAILED, f"{type(exc).__name__}: {exc}", error=exc)
+            finished = result.status in (Status.RAN, Status.REUSED)
+            result.gates = [evaluate(g, result.metrics) for g in spec.gates] if finished else []
+            self.results[name] = result
+            self._fresh.append(result)
+        return self.results[name]
+
+    def _blocked(self, spec: StageSpec) -> str | None:
+        for upstream in spec.needs.values():
+            result = self.resolve(upstream)
+            if result.status == Status.FAILED:
+                return f"upstream stage {upstream!r} failed: {result.reason}"
+            if result.status == Status.SKIPPED:
+                return result.reason
+            if result.abort:
+                return f"upstream stage {upstream!r} aborted: {result.abort.describe()}"
+        return None
+
+    def _seed(self, spec: StageSpec) -> int:
+        return self.experiment.seed if spec.seed is None else spec.seed
+
+    def _material(self, spec: StageSpec) -> dict[str, Any]:
+        """Everything the cache key is made of: the recipe, the fingerprint of what the stage
+        loads on this machine, and the keys and output digests of its upstream stages."""
+        recipe = stage_recipe(spec, self.experiment)
+        recipe["upstream"] = {
+            role: {"stage": name, "key": self.results[name].key, "digest": self.results[name].digest}
+            for role, name in recipe["upstream"].items()
+        }
+        if spec.kind.fingerprint:
+            recipe["fingerprint"] = spec.kind.fingerprint(spec.params)
+        return recipe
+
+    def _resolve(self, spec: StageSpec) -> StageResult:
+        store = StageStore(self.runs_dir, self.experiment.name, self.experiment.profile_dir, spec.name)
+        material = self._material(spec)
+        key = stage_key(**material)
+        forced = "all" in self.rerun or spec.name in self.rerun
+        record = None if forced else store.lookup(key)
+        if record is None:
+            with store.lock(key):
+                record = None if forced else store.lookup(key)  # another worker may have made it
+                if record is None:
+                    return self._run(spec, store, key, material, forced)
+        ran_at = record.manifest.get("finished_at", "?")
+        return self._result(spec, Status.REUSED, f"cache hit, ran {ran_at}", record)
+
+    def _unfinished(self, spec: StageSpec, status: Status, reason: str, **extra: Any) -> StageResult:
+        """A skipped or failed stage: no record in the store."""
+        return StageResult(self.experiment.name, spec.name, spec.kind.name, status, reason, **extra)
+
+    def _result(
+        self, spec: StageSpec, status: Status, reason: str, record: Record, duration: float = 0.0
+    ) -> StageResult:
+        return StageResult(
+            self.experiment.name,
+            spec.name,
+            spec.kind.name,
+            status,
+            reason,
+            key=record.manifest["key"],
+            dir=record.dir,
+            digest=record.digest,
+            metrics=record.metrics,
+            duration_s=duration,
+        )
+
+    def _run(self, spec: StageSpec, store: StageStore, key: str, material: dict, forced: bool) -> StageResult:
+        code = closure_of(spec.kind.module)
+        reason = "forced by --rerun" if forced else why_run(store.latest(), material, key, code)
+        out = store.begin(key)
+        scratch = store.scratch_dir(key)
+        scratch.mkdir(parents=True, exist_ok=True)
+        label = f"{self.experiment.name}::{spec.name}"
+
+        def log(message: str) -> None:
+            with (out / "stage.log").open("a", encoding="utf-8") as f:
+                f.write(message + "\n")
+            self.progress(f"[{label}] {message}")
+
+        ctx = StageContext(
+            experiment=self.experiment.name,
+            stage=spec.name,
+            params=_with_inputs(spec),
+            seed=self._seed(spec),
+            out_dir=out,
+            scratch_dir=scratch,
+            upstream={
+                role: Upstream(
+                    name, self.results[name].kind, self.results[name].dir, self.results[name].metrics
+                )
+                for role, name in spec.needs.items()
+            },
+            spec_file=self.experiment.file,
+            profile=self.experiment.profile,
+            log=log,
+        )
+        self.progress(f"[{label}] running ({reason})")
+        started = datetime.now(timezone.utc)
+        clock = time.perf_counter()
+        try:
+            seed_everything(self._seed(spec))
+            metrics = checked_metrics(spec.name, spec.kind, spec.params, spec.kind.run(ctx))
+        except Exception as exc:
+            kept = store.abandon(out, key)
+            summary = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            reason = f"{type(exc).__name__}: {summary} (partial outputs kept in {kept})"
+            return self._unfinished(
+                spec, Status.FAILED, reason, key=key, duration_s=time.perf_counter() - clock, error=exc
+            )
+        except BaseException:
+            store.abandon(out, key)
+            raise
+        duration = time.perf_counter() - clock
+        manifest = {
+            "experiment": self.experiment.name,
+            "profile": self.experiment.profile,
+            "stage": spec.name,
+            "spec_file": str(self.experiment.file),
+            "params": spec.params,
+            "key_material": material,
+            "code": code,  # the files behind material["code_version"]
+            "upstream": {role: up["key"] for role, up in material["upstream"].items()},
+            "inputs": {name: str(path) for name, path in spec.inputs.items()},
+            "seed": self._seed(spec),
+            "reason": reason,
+            "started_at": started.isoformat(timespec="seconds"),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "duration_s": round(duration, 3),
+            "packages": package_versions(),
+            "git": git_commit(self.experiment.file.parent),
+        }
+        record = store.commit(out, key, manifest, metrics)
+        self.progress(f"[{label}] done in {duration:.1f}s")
+        return self._result(spec, Status.RAN, reason, record, duration)
+
+
+def stage_recipe(spec: StageSpec, experiment: Experiment) -> dict[str, Any]:
+    """What decides a stage's result, short of what runs before it: kind, code version,
+    params (without transport settings), seed, input contents and the stages it needs by
+    role. The same on every machine: the pre-registration lock holds it."""
+    return {
+        "kind": spec.kind.name,
+        "code_version": spec.kind.version_for(spec.params, experiment.file.parent),
+        "params": without(spec.params, spec.kind.transport_params),
+        "seed": experiment.seed if spec.seed is None else spec.seed,
+        "upstream": dict(sorted(spec.needs.items())),
+        "inputs": {name: file_digest(path) for name, path in sorted(spec.inputs.items())},
+    }
+
+
+def recipe_of(material: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe inside a stored key material (a manifest's `key_material`)."""
+    recipe = {k: v for k, v in material.items() if k != "fingerprint"}
+    recipe["upstream"] = {role: up["stage"] for role, up in material.get("upstream", {}).items()}
+    return recipe
+
+
+def _with_inputs(spec: StageSpec) -> dict[str, Any]:
+    """A copy of the params with input paths made absolute."""
+    params = json.loads(json.dumps(spec.params))
+    for dotted, path in spec.inputs.items():
+        name, _, sub = dotted.partition(".")
+        if not sub:
+            params[name] = str(path)
+        elif isinstance(params[name], dict):
+            params[name][sub] = str(path)
+        else:
+            params[name][int(sub)] = str(path)
+    return params
+
+
+def checked_metrics(stage: str, kind: StageKind, params: Mapping[str, Any], metrics: Any) -> dict[str, Any]:
+    """Hold a run function to the contract: a mapping of JSON values with the declared names."""
+    if not isinstance(metrics, Mapping):
+        raise StageError(f"stage {stage!r} returned {type(metrics).__name__}, not a mapping of metrics")
+    clean = {str(k): _json_value(v, f"{stage}.{k}") for k, v in metrics.items()}
+    missing = sorted(kind.produces(params) - set(clean))
+    if missing:
+        raise StageError(f"stage {stage!r} did not return the metrics it declares: {', '.join(missing)}")
+    return clean
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return None if math.isnan(value) else value  # NaN is no measurement; gates say so
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, where) for v in value]
+    raise StageError(f"metric {where} is a {type(value).__name__}, not a JSON value")
+
+
+def why_run(
+    latest: Mapping[str, Any] | None,
+    material: Mapping[str, Any],
+    key: str,
+    code: Mapping[str, str] | None = None,
+) -> str:
+    """Say what changed since the last complete run of this stage (`code`: the files of the
+    kind's code version now, named when the manifest has them too)."""
+    if latest is None:
+        return "new"
+    before = latest.get("key_material", {})
+    if latest.get("key") == key:
+        return "previous run incomplete"
+    changes = []
+    if before.get("kind") != material["kind"] or before.get("code_version") != material["code_version"]:
+        was = latest.get("code")
+        edited = _diff(was, dict(code)) if isinstance(was, dict) and code else []
+        shown = ", ".join(edited[:5]) + (f" and {len(edited) - 5} more" if len(edited) > 5 else "")
+        changes.append("code version changed" + (f": {shown}" if edited else ""))
+    if before.get("fingerprint") != material.get("fingerprint"):
+        changes.append("base model changed")
+    params = _diff(before.get("params"), material["params"])
+    if params:
+        changes.append("params changed: " + ", ".join(params))
+    if before.get("seed") != material["seed"]:
+        changes.append("seed changed")
+    upstream = sorted(
+        {path.split(".")[0] for path in _diff(before.get("upstream", {}), material["upstream"])}
+    )
+    if upstream:
+        changes.append("upstream changed: " + ", ".join(upstream))
+    inputs = _diff(before.get("inputs"), material["inputs"])
+    if inputs:
+        changes.append("inputs changed: " + ", ".join(inputs))
+    return "; ".join(changes) or "key changed"
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [prefix or "(all)"]

@@ -1,0 +1,155 @@
+"""The stage contract: what a stage kind declares and what its run function receives.
+
+A stage kind is a run function decorated with `harness.api.stage_kind`, one module per kind:
+under `harness/stages/`, in a third-party package exposed through the `harness.stages`
+entry-point group, or returned by a `pytest_harness_stage_kinds` hook (a conftest.py).
+Collection imports the modules of the kinds a spec uses, so they import heavy libraries
+(torch, transformers, ...) inside their run function, not at module level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.core.code_digest import code_digest
+
+Metrics = Mapping[str, Any]
+
+
+class ParamError(Exception):
+    """A problem in a stage's params found by a kind's `check`; `path` is inside `params`."""
+
+    def __init__(self, path: Iterable[str | int], message: str):
+        self.path = tuple(path)
+        self.message = message
+        super().__init__(message)
+
+
+class StageError(Exception):
+    """A failure a user can fix (missing model, bad data row): shown as its message alone."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What a stage sees of a stage it needs: its artifacts directory and metrics."""
+
+    name: str
+    kind: str
+    dir: Path
+    metrics: Metrics
+
+
+@dataclass
+class StageContext:
+    experiment: str
+    stage: str
+    params: dict[str, Any]  # the schema's defaults filled; input params hold absolute paths
+    seed: int
+    out_dir: Path  # write artifacts here; renamed into the store on success
+    scratch_dir: Path  # survives a crashed attempt of the same key, for resuming
+    upstream: Mapping[str, Upstream]  # by role (the stage name when `needs` is a list)
+    spec_file: Path
+    profile: str | None
+    log: Callable[[str], None] = print
+
+
+def tenths(log: Callable[[str], None], describe: Callable[[int, int], str]) -> Callable[[int, int], None]:
+    """A progress(done, total) callback that logs `describe(done, total)` about every 10%
+    of the way and at the end: long stages show progress without flooding the log."""
+    reported = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal reported
+        if done == total or done * 10 // total > reported:
+            reported = done * 10 // total
+            log(describe(done, total))
+
+    return progress
+
+
+@dataclass(frozen=True)
+class Role:
+    """An upstream role a kind reads: the stage a spec names for it in `needs: {<name>: STAGE}`.
+
+    reads:    what the kind reads there, for messages ("the facts.json of a universe_context stage").
+    optional: the kind runs without it.
+    only:     an upstream under another name fills it when it is the only one outside the
+              kind's other roles (so `needs: [train]` gives `adapter` the stage `train`).
+    named_at: the params path that names this role (em_eval's `settings`), where a missing
+              role is reported; None: the role is the kind's own, reported at `needs:`.
+    """
+
+    name: str
+    reads: str
+    optional: bool = False
+    only: bool = False
+    named_at: tuple[str | int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """A registered stage kind.
+
+    name:             the `kind:` written in specs.
+    run:              run(ctx) -> metrics, a flat mapping of JSON values; a metric that
+                      carries a confidence interval is {"value": v, "ci_low": l, "ci_high": h}.
+    params_schema:    JSON Schema (draft 2020-12) for `params`, as a dict or a file path.
+    metrics:          the metric names it produces, or a function of params returning them.
+    version:          an extra salt of the code version, rarely needed: the code version is
+                      derived from the source (`harness.core.code_digest`); bump it only to rerun
+                      on a change the source does not show (e.g. a library's behaviour).
+    needs:            the upstream roles it reads (Role), or a function of params returning
+                      them; collection refuses a spec whose `needs:` leaves one unfilled.
+                      Roles not declared are accepted (the python kind reads any).
+    input_params:     top-level params naming input files (a string, a list or a mapping of
+                      strings), resolved relative to the spec file, checked at collection
+                      (each a regular file) and hashed into the cache key.
+    input_dirs:       those of input_params that may also name a directory (hashed whole).
+    transport_params: dotted params that cannot change results (concurrency, timeouts,
+                      inference batch size); left out of the cache key.
+    check:            extra collection-time checks, check(params, spec_dir), raising ParamError.
+    code_version:     code_version(params, spec_dir): a part the module's source cannot show,
+                      joined to the derived one (the python kind: the user's module's source).
+    fingerprint:      fingerprint(params): what identifies, on this machine, the resources the
+                      stage loads (a base model's weights); in the cache key, but not in the
+                      pre-registration lock, which names the model by its params.
+    """
+
+    name: str
+    run: Callable[[StageContext], Metrics]
+    params_schema: Mapping[str, Any] | Path | None = None
+    metrics: tuple[str, ...] | Callable[[Mapping[str, Any]], Iterable[str]] = ()
+    version: str = "1"
+    needs: tuple[Role, ...] | Callable[[Mapping[str, Any]], Iterable[Role]] = ()
+    input_params: tuple[str, ...] = ()
+    input_dirs: tuple[str, ...] = ()
+    transport_params: tuple[str, ...] = ()
+    check: Callable[[Mapping[str, Any], Path], None] | None = None
+    code_version: Callable[[Mapping[str, Any], Path], str] | None = None
+    fingerprint: Callable[[Mapping[str, Any]], str] | None = None
+
+    def __call__(self, ctx: StageContext) -> Metrics:
+        """The kind runs as the function it decorates."""
+        return self.run(ctx)
+
+    def produces(self, params: Mapping[str, Any]) -> frozenset[str]:
+        names = self.metrics(params) if callable(self.metrics) else self.metrics
+        return frozenset(names)
+
+    def roles(self, params: Mapping[str, Any]) -> tuple[Role, ...]:
+        """The upstream roles a stage of this kind with these params reads."""
+        return tuple(self.needs(params) if callable(self.needs) else self.needs)
+
+    @property
+    def module(self) -> str:
+        """The module that defines the run function: where the code version is derived from."""
+        return getattr(self.run, "__module__", None) or type(self.run).__module__
+
+    def version_for(self, params: Mapping[str, Any], spec_dir: Path) -> str:
+        """`<source digest>-<version>[+<code_version(params, spec_dir)>]`: the digest covers the
+        kind's module and every project module and package data file it uses (code_digest)."""
+        derived = f"{code_digest(self.module)}-{self.version}"
+        return f"{derived}+{self.code_version(params, spec_dir)}" if self.code_version else derived

@@ -1,0 +1,1 @@
+"""The research library the stage kinds share: models, providers, data, scoring, statistics."""

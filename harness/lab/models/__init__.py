@@ -1,0 +1,12 @@
+"""Base models by name: local directories, Hugging Face ids already on disk, fixtures."""
+
+from harness.lab.models.base import (
+    ModelNotFound,
+    base_fingerprint,
+    check_base,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+)
+
+__all__ = ["ModelNotFound", "base_fingerprint", "check_base", "load_model", "load_tokenizer", "resolve_base"]

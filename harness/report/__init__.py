@@ -1,0 +1,1 @@
+"""Run reports: report.json, report.md, report.html and the terminal summary."""
