@@ -13,7 +13,7 @@ from harness import hookspecs
 from harness.collect import ExperimentFile, HypothesisItem, LockItem, StageItem, runs_dir
 from harness.core import registry
 from harness.core.store_clean import clean_store
-from harness.report.pages import RunReports
+from harness.report.runs import RunReports
 
 _HOOKED_KINDS = pytest.StashKey[list]()  # the kinds pytest_harness_stage_kinds gave this session
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.report.pages import markdown, to_html
+from harness.report.html import to_html
+from harness.report.markdown import markdown
 
 # Writes the plots named in its args (hex-encoded bytes, so the test knows them exactly),
 # then fails if asked to, and returns metrics taken from its args.
