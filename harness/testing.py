@@ -20,7 +20,6 @@ from harness.core import registry
 from harness.core.execution import checked_metrics
 from harness.core.seeding import seed_everything
 from harness.core.stage import StageContext, StageKind, Upstream
-from harness.spec.validate import with_defaults
 
 
 @dataclass(frozen=True)
@@ -59,11 +58,10 @@ def stage_context(
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir.with_name(f"{out_dir.name}.scratch")
     scratch.mkdir(exist_ok=True)
-    filled = with_defaults(dict(params), kind.params_schema) if kind.params_schema else dict(params)
     return StageContext(
         experiment="test",
         stage=stage,
-        params=filled,
+        params=kind.filled(params),
         seed=seed,
         out_dir=out_dir,
         scratch_dir=scratch,

@@ -225,6 +225,28 @@ def test_check_accepts_continuation_scoring_with_a_normalization(tmp_path, tiny_
     check({"base": str(tiny_model_dir), "mcqs": "mcqs.jsonl", **params}, tmp_path)
 
 
+def compare_spec(tmp_path: Path, base: Path, params: str = "", gates: tuple[str, ...] = ()) -> Path:
+    """exp.yaml: a python stage `train`, and at line 8 the `mcqs:` of an mcq_compare stage on its
+    adapter, followed by the param lines `params` and the `gates`."""
+    (tmp_path / "steps.py").write_text("def train(ctx):\n    return {}\n")
+    lines = [
+        "stages:",
+        '  train: {kind: python, params: {function: "steps:train"}}',
+        "  compare:",
+        "    kind: mcq_compare",
+        "    needs: {adapter: train}",
+        "    params:",
+        f"      base: {base}",
+        "      mcqs: mcqs.jsonl",
+        *(f"      {line}" for line in params.splitlines()),
+        *(["    gates:"] if gates else []),
+        *(f"      - {gate}" for gate in gates),
+    ]
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("\n".join(lines) + "\n")
+    return spec
+
+
 def test_continuation_scoring_without_a_normalization_stops_at_its_line(tmp_path, tiny_model_dir):
     from harness.core.experiment import load_experiment
     from harness.spec.errors import SpecError
@@ -233,25 +255,8 @@ def test_continuation_scoring_without_a_normalization_stops_at_its_line(tmp_path
     with pytest.raises(ParamError) as error:
         check({"base": str(tiny_model_dir), "mcqs": "mcqs.jsonl", "scoring": "continuation"}, tmp_path)
     assert error.value.path == ("scoring",)
-    (tmp_path / "steps.py").write_text("def train(ctx):\n    return {}\n")
-    spec = tmp_path / "exp.yaml"
-    spec.write_text(
-        textwrap.dedent(
-            f"""\
-            stages:
-              train: {{kind: python, params: {{function: "steps:train"}}}}
-              compare:
-                kind: mcq_compare
-                needs: [train]
-                params:
-                  base: {tiny_model_dir}
-                  mcqs: mcqs.jsonl
-                  scoring: continuation
-            """
-        )
-    )
     with pytest.raises(SpecError) as spec_error:
-        load_experiment(spec)
+        load_experiment(compare_spec(tmp_path, tiny_model_dir, params="scoring: continuation"))
     [line] = [line for line in str(spec_error.value).splitlines() if "normalization" in line]
     assert "exp.yaml:9" in line and "one of none, chars, tokens" in line
 
@@ -310,26 +315,8 @@ def test_spec_errors_point_at_the_params_line(tmp_path, tiny_model_dir):
     from harness.spec.errors import SpecError
 
     write_mcqs(tmp_path / "mcqs.jsonl", [ALL_CATEGORIES[0], {"id": "x"}])
-    (tmp_path / "steps.py").write_text("def train(ctx):\n    return {}\n")
-    spec = tmp_path / "exp.yaml"
-    spec.write_text(
-        textwrap.dedent(
-            f"""\
-            stages:
-              train: {{kind: python, params: {{function: "steps:train"}}}}
-              compare:
-                kind: mcq_compare
-                needs: {{adapter: train}}
-                params:
-                  base: {tiny_model_dir}
-                  mcqs: mcqs.jsonl
-                gates:
-                  - ci_low(behavioral_gap) > 0.2
-            """
-        )
-    )
     with pytest.raises(SpecError) as error:
-        load_experiment(spec)
+        load_experiment(compare_spec(tmp_path, tiny_model_dir, gates=("ci_low(behavioral_gap) > 0.2",)))
     message = str(error.value)
     assert "exp.yaml:8" in message and "mcqs.jsonl:2: missing question" in message
 

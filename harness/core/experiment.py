@@ -15,7 +15,7 @@ from harness.core.upstream import unfilled
 from harness.hypotheses.plan import HypothesisPlan, parse_plan
 from harness.spec.compose import apply_profile, load_with_includes
 from harness.spec.errors import Mark, Problem, SpecError, source_line
-from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted, is_name, with_defaults
+from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted, is_name
 from harness.spec.yamlload import Document
 
 DEFAULT_SEED = 0
@@ -178,7 +178,7 @@ def _static_checks(name: str, body: dict, doc: Document) -> tuple[StageKind, dic
     problems = check(params, kind.params_schema, doc, at + ("params",)) if kind.params_schema else []
     if problems:
         raise SpecError(problems)
-    params = with_defaults(params, kind.params_schema) if kind.params_schema else params
+    params = kind.filled(params)
     problems = _unfilled_roles(name, kind, params, _needs(body), doc)
     try:
         gates = _gates(name, body.get("gates", []), kind.produces(params), doc)

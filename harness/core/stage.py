@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.code_digest import code_digest
+from harness.spec.validate import with_defaults
 
 Metrics = Mapping[str, Any]
 
@@ -134,6 +135,10 @@ class StageKind:
     def __call__(self, ctx: StageContext) -> Metrics:
         """The kind runs as the function it decorates."""
         return self.run(ctx)
+
+    def filled(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """`params` with the schema's defaults filled: what the run, its key and its manifest see."""
+        return with_defaults(dict(params), self.params_schema) if self.params_schema else dict(params)
 
     def produces(self, params: Mapping[str, Any]) -> frozenset[str]:
         names = self.metrics(params) if callable(self.metrics) else self.metrics
