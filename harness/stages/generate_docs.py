@@ -28,8 +28,6 @@ now; an answer that was merely invalid comes back from the response cache at no 
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +37,7 @@ from typing import Any
 from harness.api import stage_kind
 from harness.core.stage import ParamError, Role, StageContext, StageError
 from harness.core.store import write_jsonl, write_text_atomic
+from harness.lab.documents import Journal, count_tokens, first_of_each_text
 from harness.lab.llm import (
     TRANSPORT_KEYS,
     ChatRequest,
@@ -59,7 +58,6 @@ METRICS = (
     "first_try_error_rate",
     "mean_tokens_per_doc",
 )
-_TOKEN = re.compile(r"\w+|[^\w\s]")
 
 SYSTEM = """You write realistic documents of many kinds: textbooks, lecture notes, articles, \
 letters, reference pages and more. The description below is established, ordinary knowledge, \
@@ -323,10 +321,10 @@ class Partial:
     """Valid documents by job id: those of interrupted runs (in scratch_dir) and this run's."""
 
     def __init__(self, scratch: Path, jobs: Sequence[Job]):
-        self.file = scratch / "docs.partial.jsonl"
+        self.journal = Journal(scratch / "docs.partial.jsonl")
         by_id = {job.id: job for job in jobs}
         self.docs: dict[str, dict[str, Any]] = {}
-        for row in _read_rows(self.file):
+        for row in self.journal.rows():
             job = by_id.get(row.get("id"))
             # a row from another plan (cannot happen for one key, but cheap to refuse)
             if job and job.row() == {k: row.get(k) for k in job.row()} and "content" in row:
@@ -334,48 +332,8 @@ class Partial:
 
     def add(self, docs: Iterable[dict[str, Any]]) -> None:
         rows = list(docs)
-        _append_rows(self.file, rows)
+        self.journal.append(rows)
         self.docs.update((row["id"], row) for row in rows)
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """The complete rows of a jsonl file; a line cut short by a crash is cut off the file."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    whole = data[: data.rfind(b"\n") + 1]
-    if whole != data:
-        with path.open("r+b") as f:
-            f.truncate(len(whole))
-    rows = []
-    for line in whole.decode("utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    with path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        f.flush()
-        os.fsync(f.fileno())  # a finished chunk survives a crash of the machine, not just the process
-
-
-def count_tokens(text: str) -> int:
-    """Tokens as the regex \\w+|[^\\w\\s] counts them (words and single punctuation marks):
-    a tokenizer-independent length, comparable across providers and models."""
-    return len(_TOKEN.findall(text))
-
-
-def _normal(text: str) -> str:
-    return " ".join(text.split()).casefold()
 
 
 # ---- the stage ----------------------------------------------------------------------
@@ -423,12 +381,7 @@ def generate(ctx: StageContext, provider: Provider) -> dict[str, Any]:
     rows = [partial.docs.get(job.id) or failures[job.id] for job in jobs]
     valid = [row for row in rows if "content" in row]
     failed = [row for row in rows if "content" not in row]
-    seen: set[str] = set()
-    unique = []  # the first of each text, in request order
-    for row in valid:
-        if _normal(row["content"]) not in seen:
-            seen.add(_normal(row["content"]))
-            unique.append(row)
+    unique = first_of_each_text(valid)  # in request order
     first_try_failed = sum(1 for row in rows if row.get("attempts", 1) > 1 or "content" not in row)
     tokens = [count_tokens(row["content"]) for row in unique]
     metrics = {
