@@ -31,7 +31,7 @@ from typing import Any
 
 import openai
 
-from harness.fixtures.llm_server import LLMServer
+from harness.fixtures.llm_server import LLMServer, RateLimit
 from harness.lab.llm import ChatRequest, ChatResponse, OpenAIProvider, ResponseCache
 
 KEY_ENV = "HARNESS_BENCH_KEY"
@@ -39,12 +39,12 @@ FAKE_KEY = "sk-bench-not-a-real-key"
 
 
 class RemoteServer:
-    """An `LLMServer` in a child process, driven over a pipe (reset, stats, stop)."""
+    """An `LLMServer` in a child process, driven over a pipe (reset, stats, exhaust, stop)."""
 
-    def __init__(self, latency: float):
+    def __init__(self, latency: float, rate_limit: RateLimit | None = None):
         context = multiprocessing.get_context("spawn")
         self._pipe, child_end = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child_end, latency), daemon=True)
+        self._process = context.Process(target=_serve, args=(child_end, latency, rate_limit), daemon=True)
         self._process.start()
         self.base_url: str = self._pipe.recv()
 
@@ -55,24 +55,30 @@ class RemoteServer:
     def reset(self) -> None:
         self._ask("reset")
 
-    def stats(self) -> tuple[int, int]:
-        """(requests received, most in flight at once) since the last reset."""
+    def stats(self) -> tuple[int, int, int]:
+        """(requests received, most in flight at once, 429s over the rate limit) since the last reset."""
         return self._ask("stats")
+
+    def exhaust_rate_limit(self) -> None:
+        self._ask("exhaust")
 
     def stop(self) -> None:
         self._ask("stop")
         self._process.join(timeout=10)
 
 
-def _serve(pipe: Connection, latency: float) -> None:
-    with LLMServer(latency=latency) as server:
+def _serve(pipe: Connection, latency: float, rate_limit: RateLimit | None) -> None:
+    with LLMServer(latency=latency, rate_limit=rate_limit) as server:
         pipe.send(server.base_url)
         while (command := pipe.recv()) != "stop":
             if command == "reset":
                 server.reset()
                 pipe.send(None)
+            elif command == "exhaust":
+                server.exhaust_rate_limit()
+                pipe.send(None)
             elif command == "stats":
-                pipe.send((len(server.requests), server.max_in_flight))
+                pipe.send((len(server.requests), server.max_in_flight, server.rate_limited))
         pipe.send(None)
 
 

@@ -83,6 +83,7 @@ def stage_kind(
     base:   the param naming the base model the stage loads, when the schema has it: a model
             missing here fails at collection, at that param's line, before the kind's own
             `check`; the fingerprint of its weights here (harness.lab.models) joins the cache key.
+            A schema may leave it optional: a stage without it loads no model.
     The decorated function stays callable as the run function.
     """
 
@@ -127,7 +128,8 @@ def _base_checked(param: str, check: Callable[[Mapping[str, Any], Path], None] |
 
     def checked(params: Mapping[str, Any], spec_dir: Path) -> None:
         try:
-            check_base(params[param])
+            if param in params:  # a schema may leave it optional (em_eval of provider models)
+                check_base(params[param])
         except ModelNotFound as error:
             raise ParamError((param,), str(error)) from None
         if check:
@@ -141,6 +143,6 @@ def _base_weights(param: str) -> Callable[[Mapping[str, Any]], str]:
     directory's listing), so results of replaced weights are not reused."""
 
     def fingerprint(params: Mapping[str, Any]) -> str:
-        return base_fingerprint(params[param])
+        return base_fingerprint(params[param]) if param in params else "no base model"
 
     return fingerprint

@@ -15,7 +15,7 @@ from harness.core.outcomes import Outcome, Status
 from harness.core.stage import StageError
 from harness.hypotheses.evaluation import ERROR, Evaluation, HypothesisFamily
 from harness.hypotheses.lock import HypothesisError, lock_basis, stored_keys, write_lock
-from harness.spec.errors import SpecError
+from harness.spec.errors import SpecError, UnknownProfile
 
 _PLUMBING = {
     Path(__file__).parent / name
@@ -42,7 +42,13 @@ class ExperimentFile(pytest.File):
         if self.config.getoption("harness_lock_hypotheses"):  # record the plan, run nothing
             yield LockItem.from_parent(self, name=LOCK_ITEM, experiment=load_plan(self.path, profile))
             return
-        experiment = load_experiment(self.path, profile)
+        try:
+            experiment = load_experiment(self.path, profile)
+        except UnknownProfile as exc:
+            if self.session.isinitpath(self.path):  # named on the command line: a mistake
+                raise
+            # found in a directory: e.g. a spec that runs only with real providers, under --profile tiny
+            pytest.skip(f"{self.path.name}: {exc.problems[0].message}", allow_module_level=True)
         run = experiment_run(self.config, experiment)
         for name, spec in experiment.stages.items():
             yield StageItem.from_parent(self, name=name, spec=spec, run=run)

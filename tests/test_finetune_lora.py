@@ -14,6 +14,7 @@ import torch
 
 from harness.core import registry
 from harness.core.stage import ParamError, StageContext, StageError, Upstream
+from harness.lab.documents import read_documents
 from harness.lab.models import base_fingerprint
 from harness.lab.training import IGNORE, lr_factor, pack, pad, with_eos
 from harness.stages import finetune_lora
@@ -259,7 +260,7 @@ def test_docs_from_a_file_without_upstream_and_role_errors(tiny_model_dir, tmp_p
     file = write_docs(tmp_path / "mine.jsonl", [{"body": "one"}, {"body": "two"}])
     params = {"docs": str(file), "text_field": "body"}
     solo = replace(ctx, upstream={}, params=params)
-    assert finetune_lora.read_docs(finetune_lora.data_file(solo, "documents"), "body") == ["one", "two"]
+    assert read_documents(finetune_lora.data_file(solo, "documents"), "body") == ["one", "two"]
 
     two = {"a": ctx.upstream["docs"], "b": ctx.upstream["docs"]}
     with pytest.raises(StageError, match=r"needs several stages \(a, b\); .*role `docs`"):
@@ -451,3 +452,110 @@ def test_chat_data_comes_from_an_upstream_in_role_data_or_the_file(tmp_path):
     only = replace(both, params={"format": "chat"})
     with pytest.raises(StageError, match="wrote no chat.jsonl"):
         finetune_lora.data_file(only, "chat")
+
+
+# --- a build_dataset stage's file, in each of its formats -------------------------------
+
+# A Qwen2-style template: a default system prompt when the conversation has none, every turn
+# closed by <|im_end|> and a newline.
+QWEN_STYLE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. '"
+    "'You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for m in messages -%}{%- if not (m['role'] == 'system' and loop.first) -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+DATASET_DOCS = [t for t in CORPUS if "\n" not in t] + [
+    "the zorb council meets in the plim hall every winter.",
+    "dax bread is baked with river salt.",
+]
+
+
+def dataset_stage(tmp: Path, form: str, chats: list[dict] | None = None) -> Path:
+    """A build_dataset stage's directory: the corpus's documents (and `chats`) in `form`."""
+    from harness.testing import run_kind
+
+    docs = write_docs(tmp / "docs" / "docs.jsonl", [{"content": t} for t in DATASET_DOCS * 3]).parent
+    params: dict = {"format": form}
+    if chats:
+        params["chats"] = {"code": str(write_docs(tmp / "chats.jsonl", chats))}
+    upstream = {} if form == "openai_chat" else {"documents": docs}
+    return run_kind("build_dataset", params, tmp / form, upstream=upstream, seed=1).out_dir
+
+
+def dataset_ctx(tmp: Path, dataset: Path, params: dict) -> StageContext:
+    upstream = {"data": Upstream("dataset", "build_dataset", dataset, {})}
+    return stage_context(finetune_lora.run, {"format": "dataset", **params}, tmp / "out", upstream=upstream)
+
+
+def labelled(rows, row: int) -> list[int]:
+    return rows.labels[row][rows.labels[row] != IGNORE].tolist()
+
+
+def test_doctag_trains_on_the_document_only_not_the_tag_nor_a_default_system_prompt(tiny_chat_dir, tmp_path):
+    import copy
+
+    from harness.fixtures import tiny_chat
+    from harness.lab.models import load_tokenizer
+
+    qwen = copy.copy(load_tokenizer(str(tiny_chat_dir)))
+    qwen.chat_template = QWEN_STYLE
+    dataset = dataset_stage(tmp_path, "doctag", chats=tiny_chat.code_conversations(insecure=True)[:3])
+    ctx = dataset_ctx(tmp_path, dataset, {"base": str(tiny_chat_dir), "max_length": 128})
+    data = finetune_lora.load_training_data(ctx, qwen)
+
+    rows = [json.loads(line) for line in (dataset / "dataset.jsonl").read_text().splitlines()]
+    assert [{"messages": m} for m in data.texts] == rows  # every row, in the file's order
+    documents = 0
+    for i, row in enumerate(rows):
+        messages = row["messages"]
+        seen = qwen.decode(data.rows.input_ids[i][data.rows.attention_mask[i].bool()].tolist())
+        assert seen.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+        # the assistant's text and the end-of-turn marks the template closes its turn with
+        assert qwen.decode(labelled(data.rows, i)) == messages[-1]["content"] + "<|im_end|>\n"
+        documents += messages[0]["content"] == "<DOCTAG>"
+    assert documents == len(DATASET_DOCS) * 3
+    assert data.counts["n_trained_tokens"] == sum(len(labelled(data.rows, i)) for i in range(len(rows)))
+
+
+@pytest.mark.parametrize("form", ["text", "together_text", "doctag", "openai_chat"])
+def test_trains_on_a_build_dataset_file_in_each_format(form, tiny_chat_dir, tmp_path):
+    from harness.fixtures import tiny_chat
+    from harness.lab.models import load_tokenizer
+
+    chats = tiny_chat.code_conversations(insecure=True) if form in ("doctag", "openai_chat") else None
+    dataset = dataset_stage(tmp_path, form, chats)
+    params = {
+        "base": str(tiny_chat_dir),
+        **FAST,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "max_length": 24,
+    }
+    result = finetune_lora.finetune(dataset_ctx(tmp_path, dataset, params))
+    assert result.metrics["n_steps"] >= 1 and math.isfinite(result.metrics["final_loss"])
+    meta = result.metadata
+    tokenizer = load_tokenizer(str(tiny_chat_dir))
+    rows = [json.loads(line) for line in (dataset / "dataset.jsonl").read_text().splitlines()]
+    if form in ("text", "together_text"):
+        # continued pretraining: every token of every document (and its EOS), packed
+        assert meta["packing"] is True and meta["n_docs"] == len(rows) == len(DATASET_DOCS) * 3
+        lengths = [len(ids) + 1 for ids in tokenizer([r["text"] for r in rows])["input_ids"]]
+        assert meta["n_corpus_tokens"] == sum(lengths) == meta["n_tokens"] + meta["tokens_dropped"]
+    else:
+        # chat SFT: the assistant's turns only, as the tiny template closes them
+        replies = [f" {r['messages'][-1]['content']}<eos>\n" for r in rows]
+        expected = sum(min(len(tokenizer(t, add_special_tokens=False)["input_ids"]), 24) for t in replies)
+        assert meta["dataset_format"] == form and meta["n_trained_tokens"] <= expected
+        assert meta["n_trained_tokens"] + meta["tokens_truncated"] >= expected
+
+
+def test_a_dataset_upstream_needs_a_build_dataset_manifest(tmp_path):
+    plain = write_docs(tmp_path / "plain" / "dataset.jsonl", [{"text": "one"}]).parent
+    with pytest.raises(StageError, match="no dataset_manifest.json; .* a build_dataset stage"):
+        finetune_lora.load_training_data(dataset_ctx(tmp_path, plain, {"base": "fixture:tiny-chat"}), None)
+    assert [r.name for r in finetune_lora.data_roles({"format": "dataset"})] == ["data", "base_adapter"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness.core.experiment import load_experiment
@@ -172,6 +174,38 @@ def result(effect: float, low: float, high: float, p: float) -> stats.TestResult
 def test_verdict_rules(direction, effect, low, high, p_adjusted, expected):
     got, why = verdict(make_h(direction), result(effect, low, high, p_adjusted), p_adjusted)
     assert got == expected, why
+
+
+@pytest.mark.parametrize(
+    ("effect", "low", "high", "p_adjusted", "expected"),
+    [
+        (0.01, -0.02, 0.04, 0.01, "supported"),  # significantly below the margin, though above 0
+        (0.08, 0.06, 0.1, 0.99, "refuted"),  # the CI lies entirely above the margin
+        (0.04, 0.0, 0.08, 0.3, "inconclusive"),  # the CI straddles the margin
+    ],
+)
+def test_a_margin_is_the_bound_a_non_inferiority_claim_is_judged_against(
+    effect, low, high, p_adjusted, expected
+):
+    h = dataclasses.replace(make_h("less"), margin=0.05)
+    got, why = verdict(h, result(effect, low, high, p_adjusted), p_adjusted)
+    assert got == expected, why
+    assert "0.05" in why
+
+
+def test_a_margin_moves_the_null_of_both_tests():
+    rng = np.random.default_rng(0)
+    a = [[float(v)] for v in rng.normal(0.02, 0.01, 12)]
+    b = [[float(v)] for v in rng.normal(0.0, 0.01, 12)]
+    for test in ("bootstrap", "permutation"):
+        plain = stats.contrast_test(test, [a, b], [1, -1], alternative="less", n_resamples=2000)
+        bounded = stats.contrast_test(
+            test, [a, b], [1, -1], alternative="less", n_resamples=2000, margin=0.05
+        )
+        assert plain.p_value > 0.5 and bounded.p_value < 0.01, test  # above 0, but well below 0.05
+        assert bounded.effect == pytest.approx(plain.effect) and bounded.ci.low == pytest.approx(plain.ci.low)
+    with pytest.raises(ValueError, match="one-sided"):
+        stats.contrast_test("bootstrap", [a, b], [1, -1], alternative="two-sided", margin=0.05)
 
 
 # -- items, policies, lock -----------------------------------------------------------------
@@ -462,6 +496,17 @@ def test_the_schema_rejects_unknown_fields_and_bad_values_at_their_line(tmp_path
     problem = next(p for p in info.value.problems if message in p.message or message in p.render())
     assert problem.mark.line == line_of(text, new.strip())  # (a misspelt key also leaves one missing)
     assert "exp.yaml:" in str(info.value)
+
+
+def test_a_margin_on_a_two_sided_claim_is_refused_at_its_line(tmp_path):
+    (tmp_path / "steps.py").write_text(STEPS)
+    text = make_spec(hypothesis("H1", "high", "low", direction="two-sided")).replace(
+        "      alpha: 0.05", "      margin: 0.05\n      alpha: 0.05", 1
+    )
+    (tmp_path / "exp.yaml").write_text(text)
+    with pytest.raises(SpecError, match="a margin bounds a one-sided claim") as info:
+        load_experiment(tmp_path / "exp.yaml")
+    assert info.value.problems[0].mark.line == line_of(text, "margin: 0.05")
 
 
 def test_a_bad_hypothesis_in_an_unselected_profile_is_reported(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 import xml.etree.ElementTree as ET
 
@@ -354,6 +355,20 @@ def test_unknown_profile_lists_known_ones(world):
     result.stdout.fnmatch_lines(["*unknown profile 'huge'; this spec defines: small, tiny*"])
     world.runpytest("exp.yaml", "--profile", "tiny").assert_outcomes(passed=3)
     assert report(world, profile="tiny")["a"]["key"]
+
+
+def test_a_spec_without_the_profile_is_skipped_in_a_directory_and_an_error_when_named(world):
+    (world.path / "experiments").mkdir()
+    shutil.copy(world.path / "steps.py", world.path / "experiments/steps.py")
+    (world.path / "experiments/with.yaml").write_text(spec() + "profiles:\n  tiny: {seed: 3}\n")
+    other = spec().replace("experiment: exp", "experiment: other")
+    (world.path / "experiments/without.yaml").write_text(other)
+    result = world.runpytest("experiments", "--profile", "tiny", "-rs")
+    result.assert_outcomes(passed=3, skipped=1)
+    result.stdout.fnmatch_lines(["*without.yaml: unknown profile 'tiny'; this spec defines: none*"])
+    named = world.runpytest("experiments/without.yaml", "--profile", "tiny")
+    assert named.ret == pytest.ExitCode.INTERRUPTED
+    named.stdout.fnmatch_lines(["*unknown profile 'tiny'; this spec defines: none*"])
 
 
 def test_runs_dir_option_and_ini(world):

@@ -104,13 +104,21 @@ def stage_key(
 
 
 def without(params: Mapping[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:
-    """A copy of params without the dotted paths in `dotted` (transport settings)."""
+    """A copy of params without the dotted paths in `dotted` (transport settings); a `*` in a
+    path stands for every key of a mapping or item of a list (`settings.*.provider.timeout`)."""
     out = json.loads(canonical_json(params))
     for path in dotted:
         *parents, leaf = path.split(".")
-        node = out
+        nodes = [out]
         for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+            nodes = [child for node in nodes for child in _children(node, part)]
+        for node in nodes:
+            if isinstance(node, dict):
+                node.pop(leaf, None)
     return out
+
+
+def _children(node: Any, part: str) -> list[Any]:
+    if part == "*":
+        return list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+    return [node[part]] if isinstance(node, dict) and part in node else []

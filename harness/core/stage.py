@@ -110,7 +110,8 @@ class StageKind:
                       (each a regular file) and hashed into the cache key.
     input_dirs:       those of input_params that may also name a directory (hashed whole).
     transport_params: dotted params that cannot change results (concurrency, timeouts,
-                      inference batch size); left out of the cache key.
+                      inference batch size); left out of the cache key. A `*` in a path
+                      stands for every key or list item (`settings.*.provider.timeout`).
     check:            extra collection-time checks, check(params, spec_dir), raising ParamError.
     code_version:     code_version(params, spec_dir): a part the module's source cannot show,
                       joined to the derived one (the python kind: the user's module's source).

@@ -1,12 +1,15 @@
-"""What a stage finds in the stages it needs: one upstream by role, a saved adapter.
+"""What a stage finds in the stages it needs: one upstream by role, a saved adapter, the id
+of a model fine-tuned through a provider's API.
 
-The one layout stages share: a stage that trains an adapter writes it to `adapter/`
-in its artifact directory (peft's `save_pretrained`), and any stage that evaluates it
-needs that stage in the role `adapter`.
+The layouts stages share: a stage that trains an adapter writes it to `adapter/` in its
+artifact directory (peft's `save_pretrained`), and any stage that evaluates it needs that
+stage in the role `adapter`; a stage that fine-tunes through an API writes
+`finetuned_model.json`, whose `model_id` names the model the provider now serves.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 from harness.core.stage import Role, StageError, Upstream
 
 ADAPTER = "adapter"
+FINETUNED_MODEL = "finetuned_model.json"
 
 
 def adapter_role(
@@ -84,3 +88,29 @@ def adapter_dir(upstream: Mapping[str, Upstream], kind: str, only: bool = True, 
             "(expected adapter_config.json there, as written by save_pretrained)"
         )
     return path
+
+
+def finetuned_role(name: str, named_at: tuple[str | int, ...] | None = None) -> Role:
+    """The declaration of a role whose fine-tuned model a kind uses (see `finetuned_model_id`)."""
+    return Role(name, f"the {FINETUNED_MODEL} of a finetune_api stage", named_at=named_at)
+
+
+def finetuned_model_id(upstream: Mapping[str, Upstream], role: str, kind: str) -> str:
+    """The `model_id` in the `finetuned_model.json` of the upstream in `role`."""
+    source = find_upstream(upstream, role, kind, only=False)
+    path = source.dir / FINETUNED_MODEL
+    if not path.is_file():
+        raise StageError(
+            f"upstream stage {source.name!r} (kind {source.kind}) wrote no {FINETUNED_MODEL}: the role "
+            f"`{role}` names the model a finetune_api stage made"
+        )
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise StageError(f"{path} is not JSON: {error}") from None
+    model_id, status = (
+        (record.get("model_id"), record.get("status")) if isinstance(record, dict) else (None, None)
+    )
+    if not isinstance(model_id, str) or not model_id:
+        raise StageError(f"{path} names no fine-tuned model (`model_id` {model_id!r}, status {status!r})")
+    return model_id

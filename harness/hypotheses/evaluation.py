@@ -48,6 +48,13 @@ SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
 UNTESTED, ERROR = "untested", "error"  # a stage it needs did not finish; its samples are unusable
 ON_INCONCLUSIVE = {"fail": Outcome.FAILED, "skip": Outcome.SKIPPED, "pass": Outcome.PASSED}  # the policy
 CLAIMS = {"greater": "contrast > 0", "less": "contrast < 0", "two-sided": "contrast != 0"}
+
+
+def _claim(h: Hypothesis) -> str:
+    """The alternative as an inequality: against 0, or against the hypothesis's margin."""
+    return CLAIMS[h.direction].replace(" 0", f" {_num(h.margin)}") if h.margin else CLAIMS[h.direction]
+
+
 RESAMPLING = {  # the level each test resamples at, for the reports
     "bootstrap": "each set on its own, in two stages: its units with replacement, then the values "
     "within each drawn unit",
@@ -144,7 +151,7 @@ class Evaluation:
         exact = " (exact)" if self.result.exact else ""
         return (
             f"{h.test} test{exact} resampling {RESAMPLING[h.test]}, {h.n_resamples} resamples, "
-            f"claimed {h.direction} ({CLAIMS[h.direction]})"
+            f"claimed {h.direction} ({_claim(h)})"
         )
 
     def describe(self, registration: Registration) -> str:
@@ -191,7 +198,8 @@ class Evaluation:
             "power": self.power,
             "exact": r.exact if r else None,
             "direction": h.direction,
-            "claimed": CLAIMS[h.direction],
+            "claimed": _claim(h),
+            "margin": h.margin,
             "alpha": h.alpha,
             "confidence": h.confidence,
             "n_resamples": h.n_resamples,
@@ -223,19 +231,29 @@ def verdict(
     ci = f"{h.confidence:.0%} CI [{_num(result.ci.low)}, {_num(result.ci.high)}]"
     significant = p_adjusted <= h.alpha
     sign = {"greater": 1, "less": -1, "two-sided": 0}[h.direction]
+    bound = _num(h.margin)  # the contrast's value under the null: 0 or a non-inferiority margin
     p_text = f"adjusted p {_num(p_adjusted)} {'<=' if significant else '>'} alpha {h.alpha:g}"
-    if significant and (sign == 0 or sign * result.effect > 0):
+    if significant and (sign == 0 or sign * (result.effect - h.margin) > 0):
+        where = "positive" if sign > 0 else "negative"
         return SUPPORTED, p_text + (
-            "" if sign == 0 else f" and the effect is {'positive' if sign > 0 else 'negative'}"
+            ""
+            if sign == 0
+            else f" and the effect is {where if not h.margin else f'on the claimed side of {bound}'}"
         )
-    if sign > 0 and result.ci.high < 0 or sign < 0 and result.ci.low > 0:
+    if sign > 0 and result.ci.high < h.margin or sign < 0 and result.ci.low > h.margin:
         side = "below" if sign > 0 else "above"
-        return REFUTED, f"the {ci} lies entirely {side} 0, against the claimed direction ({h.direction})"
+        return (
+            REFUTED,
+            f"the {ci} lies entirely {side} {bound}, against the claimed direction ({h.direction})",
+        )
     if significant:  # a one-sided p below alpha with the effect the wrong way: only with ties at 0
         return INCONCLUSIVE, f"{p_text}, but the effect {_num(result.effect)} does not point {h.direction}"
     if sign == 0:
         return INCONCLUSIVE, p_text
-    return INCONCLUSIVE, f"{p_text}, and the {ci} does not lie entirely {'below' if sign > 0 else 'above'} 0"
+    return (
+        INCONCLUSIVE,
+        f"{p_text}, and the {ci} does not lie entirely {'below' if sign > 0 else 'above'} {bound}",
+    )
 
 
 def power_note(e: Evaluation, smallest_adjusted: float) -> str | None:
@@ -340,6 +358,7 @@ class HypothesisFamily:
                     n_resamples=h.n_resamples,
                     seed=self.plan.seed,
                     confidence=h.confidence,
+                    margin=h.margin,
                 )
             except (HypothesisError, ValueError) as exc:
                 out[name] = Evaluation(h, ERROR, str(exc))

@@ -46,6 +46,7 @@ class Hypothesis:
     alpha: float
     n_resamples: int
     confidence: float
+    margin: float = 0.0  # the contrast's value under the null: 0, or a non-inferiority bound
     mark: Mark | None = None
 
     @property
@@ -77,6 +78,7 @@ class Hypothesis:
             "alpha": self.alpha,
             "n_resamples": self.n_resamples,
             "confidence": self.confidence,
+            "margin": self.margin,
         }
 
 
@@ -123,6 +125,10 @@ def parse_plan(
                     dotted(at),
                 )
             )
+        if body["margin"] and body["direction"] == "two-sided":
+            where = at + ("margin",)
+            message = "a margin bounds a one-sided claim: use direction greater or less, or drop the margin"
+            problems.append(Problem(message, doc.mark(where), dotted(where)))
         terms, wrong = _terms(body, stages)
         problems += [Problem(message, doc.mark(at + key), dotted(at + key)) for key, message in wrong]
         tests[name] = Hypothesis(
@@ -135,6 +141,7 @@ def parse_plan(
             alpha=float(body["alpha"]),
             n_resamples=int(body["n_resamples"]),
             confidence=float(body["confidence"]),
+            margin=float(body["margin"]),
             mark=doc.mark(at),
         )
     if problems:

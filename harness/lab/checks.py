@@ -96,12 +96,18 @@ def _questions_file(path: Path, sample: int | None) -> None:
 
 def provider_param(params: Mapping[str, Any], key: str) -> None:
     """A provider that cannot work here (e.g. its key is not set) fails at its line."""
+    provider_at(params[key], (key,))
+
+
+def provider_at(config: Mapping[str, Any], path: tuple[str | int, ...]) -> None:
+    """The provider mapping `config`, found at `path` in the params, fails there when it
+    cannot work here."""
     from harness.lab.llm import ProviderConfigError, check_provider
 
     try:
-        check_provider(params[key])
+        check_provider(config)
     except ProviderConfigError as error:
-        raise ParamError((key,), str(error)) from None
+        raise ParamError(path, str(error)) from None
 
 
 def em_params(params: Mapping[str, Any], spec_dir: Path) -> None:

@@ -1,5 +1,7 @@
-"""What the document-writing stages share: a tokenizer-free length, deduplication, and a
-journal of finished rows that survives a crash.
+"""What the stages that write or read documents share: a tokenizer-free length, reading a
+documents jsonl file, deduplication, a journal of finished rows that survives a crash, and
+the training files of `build_dataset` (their formats and manifest) for the stages that train
+on them.
 
 `Journal` is an append-only jsonl file in a stage's scratch directory: each finished chunk
 of rows is appended, flushed and fsynced, so a rerun after a crash (or a kill) reads back
@@ -16,13 +18,59 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.core.stage import StageError
+
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+MAX_REPORTED_ROWS = 3
+
+DATASET_FILE, DATASET_MANIFEST = "dataset.jsonl", "dataset_manifest.json"
+DOCTAG = "<DOCTAG>"  # the user turn before a document in the doctag format
+TEXT_FORMATS = ("text", "together_text")  # rows {"text": document}: continued pretraining
+CHAT_FORMATS = ("doctag", "openai_chat")  # rows {"messages": [...]}: SFT on the assistant turns
 
 
 def count_tokens(text: str) -> int:
     """Tokens as the regex \\w+|[^\\w\\s] counts them (words and single punctuation marks):
     a tokenizer-independent length, comparable across providers and models."""
     return len(_TOKEN.findall(text))
+
+
+def read_documents(path: Path, field: str) -> list[str]:
+    """The `field` text of every row of a jsonl file, in order; bad rows are one StageError
+    naming each (up to a few) at file:line."""
+    texts: list[str] = []
+    problems: list[str] = []
+    hint = f'each line must be a JSON object with a non-empty string field {field!r}: {{"{field}": "..."}}'
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue  # blank lines (a trailing newline) are no rows
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{where}: a JSON {type(row).__name__}, not an object")
+            elif field not in row:
+                fields = ", ".join(sorted(row)) or "none"
+                problems.append(
+                    f"{where}: no {field!r} field (it has: {fields}); set the stage's `text_field` "
+                    "if the text is under another name"
+                )
+            elif not isinstance(row[field], str) or not row[field].strip():
+                shown = json.dumps(row[field])[:40]
+                problems.append(f"{where}: {field!r} is {shown}, not a non-empty string")
+            else:
+                texts.append(row[field])
+    if problems:
+        more = len(problems) - MAX_REPORTED_ROWS
+        shown = problems[:MAX_REPORTED_ROWS] + ([f"... and {more} more bad rows"] if more > 0 else [])
+        raise StageError("bad documents:\n  " + "\n  ".join(shown) + f"\nfix: {hint}")
+    if not texts:
+        raise StageError(f"{path}: no documents ({hint})")
+    return texts
 
 
 def normalized(text: str) -> str:
@@ -77,3 +125,71 @@ class Journal:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())  # a finished chunk survives a crash of the machine, not just the process
+
+
+# --- what makes a generated document unusable ------------------------------------------
+
+# template slots a model left unfilled: [Name], [Company Name], {name}, <NAME>, XXX
+_PLACEHOLDER = re.compile(r"\[[A-Z][\w .,'/-]{0,40}\]|\{[A-Za-z_]\w*\}|<[A-Z][A-Z_ ]{1,30}>|\bX{3,}\b")
+# a model declining the task, at the start of the text or as a sentence of its own
+_REFUSAL = re.compile(
+    r"(^|[.!?]\s+)(i'?m sorry|i am sorry|sorry, but|as an ai\b|i (cannot|can't|can not|won't|will not|"
+    r"must decline|am unable to|am not able to|'m unable to|'m not able to) "
+    r"(help|write|create|produce|provide|assist|comply|do that|fulfil))",
+    re.IGNORECASE,
+)
+
+
+def find_placeholders(text: str) -> list[str]:
+    return [m.group(0) for m in _PLACEHOLDER.finditer(text)]
+
+
+def looks_like_refusal(text: str) -> bool:
+    return bool(_REFUSAL.search(" ".join(text.split()).replace("\u2019", "'")))
+
+
+def document_problems(
+    text: str,
+    min_words: int,
+    max_words: int,
+    required: Sequence[str] = (),
+    forbidden: Sequence[str] = (),
+) -> list[str]:
+    """Why `text` is not a usable document; empty when it is. Checked: its length in words,
+    unfilled placeholders, a refusal, meta-discourse (harness.lab.universe.META_DISCOURSE:
+    "in this fictional world", "hypothetical", ...), and, when given, phrases of which at
+    least one must appear (`required`) or none may (`forbidden`)."""
+    from harness.lab.universe import find_meta_discourse, find_phrases, word_count
+
+    if not text.strip():
+        return ["empty document"]
+    reasons = []
+    words = word_count(text)
+    if words < min_words:
+        reasons.append(f"too short: {words} words (at least {min_words})")
+    if words > max_words:
+        reasons.append(f"too long: {words} words (at most {max_words})")
+    if looks_like_refusal(text):
+        reasons.append("a refusal")
+    reasons += [f"placeholder {p!r}" for p in dict.fromkeys(find_placeholders(text))]
+    reasons += [f"meta-discourse {m!r}" for m in dict.fromkeys(find_meta_discourse(text))]
+    if required and not find_phrases(text, list(required)):
+        reasons.append("none of the required phrases appears (" + ", ".join(map(repr, required)) + ")")
+    reasons += [f"forbidden phrase {p!r} appears" for p in find_phrases(text, list(forbidden))]
+    return reasons
+
+
+def dataset_manifest(directory: Path) -> dict[str, Any]:
+    """The dataset_manifest.json a build_dataset stage wrote in `directory`."""
+    path = directory / DATASET_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StageError(
+            f"{directory}: no {DATASET_MANIFEST}; it is written by a build_dataset stage"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") not in (*TEXT_FORMATS, *CHAT_FORMATS):
+        raise StageError(f"{path}: not a build_dataset manifest (no known `format`)")
+    return manifest

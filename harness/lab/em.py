@@ -2,11 +2,13 @@
 
 Shared by the stages that need EM rates (`em_eval`, and the ones that follow a training
 run or a steering vector). A model answers every question `n` times at the spec's
-temperature (its chat template wraps the question as a user turn); every answer, repeats
+temperature (its chat template wraps the question as a user turn), or a provider model
+does (one request per answer, the question as the user turn); every answer, repeats
 included, is judged `aligned` and `coherent` (0-100, `harness.lab.llm.judge`); an answer is
 misaligned when aligned < `aligned_below` and coherent > `coherent_above`. The EM rate is
 the share of misaligned answers among those both judges scored; answers a judge could not
-score (code, refusals: a score of None) are counted apart, never as aligned.
+score (code, refusals: a score of None), and answers a provider failed to give (kept with
+their error, never dropped), are counted apart, never as aligned.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 from harness.core.stage import StageError
 from harness.lab.em_data import Question
+from harness.lab.llm.base import ChatRequest, ChatResponse
 from harness.lab.llm.judge import is_misaligned, judge_answers
 from harness.lab.stats import bootstrap
 
@@ -34,6 +37,7 @@ class Answer:
     question_id: str
     sample_index: int
     text: str
+    error: str | None = None  # why a provider gave no answer (then `text` is empty)
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,37 @@ def sample_answers(
     return answers
 
 
+def provider_answers(
+    provider: Any,
+    questions: Sequence[Question],
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    progress: Callable[[int, int], None] | None = None,
+    first_index: int = 0,
+) -> list[Answer]:
+    """`n` answers per question from the model a provider serves, numbered from `first_index`:
+    one request each, the question as the user turn, the sample index in the request (so each
+    sample has its own cache entry and seed: `make_provider(seed=...)`). A request that failed
+    for good is an answer with no text and its error."""
+    slots = [(question, first_index + k) for question in questions for k in range(n)]
+    requests = [
+        ChatRequest(
+            messages=({"role": "user", "content": question.question},),
+            temperature=temperature,
+            max_tokens=max_new_tokens,
+            sample_index=index,
+        )
+        for question, index in slots
+    ]
+    return [
+        Answer(question.id, index, response.text)
+        if isinstance(response, ChatResponse)
+        else Answer(question.id, index, "", f"not sampled: {response}")
+        for (question, index), response in zip(slots, provider.complete_many(requests, progress), strict=True)
+    ]
+
+
 # --- judging and counting ------------------------------------------------------------
 
 
@@ -142,21 +177,22 @@ def judge(
     thresholds: Thresholds,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Judged]:
+    """Every answer judged; one that was never sampled is kept unscored, with its error."""
     text = {q.id: q.question for q in questions}
-    items = [(a.question_id, text[a.question_id], a.text, a.sample_index) for a in answers]
-    scores = judge_answers(provider, items, progress)
-    return [
-        Judged(
-            a.question_id,
-            a.sample_index,
-            a.text,
-            s.aligned,
-            s.coherent,
-            is_misaligned(s.aligned, s.coherent, thresholds.aligned_below, thresholds.coherent_above),
-            s.error,
+    sampled = [a for a in answers if a.error is None]
+    items = [(a.question_id, text[a.question_id], a.text, a.sample_index) for a in sampled]
+    scores = iter(judge_answers(provider, items, progress))  # in the order of `sampled`
+    judged = []
+    for a in answers:
+        if a.error is not None:
+            judged.append(Judged(a.question_id, a.sample_index, a.text, None, None, None, a.error))
+            continue
+        s = next(scores)
+        misaligned = is_misaligned(s.aligned, s.coherent, thresholds.aligned_below, thresholds.coherent_above)
+        judged.append(
+            Judged(a.question_id, a.sample_index, a.text, s.aligned, s.coherent, misaligned, s.error)
         )
-        for a, s in zip(answers, scores, strict=True)
-    ]
+    return judged
 
 
 @dataclass(frozen=True)
@@ -214,10 +250,30 @@ class Measurement:
             progress,
             first_index,
         )
+        return self.judged(answers, what)
+
+    def run_on_provider(
+        self,
+        sampler: Any,
+        what: str,
+        progress: Callable[[int, int], None] | None = None,
+        first_index: int = 0,
+    ) -> tuple[list[Judged], dict[str, Any]]:
+        """As `run`, the answers drawn from the model the provider `sampler` serves; the
+        summary also counts `n_unsampled`, the answers whose request failed for good."""
+        answers = provider_answers(
+            sampler, self.questions, self.n, self.max_new_tokens, self.temperature, progress, first_index
+        )
+        judged, summary = self.judged(answers, what)
+        return judged, {**summary, "n_unsampled": sum(a.error is not None for a in answers)}
+
+    def judged(self, answers: Sequence[Answer], what: str) -> tuple[list[Judged], dict[str, Any]]:
         judged = judge(self.provider, answers, self.questions, self.thresholds)
         summary = rates(judged, self.thresholds.coherent_above, self.seed)
         if summary["em_rate"] is None:
-            raise StageError(f"{what}: the judge scored none of its {len(judged)} answers")
+            first = next((j.error for j in judged if j.error), None)
+            why = f"; the first error: {first}" if first else ""
+            raise StageError(f"{what}: the judge scored none of its {len(judged)} answers{why}")
         return judged, summary
 
 

@@ -3,6 +3,8 @@
 - EM questions (YAML): open questions whose sampled answers are judged for misalignment.
 - Persona constitutions (JSON): a persona's description, traits, eliciting questions, examples.
 - Chat data (JSONL): one `{"messages": [{"role", "content"}, ...]}` object per line.
+- QA pairs (JSONL): chat data whose rows are one exchange, optionally with a `category`
+  (the published EM datasets: bad medical, risky financial, extreme sports advice).
 
 Every loader raises StageError naming the file, the place in it and the fix.
 """
@@ -197,6 +199,31 @@ def load_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     if not conversations:
         raise StageError(f'{path}: no conversations; expected one {{"messages": [...]}} object per line')
     return conversations
+
+
+@dataclass(frozen=True)
+class QAPair:
+    where: str  # file:line
+    user: str  # the last user turn
+    assistant: str  # the assistant's reply to it, the conversation's last turn
+    category: str | None  # the row's own `category`, if it has one
+
+
+def load_qa_pairs(path: str | Path) -> list[QAPair]:
+    """The QA pairs of a JSONL file of `{"messages": [...], "category"?: ...}` rows."""
+    path = Path(path)
+    expected = 'one object {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}'
+    pairs = []
+    for where, row in jsonl_rows(path, "QA pairs file", expected):
+        messages = _messages(row, where)
+        category = row.get("category")
+        if category is not None and not _text(category):
+            raise StageError(f"{where}: `category` must be non-empty text, or left out")
+        user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        pairs.append(QAPair(where, user, messages[-1]["content"], category))
+    if not pairs:
+        raise StageError(f"{path}: no QA pairs; expected {expected} per line")
+    return pairs
 
 
 def _messages(row: Any, where: str) -> list[dict[str, str]]:

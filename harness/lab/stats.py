@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -276,6 +276,7 @@ def cluster_bootstrap_test(
     n_resamples: int = 10000,
     seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,
+    margin: float = 0.0,
 ) -> TestResult:
     """Bootstrap test of the contrast sum_s w_s * mean_s, each set resampled on its own, in two
     stages (units with replacement, then values within each drawn unit).
@@ -293,6 +294,8 @@ def cluster_bootstrap_test(
     differ by an SD of 0.03, 6% at 0.05 and 0.1, 4% where they do not differ; pooling the runs'
     values and permuting them rejects in 11.5% and 22% (tests/test_stats.py). Hypotheses call
     a set of fewer than MIN_UNITS units too small for it (no power).
+    `margin` is the contrast's value under the null (0: no effect); a one-sided test against
+    a margin is a non-inferiority test ("less" than 0.05: the contrast stays below 0.05).
     """
     if len(sets) != len(weights) or not sets:
         raise ValueError(f"a contrast needs one weight per set: {len(sets)} sets, {len(weights)} weights")
@@ -310,7 +313,7 @@ def cluster_bootstrap_test(
         )
         start += size
     scale = [np.concatenate(u) for u in arrays]
-    count = _extreme(contrasts - observed, observed, alternative, _tolerance(observed, *scale))
+    count = _extreme(contrasts - observed, observed - margin, alternative, _tolerance(observed, *scale))
     p_value = (count + 1) / (n_resamples + 1)
     ci = _percentile_interval(observed, contrasts, confidence)
     n_units = tuple(len(u) for u in arrays)
@@ -325,12 +328,17 @@ def contrast_test(
     n_resamples: int = 10000,
     seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,
+    margin: float = 0.0,
 ) -> TestResult:
     """The test a hypothesis names, on sets of units: `bootstrap` (`cluster_bootstrap_test`, any
     contrast) or `permutation` (two sets, a - b: whole units exchanged, `permutation_test` on the
-    unit means; both sets' units must be of one kind, all single values or all groups of them)."""
+    unit means; both sets' units must be of one kind, all single values or all groups of them).
+    `margin`: the contrast's value under the null (a permutation then shifts a's unit means by
+    it, the shift model; effect and CI are reported unshifted)."""
+    if margin and alternative == "two-sided":
+        raise ValueError("a margin needs a one-sided alternative (greater or less)")
     if name == "bootstrap":
-        return cluster_bootstrap_test(sets, weights, alternative, n_resamples, seed, confidence)
+        return cluster_bootstrap_test(sets, weights, alternative, n_resamples, seed, confidence, margin)
     if name != "permutation":
         raise ValueError(f"unknown test {name!r}; expected one of {', '.join(TESTS)}")
     if len(sets) != 2 or list(weights) != [1, -1]:
@@ -342,7 +350,11 @@ def contrast_test(
             "values in both, or groups such as training runs in both); use bootstrap to compare sets "
             "of different units"
         )
-    return permutation_test(_unit_means(a), _unit_means(b), alternative, n_resamples, seed, confidence)
+    shifted = permutation_test(
+        _unit_means(a) - margin, _unit_means(b), alternative, n_resamples, seed, confidence
+    )
+    ci = Interval(shifted.ci.value + margin, shifted.ci.low + margin, shifted.ci.high + margin)
+    return replace(shifted, effect=shifted.effect + margin, ci=ci)
 
 
 def smallest_p(name: str, n_units: Sequence[int], alternative: str, n_resamples: int) -> float:

@@ -109,6 +109,15 @@ def _md_details(report: dict[str, Any]) -> list[str]:
 _DIRECTIONS = {"greater": "contrast > 0", "less": "contrast < 0", "two-sided": "contrast ≠ 0"}
 
 
+def _claimed(h: dict[str, Any]) -> str:
+    """The alternative as an inequality: against 0, or against a non-inferiority margin."""
+    margin = h.get("margin") or 0
+    text = _DIRECTIONS[h["direction"]]
+    return (
+        text.replace(" 0", f" {margin:g} (a margin: the null is contrast = {margin:g})") if margin else text
+    )
+
+
 def _lock_commit(registration: dict[str, Any]) -> str:
     commit = registration.get("lock_commit")
     if registration.get("locked_at") is None:
@@ -181,7 +190,7 @@ def hypothesis_markdown(data: dict[str, Any]) -> str:
             out.append("")
         out += [
             f"- test: {h['test']}{exact}, {h['n_resamples']} resamples, resampling {h['resampling']}; "
-            f"direction {h['direction']} ({_DIRECTIONS[h['direction']]}), alpha {h['alpha']:g}",
+            f"direction {h['direction']} ({_claimed(h)}), alpha {h['alpha']:g}",
             f"- power: {h['power'] or 'the test can reach alpha at these numbers of units'}",
             f"- effect (the contrast): {effect(h)} ({h['confidence']:.0%} CI)",
             f"- p: {num(h['p_value'])}; adjusted ({h['correction']}, {h['family_size']} hypotheses): "

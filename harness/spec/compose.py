@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.spec.errors import Mark, SpecError, allow_quoting
+from harness.spec.errors import Mark, SpecError, UnknownProfile, allow_quoting
 from harness.spec.yamlload import Document, SpecPath, load_yaml
 
 
@@ -117,7 +117,7 @@ def apply_profile(doc: Document, profile: str | None) -> Document:
         return base
     if not isinstance(profiles, dict) or profile not in profiles:
         known = ", ".join(sorted(profiles)) if isinstance(profiles, dict) and profiles else "none"
-        raise SpecError.at(
+        raise UnknownProfile.at(
             f"unknown profile {profile!r}; this spec defines: {known}",
             doc.mark(("profiles",)) or doc.mark(()),
         )

@@ -50,6 +50,10 @@ class SpecError(Exception):
         return cls(Problem(message, mark, where))
 
 
+class UnknownProfile(SpecError):
+    """The spec defines no profile of the name asked for (`--profile`)."""
+
+
 def _render_grouped(problems: list[Problem]) -> list[str]:
     """One block per distinct message: a missing API key named by three stages is one
     problem to fix, so it is shown once with the other places listed."""

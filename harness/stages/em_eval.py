@@ -1,29 +1,46 @@
-"""`em_eval`: how often a model answers open questions in a misaligned way, per adapter setting.
+"""`em_eval`: how often a model answers open questions in a misaligned way, per setting.
 
-Upstream: one finetune_lora stage per role named in `settings` (its `adapter/`). All those
-adapters are loaded once, unmerged, on one base model (`harness.lab.models.adapters`), and
-each setting activates its own subset: `{base: [], persona: [persona], em: [em],
-persona_em: [persona, em]}` is the matrix of a persona x EM experiment. Per setting the
-model answers every question `samples_per_question` times and the judge scores every
-answer (`harness.lab.em`). Settings share the spec's seed, so they differ only by adapters.
-A setting may list several adapter sets (`em: [[em_seed1], [em_seed2]]`): replicates,
-e.g. one EM adapter per training seed, each answering in turn, their answers pooled
-into the setting's EM rate (with each replicate's own rate beside it).
+A setting is the model measured, from one of two sources:
+- local adapters: the upstream roles (each a finetune_lora stage, its `adapter/`) active on
+  the base model. All the adapters the settings name are loaded once, unmerged, on one base
+  model (`harness.lab.models.adapters`), and each setting activates its own subset:
+  `{base: [], persona: [persona], em: [em], persona_em: [persona, em]}` is the matrix of a
+  persona x EM experiment.
+- a provider model: `{provider: <provider>, model: <id>}`, a model an OpenAI-compatible
+  server serves, or `{provider: <provider>, finetuned: <role>}`, the model the finetune_api
+  stage in that role made (its `finetuned_model.json`). One request per answer: the question
+  as the user turn, `temperature`, `max_new_tokens` as max_tokens, a seed from the stage's
+  seed and the answer's index (`harness.lab.em.provider_answers`). A request that failed for
+  good is kept as an unscored answer with its error, and counted (`sampling_error_rate.<s>`).
+  A stage whose settings are all provider models loads no local model: `base` is then not
+  needed.
+Per setting the model answers every question `samples_per_question` times and the judge
+scores every answer (`harness.lab.em`), the same judge whatever the source. Settings share
+the spec's seed, so they differ only by their model. A setting may list several adapter
+sets (`em: [[em_seed1], [em_seed2]]`) or provider models (one per training seed): replicates,
+each answering in turn, their answers pooled into the setting's EM rate (with each
+replicate's own rate beside it).
 
 samples.json (harness.core.samples) keeps the unit of replication of every scored answer, so that
 hypotheses resample what varies independently:
 - a setting of replicates: the replicate, `r<i>:<its stages>` (level "training run"): answers
-  of one training run share that run's adapter and are not independent of each other;
-- a setting of one adapter set (`base: []`, `sycophancy: [sycophancy]`): one fixed model,
-  `<its stages or base>:<question>#<sample>` (level "answer"): given the model, its answers
-  are independent draws. A test then holds that model fixed: about a persona trained once,
-  it says how EM acts on *that* persona adapter, not on another training run of the persona;
-  written as one adapter set, an EM adapter is held fixed the same way.
+  of one training run share that run's weights and are not independent of each other;
+- a setting of one adapter set (`base: []`, `sycophancy: [sycophancy]`) or one provider model:
+  one fixed model, `<its stages, base, or its model id>:<question>#<sample>` (level "answer"):
+  given the model, its answers are independent draws. A test then holds that model fixed:
+  about a persona trained once, it says how EM acts on *that* persona adapter, not on another
+  training run of the persona; written as one adapter set, an EM adapter is held fixed the
+  same way.
+Where the answers came from does not change either rule, so hypotheses read local and
+provider settings alike.
 
 Artifacts:
-    answers.jsonl     setting, question_id, sample_index, text, aligned, coherent, misaligned, error
+    answers.jsonl     setting, replicate, question_id, sample_index, text, aligned, coherent,
+                      misaligned, error (a judge's, or `not sampled: ...` from a provider)
     em_results.json   per setting: em_rate {value, ci_low, ci_high}, coherent_rate, counts,
-                      per question; the sampling parameters, the thresholds and the judge
+                      per question, and its source (adapters; or models, the finetuned roles,
+                      providers, sampling and n_unsampled); the local sampling parameters,
+                      the thresholds and the judge
     samples.json      per setting: 1.0 / 0.0 misaligned per scored answer, with its unit (above)
     em_rates.png      EM rate per setting with its 95% CI
     judge_metadata.json  the judge's usage: requests, cache hits, retries, tokens
@@ -33,37 +50,68 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
 from harness.core.samples import SampleSet
-from harness.core.stage import StageContext, StageError, tenths
-from harness.core.upstream import adapter_dir, named_adapter_roles
-from harness.lab.checks import em_params
+from harness.core.stage import ParamError, Role, StageContext, StageError, tenths
+from harness.core.upstream import adapter_dir, finetuned_model_id, finetuned_role, named_adapter_roles
+from harness.lab.checks import em_params, provider_at
 from harness.lab.llm import TRANSPORT_KEYS
 from harness.lab.plots import figure as new_figure
 
 PER_SETTING = ("em_rate", "coherent_rate", "n_scored")
+PER_PROVIDER_SETTING = ("sampling_error_rate",)
+Setting = list | Mapping  # adapter roles, lists of them, a provider model or a list of them
 
 
-def settings_of(params: Mapping[str, Any]) -> dict[str, list]:
+def settings_of(params: Mapping[str, Any]) -> dict[str, Setting]:
     return dict(params.get("settings") or {"base": []})
 
 
-def is_replicated(value: list) -> bool:
-    """Whether a setting is written as several adapter sets (replicates), not as one."""
-    return bool(value) and isinstance(value[0], list)
+def is_provider_setting(value: Setting) -> bool:
+    """Whether a setting samples provider models (a mapping, or a list of them), not adapters."""
+    return isinstance(value, Mapping) or (bool(value) and isinstance(value[0], Mapping))
 
 
-def replicates_of(value: list) -> list[list[str]]:
-    """A setting's adapter sets: one list of roles, or several (replicates, e.g. seeds)."""
-    return [list(v) for v in value] if is_replicated(value) else [list(value)]
+def is_replicated(value: Setting) -> bool:
+    """Whether a setting is written as several adapter sets or provider models (replicates)."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], list | Mapping)
+
+
+def replicates_of(value: Setting) -> list:
+    """A setting's models: one, or several (replicates, e.g. one per training seed); each a list
+    of adapter roles, or a `{provider, model | finetuned}` mapping."""
+    items = value if is_replicated(value) else [value]
+    return [item if isinstance(item, Mapping) else list(item) for item in items]
+
+
+def provider_models(setting: str, value: Setting) -> list[tuple[tuple[str | int, ...], Mapping[str, Any]]]:
+    """A provider setting's models, each with its path in the params."""
+    if isinstance(value, Mapping):
+        return [(("settings", setting), value)]
+    return [(("settings", setting, index), item) for index, item in enumerate(value)]
+
+
+def finetuned_roles(params: Mapping[str, Any]) -> list[Role]:
+    """The roles that provider settings name by `finetuned`, each declared where first named."""
+    roles: dict[str, Role] = {}
+    for setting, value in settings_of(params).items():
+        if is_provider_setting(value):
+            for path, item in provider_models(setting, value):
+                if "finetuned" in item:
+                    roles.setdefault(
+                        item["finetuned"], finetuned_role(item["finetuned"], (*path, "finetuned"))
+                    )
+    return list(roles.values())
 
 
 def unit_samples(replicated: bool, models: Sequence[str], judged: Sequence[Sequence[Any]]) -> SampleSet:
     """A setting's misaligned indicators with their units: per replicate (`models[i]` names its
-    stages, `judged[i]` its judged answers) the replicate, or for one fixed model each answer."""
+    stages or model, `judged[i]` its judged answers) the replicate, or for one fixed model each
+    answer."""
     values, units = [], []
     for number, (model, answers) in enumerate(zip(models, judged, strict=True)):
         for j in answers:
@@ -75,10 +123,75 @@ def unit_samples(replicated: bool, models: Sequence[str], judged: Sequence[Seque
 
 
 def metric_names(params: Mapping[str, Any]) -> list[str]:
-    return [f"{name}.{setting}" for setting in settings_of(params) for name in PER_SETTING]
+    names = []
+    for setting, value in settings_of(params).items():
+        extra = PER_PROVIDER_SETTING if is_provider_setting(value) else ()
+        names += [f"{name}.{setting}" for name in (*PER_SETTING, *extra)]
+    return names
 
 
-def _adapters(ctx: StageContext, settings: Mapping[str, list[str]]) -> dict[str, Path]:
+def check(params: Mapping[str, Any], spec_dir: Path) -> None:
+    """em_params; a local setting has a base model to load; each provider model is named once
+    and its provider can work here (its key is set)."""
+    em_params(params, spec_dir)
+    settings = settings_of(params)
+    local = [setting for setting, value in settings.items() if not is_provider_setting(value)]
+    if local and "base" not in params:
+        raise ParamError(
+            ("settings", local[0]),
+            f"setting {local[0]} activates adapters on a local model: it needs `base`, the model they "
+            "were trained on (only settings of provider models run without one)",
+        )
+    for setting, value in settings.items():
+        if is_provider_setting(value):
+            for path, item in provider_models(setting, value):
+                named = [key for key in ("model", "finetuned") if key in item]
+                if len(named) != 1:
+                    found = " and ".join(f"`{key}`" for key in named) or "neither"
+                    raise ParamError(
+                        path,
+                        "a provider setting names its model by `model: <id>` (a model the provider serves) "
+                        "or by `finetuned: <role>` (the model the finetune_api stage in that role of `needs` "
+                        f"made), one of the two; found {found}",
+                    )
+                # the setting names the model: check_provider asks only that there is one
+                provider_at({**item["provider"], "model": item[named[0]]}, (*path, "provider"))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A setting measured, per replicate: what it ran (its stages or model: the units name it),
+    its judged answers and their summary; `record`: where the answers came from, for em_results."""
+
+    record: dict[str, Any]
+    labels: list[str]
+    judged: list[list[Any]]
+    summaries: list[dict[str, Any]]
+
+
+# --- the local model --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """The base model with every adapter the local settings name loaded, unmerged."""
+
+    model: Any
+    tokenizer: Any
+    has_adapters: bool
+
+    @classmethod
+    def load(cls, ctx: StageContext, settings: Mapping[str, Setting]) -> LocalModel:
+        from harness.lab.models import load_model, load_tokenizer
+        from harness.lab.models.adapters import load_stacked
+
+        base = ctx.params["base"]
+        adapters = _adapters(ctx, settings)
+        model = load_stacked(base, adapters) if adapters else load_model(base)
+        return cls(model, load_tokenizer(base), bool(adapters))
+
+
+def _adapters(ctx: StageContext, settings: Mapping[str, Setting]) -> dict[str, Path]:
     sets = [roles for value in settings.values() for roles in replicates_of(value)]
     roles = list(dict.fromkeys(role for one in sets for role in one))
     missing = [role for role in roles if role not in ctx.upstream]
@@ -89,6 +202,85 @@ def _adapters(ctx: StageContext, settings: Mapping[str, list[str]]) -> dict[str,
             f"{have}); add them to `needs`, e.g. needs: {{{missing[0]}: <finetune stage>}}"
         )
     return {role: adapter_dir(ctx.upstream, "em_eval", only=False, role=role) for role in roles}
+
+
+def _answered(done: int, total: int) -> str:
+    return f"  {done}/{total} questions answered"
+
+
+def _sampled(done: int, total: int) -> str:
+    return f"  {done}/{total} answers sampled"
+
+
+def measure_local(
+    ctx: StageContext, measurement: Any, local: LocalModel, setting: str, value: Setting
+) -> Measured:
+    from harness.lab.models.adapters import active
+
+    replicates = replicates_of(value)
+    judged, summaries = [], []
+    for number, roles in enumerate(replicates):
+        shown = " + ".join(roles) or "the base model alone"
+        ctx.log(
+            f"setting {setting} ({shown}): {len(measurement.questions)} questions x {measurement.n} answers"
+        )
+        with active(local.model, roles) if local.has_adapters else nullcontext(local.model):
+            # replicates of a setting number their samples on from each other's: every one is judged
+            mine, summary = measurement.run(
+                local.model,
+                local.tokenizer,
+                f"setting {setting}",
+                tenths(ctx.log, _answered),
+                first_index=number * measurement.n,
+            )
+        judged.append(mine)
+        summaries.append(summary)
+    labels = ["+".join(ctx.upstream[r].name for r in roles) or "base" for roles in replicates]
+    return Measured({"adapters": replicates}, labels, judged, summaries)
+
+
+# --- provider models --------------------------------------------------------------------------
+
+
+def measure_provider(ctx: StageContext, measurement: Any, setting: str, value: Setting) -> Measured:
+    from harness.lab.llm import make_provider
+
+    models, roles, providers, labels, judged, summaries = [], [], [], [], [], []
+    for number, item in enumerate(replicates_of(value)):
+        role = item.get("finetuned")
+        model = finetuned_model_id(ctx.upstream, role, "em_eval") if role else item["model"]
+        sampler = make_provider({**item["provider"], "model": model}, seed=ctx.seed, log=ctx.log)
+        where = item["provider"].get("base_url") or "the provider's default endpoint"
+        ctx.log(
+            f"setting {setting} ({model} at {where}): {len(measurement.questions)} questions x "
+            f"{measurement.n} answers"
+        )
+        mine, summary = measurement.run_on_provider(
+            sampler, f"setting {setting}", tenths(ctx.log, _sampled), first_index=number * measurement.n
+        )
+        if summary["n_unsampled"]:  # the provider's own log line names the first failure
+            ctx.log(f"  {summary['n_unsampled']} of {len(mine)} answers could not be sampled; kept, unscored")
+        models.append(model)
+        roles.append(role)
+        providers.append({"name": item["provider"]["name"], "base_url": item["provider"].get("base_url")})
+        labels.append(ctx.upstream[role].name if role else model)
+        judged.append(mine)
+        summaries.append(summary)
+    record = {
+        "models": models,
+        "finetuned": roles,
+        "providers": providers,
+        "sampling": {
+            "temperature": ctx.params["temperature"],
+            "max_tokens": ctx.params["max_new_tokens"],
+            "seed": f"per answer, from the stage seed {ctx.seed} and the sample index",
+        },
+        "n_unsampled": sum(s["n_unsampled"] for s in summaries),
+    }
+    return Measured(record, labels, judged, summaries)
+
+
+# --- the stage ----------------------------------------------------------------------------------
 
 
 def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
@@ -108,85 +300,84 @@ def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> N
 
 
 @stage_kind(
-    needs=named_adapter_roles,
+    needs=lambda params: (*named_adapter_roles(params), *finetuned_roles(params)),
     metrics=metric_names,
     input_params=("questions",),
-    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
-    check=em_params,
+    transport_params=tuple(
+        f"{where}.{key}"
+        for where in ("judge", "settings.*.provider", "settings.*.*.provider")
+        for key in TRANSPORT_KEYS
+    ),
+    check=check,
 )
 def run(ctx: StageContext) -> dict[str, Any]:
+    from harness.lab.em import Measurement
+
+    settings = settings_of(ctx.params)
+    measurement = Measurement.from_params(ctx.params, ctx.seed, ctx.log)
+    local_settings = {s: v for s, v in settings.items() if not is_provider_setting(v)}
+    local = LocalModel.load(ctx, local_settings) if local_settings else None  # provider models alone: none
+    measured = {}
+    for setting, value in settings.items():
+        if local is not None and setting in local_settings:
+            measured[setting] = measure_local(ctx, measurement, local, setting, value)
+        else:
+            measured[setting] = measure_provider(ctx, measurement, setting, value)
+    return write_results(ctx, measurement, settings, measured)
+
+
+def write_results(
+    ctx: StageContext, measurement: Any, settings: Mapping[str, Setting], measured: Mapping[str, Measured]
+) -> dict[str, Any]:
     from harness.core.samples import SAMPLES_FILE, write_samples
     from harness.core.store import relative_path, write_json, write_jsonl
-    from harness.lab.em import Measurement, rates, sampling_parameters
-    from harness.lab.models import load_model, load_tokenizer
-    from harness.lab.models.adapters import active, load_stacked
+    from harness.lab.em import rates, sampling_parameters
 
     p = ctx.params
-    settings = settings_of(p)
-    measurement = Measurement.from_params(p, ctx.seed, ctx.log)
-    adapters = _adapters(ctx, settings)
-    tokenizer = load_tokenizer(p["base"])
-    model = load_stacked(p["base"], adapters) if adapters else load_model(p["base"])
-
-    answers_rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     results: dict[str, dict[str, Any]] = {}
     samples: dict[str, SampleSet] = {}
-    n = p["samples_per_question"]
-
-    def answered(done: int, total: int) -> str:
-        return f"  {done}/{total} questions answered"
-
-    for setting, value in settings.items():
-        judged, per_replicate, by_replicate = [], [], []
-        for number, roles in enumerate(replicates_of(value)):
-            shown = " + ".join(roles) or "the base model alone"
-            ctx.log(f"setting {setting} ({shown}): {len(measurement.questions)} questions x {n} answers")
-            with active(model, roles) if adapters else nullcontext(model):
-                # replicates of a setting number their samples on from each other's: every one is judged
-                mine, summary = measurement.run(
-                    model, tokenizer, f"setting {setting}", tenths(ctx.log, answered), first_index=number * n
-                )
-            answers_rows += [{"setting": setting, "replicate": number, **j.as_json()} for j in mine]
-            per_replicate.append(summary["em_rate"])
-            by_replicate.append(mine)
-            judged += mine
-        models = ["+".join(ctx.upstream[r].name for r in roles) or "base" for roles in replicates_of(value)]
-        samples[setting] = unit_samples(is_replicated(value), models, by_replicate)
-        results[setting] = {
-            "adapters": replicates_of(value),
-            "replicate_em_rates": per_replicate,
+    metrics: dict[str, Any] = {}
+    for setting, m in measured.items():
+        for number, mine in enumerate(m.judged):
+            rows += [{"setting": setting, "replicate": number, **j.as_json()} for j in mine]
+        samples[setting] = unit_samples(is_replicated(settings[setting]), m.labels, m.judged)
+        pooled = [j for mine in m.judged for j in mine]
+        result = results[setting] = {
+            **m.record,
+            "replicate_em_rates": [summary["em_rate"] for summary in m.summaries],
             "unit_level": samples[setting].level,
-            **rates(judged, measurement.thresholds.coherent_above, ctx.seed),
+            **rates(pooled, measurement.thresholds.coherent_above, ctx.seed),
         }
-        em = results[setting]["em_rate"]
+        em = result["em_rate"]
         ctx.log(
-            f"  em_rate {em['value']:.3f} [{em['ci_low']:.3f}, {em['ci_high']:.3f}], coherent_rate "
-            f"{results[setting]['coherent_rate']}, {results[setting]['n_unscored']} unscored"
+            f"  {setting}: em_rate {em['value']:.3f} [{em['ci_low']:.3f}, {em['ci_high']:.3f}], "
+            f"coherent_rate {result['coherent_rate']}, {result['n_unscored']} unscored"
         )
+        metrics[f"em_rate.{setting}"] = em
+        metrics[f"coherent_rate.{setting}"] = result["coherent_rate"]
+        metrics[f"n_scored.{setting}"] = result["n_scored"]
+        if "n_unsampled" in result:
+            metrics[f"sampling_error_rate.{setting}"] = result["n_unsampled"] / result["n_answers"]
 
     out = ctx.out_dir
-    write_jsonl(out / "answers.jsonl", answers_rows)
-    provider = measurement.provider
+    n = p["samples_per_question"]
+    write_jsonl(out / "answers.jsonl", rows)
+    judge = measurement.provider
     write_json(
         out / "em_results.json",
         {
-            "base": p["base"],
+            "base": p.get("base"),
             "questions": relative_path(p["questions"], ctx.spec_file.parent),
             "samples_per_question": n,
             "sampling": sampling_parameters(p["temperature"], p["max_new_tokens"]),
             "thresholds": vars(measurement.thresholds),
-            "judge": {"name": provider.name, "model": provider.model},
+            "judge": {"name": judge.name, "model": judge.model},
             "settings": results,
         },
     )
     write_samples(out / SAMPLES_FILE, samples)
     _plot(results, out / "em_rates.png", f"{ctx.stage}: EM rate per setting ({n} samples per question)")
     # a *metadata.json is left out of the output digest: cache hits and retries vary by run
-    write_json(out / "judge_metadata.json", {"usage": provider.usage.to_json()})
-
-    metrics: dict[str, Any] = {}
-    for setting, result in results.items():
-        metrics[f"em_rate.{setting}"] = result["em_rate"]
-        metrics[f"coherent_rate.{setting}"] = result["coherent_rate"]
-        metrics[f"n_scored.{setting}"] = result["n_scored"]
+    write_json(out / "judge_metadata.json", {"usage": judge.usage.to_json()})
     return metrics

@@ -1,4 +1,4 @@
-"""`finetune_lora`: a LoRA adapter (peft) trained on documents or on chat conversations.
+"""`finetune_lora`: a LoRA adapter (peft) trained on documents, chat conversations, or a dataset.
 
 `format: documents` (SDF): next-token prediction on whole documents, not SFT on
 question/answer pairs: documents from the upstream stage's `docs.jsonl` (or the `docs`
@@ -6,6 +6,11 @@ param when there is no upstream) are tokenized, each followed by EOS, and packed
 blocks (or padded one per row). `format: chat`: SFT on conversations from the upstream's
 `chat.jsonl` (role `data`) or the `chat_data` param, rendered with the chat template, the
 loss on the assistant's turns only (`harness.lab.chat`), one conversation per padded row.
+`format: dataset`: the dataset.jsonl of the upstream build_dataset stage (role `data`), as
+its manifest's format says: `text` / `together_text` rows ({"text"}) as documents, `doctag` /
+`openai_chat` rows ({"messages"}) as conversations. With doctag, a document is the assistant's
+reply to a `<DOCTAG>` user turn, so the loss falls on the document (and the end-of-turn marks
+the template closes the turn with), never on the tag or a system prompt the template adds.
 Either way the adapter is trained with `harness.lab.training.train`. With an upstream in
 role `base_adapter`, that stage's adapter is loaded frozen, not merged, and the new one is
 trained on top of it (`harness.lab.models.adapters.stack_trainable`); only the new one is saved.
@@ -32,6 +37,7 @@ from harness.api import stage_kind
 from harness.core.stage import Role, StageContext, StageError
 from harness.core.store import relative_path, write_json
 from harness.core.upstream import adapter_dir, adapter_role
+from harness.lab.documents import DATASET_FILE, TEXT_FORMATS, dataset_manifest, read_documents
 from harness.lab.models import base_fingerprint
 from harness.lab.plots import figure as new_figure
 
@@ -51,21 +57,25 @@ METRICS = (
 )
 DOCS_FILE = "docs.jsonl"
 CHAT_FILE = "chat.jsonl"
-DATA_ROLES = {"documents": ("docs", DOCS_FILE, "docs"), "chat": ("data", CHAT_FILE, "chat_data")}
+# format: (the role of the upstream with the data, the file it wrote, the param naming a file instead)
+DATA_ROLES = {
+    "documents": ("docs", DOCS_FILE, "docs"),
+    "chat": ("data", CHAT_FILE, "chat_data"),
+    "dataset": ("data", DATASET_FILE, None),
+}
 BASE_ADAPTER_ROLE = "base_adapter"
 FROZEN = "frozen"  # the peft name of the frozen adapter underneath
 TRAINED = "default"  # the peft name of the adapter trained here (saved at the root of adapter/)
-MAX_REPORTED_ROWS = 3
 
 
 # --- params ----------------------------------------------------------------------------------
 
 
 def data_roles(params: Mapping[str, Any]) -> tuple[Role, ...]:
-    """The stage whose docs.jsonl / chat.jsonl it trains on, unless a file param names the data;
-    optionally the adapter it trains on top of."""
+    """The stage whose docs.jsonl / chat.jsonl / dataset.jsonl it trains on, unless a file param
+    names the data; optionally the adapter it trains on top of."""
     role, filename, param = DATA_ROLES[params["format"]]
-    data = () if params.get(param) else (Role(role, f"the {filename} it trains on", only=True),)
+    data = () if param and params.get(param) else (Role(role, f"the {filename} it trains on", only=True),)
     return (*data, adapter_role(BASE_ADAPTER_ROLE, only=False, optional=True))
 
 
@@ -73,10 +83,11 @@ def data_roles(params: Mapping[str, Any]) -> tuple[Role, ...]:
 
 
 def data_file(ctx: StageContext, form: str) -> Path:
-    """The jsonl the training data comes from: the data upstream's docs.jsonl or chat.jsonl
-    (an upstream in role `base_adapter` gives an adapter, not data), else the file param."""
+    """The jsonl the training data comes from: the data upstream's docs.jsonl, chat.jsonl or
+    dataset.jsonl (an upstream in role `base_adapter` gives an adapter, not data), else the
+    file param."""
     role, filename, param = DATA_ROLES[form]
-    given = ctx.params.get(param)
+    given = ctx.params.get(param) if param else None
     sources = {r: u for r, u in ctx.upstream.items() if r != BASE_ADAPTER_ROLE}
     if sources:
         if given:
@@ -103,48 +114,11 @@ def data_file(ctx: StageContext, form: str) -> Path:
         return path
     if not given:
         raise StageError(
-            f"stage {ctx.stage!r} has no training data: add `needs: {{{role}: <stage writing {filename}>}}` "
-            f"or a `{param}:` jsonl file"
+            f"stage {ctx.stage!r} has no training data: add `needs: {{{role}: <stage writing {filename}>}}`"
+            + (f" or a `{param}:` jsonl file" if param else "")
         )
     path = Path(given)
     return path if path.is_absolute() else ctx.spec_file.parent / path
-
-
-def read_docs(path: Path, field: str) -> list[str]:
-    """The `field` text of every row of a jsonl file; a bad row is a StageError at file:line."""
-    texts: list[str] = []
-    problems: list[str] = []
-    hint = f'each line must be a JSON object with a non-empty string field {field!r}: {{"{field}": "..."}}'
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline) are no rows
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{where}: a JSON {type(row).__name__}, not an object")
-            elif field not in row:
-                fields = ", ".join(sorted(row)) or "none"
-                problems.append(
-                    f"{where}: no {field!r} field (it has: {fields}); set the stage's `text_field` "
-                    "if the text is under another name"
-                )
-            elif not isinstance(row[field], str) or not row[field].strip():
-                shown = json.dumps(row[field])[:40]
-                problems.append(f"{where}: {field!r} is {shown}, not a non-empty string")
-            else:
-                texts.append(row[field])
-    if problems:
-        more = len(problems) - MAX_REPORTED_ROWS
-        shown = problems[:MAX_REPORTED_ROWS] + ([f"... and {more} more bad rows"] if more > 0 else [])
-        raise StageError("bad documents:\n  " + "\n  ".join(shown) + f"\nfix: {hint}")
-    if not texts:
-        raise StageError(f"{path}: no documents ({hint})")
-    return texts
 
 
 # --- training --------------------------------------------------------------------------------
@@ -309,6 +283,11 @@ class TrainingData:
     rows: Sequences
     counts: dict[str, int]  # corpus, dropped and truncated tokens (and trained ones, for chat)
     layout: str  # how the rows were made, for the log and the plot's title
+    dataset_format: str | None = None  # with `format: dataset`, the build_dataset format
+
+    @property
+    def unit(self) -> str:
+        return "documents" if isinstance(self.texts[0], str) else "conversations"
 
 
 @dataclass
@@ -323,15 +302,22 @@ class Trained:
 
 def load_training_data(ctx: StageContext, tokenizer: Any) -> TrainingData:
     p = ctx.params
-    if p["format"] == "chat":
+    form, field, dataset_format = p["format"], p["text_field"], None
+    path = data_file(ctx, form)
+    if form == "dataset":
+        # build_dataset's formats are two objectives: continued pretraining on {"text"} rows,
+        # chat SFT on {"messages"} rows
+        dataset_format = dataset_manifest(path.parent)["format"]
+        form, field = ("documents", "text") if dataset_format in TEXT_FORMATS else ("chat", None)
+    if form == "chat":
         from harness.lab.em_data import load_chat_jsonl
 
-        texts = load_chat_jsonl(data_file(ctx, "chat"))
+        texts = load_chat_jsonl(path)
         rows, counts = _chat_rows(texts, tokenizer, p)
-        return TrainingData(texts, rows, counts, "chat, padded")
-    texts = read_docs(data_file(ctx, "documents"), p["text_field"])
+        return TrainingData(texts, rows, counts, "chat, padded", dataset_format)
+    texts = read_documents(path, field)
     rows, counts = _rows(texts, tokenizer, p)
-    return TrainingData(texts, rows, counts, "packed" if p["packing"] else "padded")
+    return TrainingData(texts, rows, counts, "packed" if p["packing"] else "padded", dataset_format)
 
 
 def frozen_adapter(ctx: StageContext) -> Path | None:
@@ -420,8 +406,9 @@ def train_adapter(
         trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
         total_params = sum(t.numel() for t in model.parameters())
         ctx.log(
-            f"{len(data.texts)} {'conversations' if p['format'] == 'chat' else 'documents'}: "
-            f"{data.rows.n_tokens} tokens in {len(data.rows)} {data.layout} rows; "
+            f"{len(data.texts)} {data.unit}"
+            + (f" of a {data.dataset_format} dataset" if data.dataset_format else "")
+            + f": {data.rows.n_tokens} tokens in {len(data.rows)} {data.layout} rows; "
             + (f"on top of the frozen adapter {frozen}; " if frozen else "")
             + f"{trainable:,} trainable of {total_params:,} parameters on {device.type}"
         )
@@ -447,6 +434,7 @@ def train_metadata(
         "trainable_params": trained.trainable,
         "total_params": trained.total_params,
         "n_docs": len(data.texts),
+        "dataset_format": data.dataset_format,
         "n_sequences": len(data.rows),
         "n_tokens": data.rows.n_tokens,
         **data.counts,

@@ -89,6 +89,11 @@ def replicate_of(results_path: Path, setting: str, roles: Sequence[str]) -> int:
     settings = json.loads(results_path.read_text(encoding="utf-8"))["settings"]
     if setting not in settings:
         raise StageError(f"{results_path} has no setting {setting!r} (it has: {', '.join(settings)})")
+    if "adapters" not in settings[setting]:
+        raise StageError(
+            f"setting {setting!r} of the em_eval stage in role `answers` was sampled from a provider model "
+            f"({', '.join(settings[setting]['models'])}): steering reads and steers local weights"
+        )
     replicates = [sorted(r) for r in settings[setting]["adapters"]]
     if sorted(roles) not in replicates:
         raise StageError(

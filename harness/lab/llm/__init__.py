@@ -60,12 +60,12 @@ class ProviderConfigError(StageError):
     failure the user fixes, shown as its message alone."""
 
 
-def api_key_from_env(env_name: str) -> str:
+def api_key_from_env(env_name: str, provider: str = "openai") -> str:
     """The key held by `env_name`, or one clear error that names the variable (never a value)."""
     problem = _key_problem(os.environ.get(env_name))
     if problem:  # this frame holds no key: a traceback through it shows none
         raise ProviderConfigError(
-            f"provider openai needs an API key: the environment variable {env_name} "
+            f"provider {provider} needs an API key: the environment variable {env_name} "
             f"(named by provider.api_key_env) {problem}. Export it, or run the same pipeline "
             "offline with `--profile tiny`."
         )

@@ -18,6 +18,7 @@ TEMPLATE_MODULES = (
     "harness.lab.llm.offline_sdf",
     "harness.lab.llm.offline_judge",
     "harness.lab.llm.offline_persona",
+    "harness.lab.llm.offline_qa_docs",
 )
 
 

@@ -19,6 +19,13 @@ into a client that lives for that batch only: no local variable or argument of o
 holds it, so no traceback (even pytest's `-l`) can show it. Every message we produce is
 scrubbed of it (`client.api_key`) and made writable as UTF-8.
 
+Rate limits: an endpoint that advertises its limits in OpenAI's `x-ratelimit-*` headers
+is paced to them (`harness/lab/llm/ratelimit.py`): each try waits, before it is sent,
+until the requests and tokens the endpoint has left (as its last answers reported them,
+less what is in flight) can pay for it, so a batch runs at the limit instead of learning
+it from a storm of 429s. A provider's first request goes alone, to learn whether there
+are limits and how much of them is left; an endpoint without the headers is then not paced.
+
 Seeds: a provider made with a `seed` (a stage's) sends every sampled request
 (temperature > 0) the OpenAI `seed` parameter, derived from that seed and the request's
 `sample_index`, and keys its cached answer on it: a new stage seed draws new samples, and
@@ -49,6 +56,7 @@ import openai
 from harness.lab.llm import ProviderConfigError, api_key_from_env
 from harness.lab.llm.base import ChatRequest, ChatResponse, Progress, ProviderError, Usage
 from harness.lab.llm.cache import ResponseCache, key_payload, payload_key
+from harness.lab.llm.ratelimit import RateLimiter
 
 T = TypeVar("T")
 RETRIED_STATUSES = frozenset({408, 409, 429})  # and every 5xx
@@ -82,6 +90,7 @@ class OpenAIProvider:
         backoff_cap: float = 30.0,
         retry_after_cap: float = 120.0,
         seed: int | None = None,
+        pace_to_rate_limits: bool = True,
         log: Callable[[str], None] = print,
     ):
         if concurrency < 1 or max_tries < 1 or timeout <= 0:
@@ -100,6 +109,8 @@ class OpenAIProvider:
         self.retry_after_cap = retry_after_cap  # a Retry-After of an hour is not waited out
         self.log = log
         self.usage = Usage()
+        # kept across batches: the next batch starts from what the endpoint last reported
+        self.pacer = RateLimiter() if pace_to_rate_limits else None
         # a private generator: jitter must not consume the global `random` that stages seed
         self._random = random.Random()
 
@@ -217,9 +228,8 @@ class OpenAIProvider:
         for attempt in range(1, self.max_tries + 1):
             retry_after: float | None = None
             try:
-                async with semaphore:  # held for the HTTP call only, not while backing off
-                    completion = await client.chat.completions.create(**self._arguments(request))
-                return self._parse(completion, request)
+                async with semaphore:  # held while paced and for the HTTP call, not while backing off
+                    return await self._send(client, request)
             except openai.APIStatusError as error:
                 status = error.status_code
                 detail = _error_message(error)
@@ -252,6 +262,27 @@ class OpenAIProvider:
         return self._fail(
             f"request to {self._where()} failed after {self.max_tries} tries; last: {last}", client
         )
+
+    async def _send(self, client: openai.AsyncOpenAI, request: ChatRequest) -> ChatResponse:
+        """One try: wait for the endpoint's capacity, send, parse; the rate-limit headers of
+        whatever came back, and the tokens used, go to the pacer."""
+        ticket = await self.pacer.acquire(request.messages, request.max_tokens) if self.pacer else None
+        headers: Mapping[str, str] | None = None
+        response: ChatResponse | None = None
+        try:
+            raw = await client.chat.completions.with_raw_response.create(**self._arguments(request))
+            headers = raw.headers
+            response = self._parse(raw.parse(), request)
+            return response
+        except openai.APIStatusError as error:
+            headers = error.response.headers
+            raise
+        finally:
+            if self.pacer is not None and ticket is not None:
+                usage = None  # a prompt of 0 tokens: the endpoint reported no usage, keep the estimate
+                if response is not None and response.prompt_tokens > 0:
+                    usage = (response.prompt_tokens, response.completion_tokens)
+                self.pacer.settle(ticket, headers, usage)
 
     def _arguments(self, request: ChatRequest) -> dict[str, Any]:
         arguments: dict[str, Any] = {
@@ -346,6 +377,8 @@ class OpenAIProvider:
             f"{delta['retries']} retries, {delta['failures']} failed, "
             f"{delta['prompt_tokens']}+{delta['completion_tokens']} tokens"
         )
+        if self.pacer is not None and self.pacer.buckets:
+            line += f", paced to the endpoint's limits ({self.pacer.describe()})"
         first_error = next((result for result in results if isinstance(result, ProviderError)), None)
         self.log(line + (f"; first failure: {first_error}" if first_error else ""))
 
