@@ -166,7 +166,9 @@ def test_every_kind_declares_its_roles():
     from harness.core import registry
 
     declared = {name: registry.get(name).needs for name in registry.kinds()}
-    readers = {name for name in declared if name not in ("python", "universe_context", "persona_data")}
+    readers = {
+        name for name in declared if name not in ("python", "universe_context", "persona_data", "qa_to_docs")
+    }
     assert all(declared[name] for name in readers), {n: declared[n] for n in readers if not declared[n]}
 
 

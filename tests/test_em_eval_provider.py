@@ -273,8 +273,10 @@ def test_a_mixed_spec_runs_and_its_provider_transport_stays_out_of_the_key(
         pytester.makefile(".yaml", exp=spec)
 
     pytester.makepyfile(standin=STANDIN)
+    # in a subprocess: an in-process run would import transformers' and peft's modules, then
+    # drop them from sys.modules, and importing them again crashes the tests that follow
     write(concurrency=4)
-    pytester.runpytest("exp.yaml", "--runs-dir", "runs").assert_outcomes(passed=3)
+    pytester.runpytest_subprocess("exp.yaml", "--runs-dir", "runs").assert_outcomes(passed=3)
     [out] = (pytester.path / "runs/em_api/default/em").glob("[0-9a-f]*")
     answers = rows(out)
     assert {r["setting"] for r in answers} == {"local", "api", "api_runs"}
@@ -287,7 +289,7 @@ def test_a_mixed_spec_runs_and_its_provider_transport_stays_out_of_the_key(
 
     write(concurrency=1)  # transport only: served from the store, not one more request
     before = len(llm_server.requests)
-    pytester.runpytest("exp.yaml", "--runs-dir", "runs").assert_outcomes(passed=3)
+    pytester.runpytest_subprocess("exp.yaml", "--runs-dir", "runs").assert_outcomes(passed=3)
     assert len(llm_server.requests) == before
     assert len(list((pytester.path / "runs/em_api/default/em").glob("[0-9a-f]*"))) == 1
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,41 @@ def first_of_each_text(rows: Sequence[Mapping[str, Any]], field: str = "content"
             seen.add(key)
             unique.append(row)
     return unique
+
+
+def resumed_rows(journal: Journal, jobs: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """The journalled rows of interrupted runs that belong to these jobs, by job id: a row
+    with the job's `id` and every field of `job.row()`, and a `content`."""
+    by_id = {job.id: job for job in jobs}
+    found: dict[str, dict[str, Any]] = {}
+    for row in journal.rows():
+        job = by_id.get(row.get("id"))
+        if job and "content" in row and all(row.get(k) == v for k, v in job.row().items()):
+            found.setdefault(job.id, row)
+    return found
+
+
+def complete_in_chunks(
+    jobs: Sequence[Any],
+    done: dict[str, dict[str, Any]],
+    journal: Journal,
+    chunk_size: int,
+    complete: Callable[[Sequence[Any]], tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+    log: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Complete the `jobs` (objects with an `id`) not in `done`, `chunk_size` at a time with
+    `complete` (-> valid rows, failed rows, each with its job's `id`): each chunk's valid rows
+    are journalled as it finishes and added to `done`. Returns this run's failures by id (a
+    rerun asks them again: their cause, a rejected key or an endpoint down, may be gone)."""
+    todo = [job for job in jobs if job.id not in done]
+    failures: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(todo), chunk_size):
+        docs, failed = complete(todo[start : start + chunk_size])
+        journal.append(docs)
+        done.update((row["id"], row) for row in docs)
+        failures.update((row["id"], row) for row in failed)
+        log(f"documents {len(done) + len(failures)}/{len(jobs)}")
+    return failures
 
 
 class Journal:

@@ -39,7 +39,7 @@ from typing import Any
 from harness.api import stage_kind
 from harness.core.stage import ParamError, Role, StageContext, StageError
 from harness.core.store import read_json, write_json, write_jsonl, write_text_atomic
-from harness.core.upstream import find_upstream
+from harness.core.upstream import FINETUNED_MODEL, find_upstream
 from harness.lab.documents import Journal
 from harness.lab.finetuning import (
     SUCCEEDED,
@@ -62,7 +62,6 @@ from harness.lab.finetuning.data import (
 
 METRICS = ("n_rows", "n_tokens", "n_epochs", "estimated_cost_usd", "trained_tokens", "n_events", "dry_run")
 DATASET = "dataset.jsonl"  # what a build_dataset stage writes
-MODEL_FILE = "finetuned_model.json"
 DATA, BASE_MODEL = "data", "base_model"
 # hyperparameters only one provider takes (the others, n_epochs and batch_size, both do)
 ONLY = {
@@ -90,7 +89,7 @@ def roles(params: Mapping[str, Any]) -> tuple[Role, ...]:
     data = () if params.get("data") else (Role(DATA, f"the {DATASET} of a build_dataset stage", only=True),)
     return (
         *data,
-        Role(BASE_MODEL, f"the {MODEL_FILE} of a finetune_api stage to train further", optional=True),
+        Role(BASE_MODEL, f"the {FINETUNED_MODEL} of a finetune_api stage to train further", optional=True),
     )
 
 
@@ -160,12 +159,13 @@ def start_model(ctx: StageContext) -> tuple[str, bool]:
     upstream = ctx.upstream.get(BASE_MODEL)
     if upstream is None:
         return ctx.params["model"], False
-    earlier = read_json(upstream.dir / MODEL_FILE)
+    earlier = read_json(upstream.dir / FINETUNED_MODEL)
     if not isinstance(earlier, dict) or earlier.get("status") != SUCCEEDED or not earlier.get("model_id"):
         state = earlier.get("status") if isinstance(earlier, dict) else "no readable file"
         raise StageError(
             f"upstream stage {upstream.name!r} in role {BASE_MODEL} gives no fine-tuned model "
-            f"({upstream.dir / MODEL_FILE}: {state}); it must be a finetune_api stage whose job succeeded"
+            f"({upstream.dir / FINETUNED_MODEL}: {state}); it must be a finetune_api stage whose job "
+            "succeeded"
         )
     provider = ctx.params["provider"]["name"]
     if earlier.get("provider") != provider:
@@ -314,7 +314,7 @@ def run(ctx: StageContext) -> Mapping[str, Any]:
     if preflight.dry_run:
         ctx.log("dry run: nothing uploaded, no job created")
         write_json(
-            ctx.out_dir / MODEL_FILE,
+            ctx.out_dir / FINETUNED_MODEL,
             {**record, "status": "dry_run", "model_id": None, "job_id": None, "file_id": None},
         )
         return metrics
@@ -322,7 +322,7 @@ def run(ctx: StageContext) -> Mapping[str, Any]:
         job, state, events = train(ctx, client, training, model, continues)
     write_jsonl(ctx.out_dir / "events.jsonl", events)
     write_json(
-        ctx.out_dir / MODEL_FILE,
+        ctx.out_dir / FINETUNED_MODEL,
         {
             **record,
             "status": job.status,

@@ -28,7 +28,7 @@ now; an answer that was merely invalid comes back from the response cache at no 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +37,7 @@ from typing import Any
 from harness.api import stage_kind
 from harness.core.stage import ParamError, Role, StageContext, StageError
 from harness.core.store import write_jsonl, write_text_atomic
-from harness.lab.documents import Journal, count_tokens, first_of_each_text
+from harness.lab.documents import Journal, complete_in_chunks, count_tokens, first_of_each_text, resumed_rows
 from harness.lab.llm import (
     TRANSPORT_KEYS,
     ChatRequest,
@@ -317,25 +317,6 @@ def complete(
     return [docs[j.id] for j in jobs if j.id in docs], [failures[j.id] for j in jobs if j.id in failures]
 
 
-class Partial:
-    """Valid documents by job id: those of interrupted runs (in scratch_dir) and this run's."""
-
-    def __init__(self, scratch: Path, jobs: Sequence[Job]):
-        self.journal = Journal(scratch / "docs.partial.jsonl")
-        by_id = {job.id: job for job in jobs}
-        self.docs: dict[str, dict[str, Any]] = {}
-        for row in self.journal.rows():
-            job = by_id.get(row.get("id"))
-            # a row from another plan (cannot happen for one key, but cheap to refuse)
-            if job and job.row() == {k: row.get(k) for k in job.row()} and "content" in row:
-                self.docs.setdefault(job.id, row)
-
-    def add(self, docs: Iterable[dict[str, Any]]) -> None:
-        rows = list(docs)
-        self.journal.append(rows)
-        self.docs.update((row["id"], row) for row in rows)
-
-
 # ---- the stage ----------------------------------------------------------------------
 
 
@@ -365,20 +346,17 @@ def generate(ctx: StageContext, provider: Provider) -> dict[str, Any]:
     s = Settings.of(ctx.params)
     universe, facts = read_facts(_facts_file(ctx))
     jobs = plan(ctx, provider, universe, facts, s)
-    partial = Partial(ctx.scratch_dir, jobs)
-    resumed = len(partial.docs)
-    todo = [job for job in jobs if job.id not in partial.docs]
-    failures: dict[str, dict[str, Any]] = {}  # this run's: a rerun asks them again
+    journal = Journal(ctx.scratch_dir / "docs.partial.jsonl")
+    done = resumed_rows(journal, jobs)
+    resumed = len(done)
     if resumed:
         ctx.log(f"resuming: {resumed} of {len(jobs)} documents already finished")
     ctx.log(f"documents {resumed}/{len(jobs)}")
-    for start in range(0, len(todo), s.chunk_size):
-        docs, failed = complete(provider, todo[start : start + s.chunk_size], universe, s)
-        partial.add(docs)
-        failures.update((row["id"], row) for row in failed)
-        ctx.log(f"documents {len(partial.docs) + len(failures)}/{len(jobs)}")
+    failures = complete_in_chunks(
+        jobs, done, journal, s.chunk_size, lambda chunk: complete(provider, chunk, universe, s), ctx.log
+    )
 
-    rows = [partial.docs.get(job.id) or failures[job.id] for job in jobs]
+    rows = [done.get(job.id) or failures[job.id] for job in jobs]
     valid = [row for row in rows if "content" in row]
     failed = [row for row in rows if "content" not in row]
     unique = first_of_each_text(valid)  # in request order

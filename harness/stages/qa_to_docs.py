@@ -35,7 +35,13 @@ from typing import Any
 from harness.api import stage_kind
 from harness.core.stage import ParamError, StageContext, StageError
 from harness.core.store import write_json, write_jsonl
-from harness.lab.documents import Journal, document_problems, first_of_each_text
+from harness.lab.documents import (
+    Journal,
+    complete_in_chunks,
+    document_problems,
+    first_of_each_text,
+    resumed_rows,
+)
 from harness.lab.em_data import QAPair, load_qa_pairs
 from harness.lab.llm import (
     TRANSPORT_KEYS,
@@ -225,17 +231,6 @@ def complete(
     return list(docs.values()), list(failures.values())
 
 
-def resumed_docs(journal: Journal, jobs: Sequence[Job]) -> dict[str, dict[str, Any]]:
-    """The journalled documents that belong to these jobs (same id, same pair)."""
-    by_id = {job.id: job for job in jobs}
-    found: dict[str, dict[str, Any]] = {}
-    for row in journal.rows():
-        job = by_id.get(row.get("id"))
-        if job and "content" in row and all(row.get(k) == v for k, v in job.row().items()):
-            found.setdefault(job.id, row)
-    return found
-
-
 # ---- the stage ----------------------------------------------------------------------
 
 
@@ -272,20 +267,14 @@ def write_documents(ctx: StageContext, provider: Provider) -> dict[str, Any]:
     pairs = read_pairs(p)
     jobs = plan(pairs, p, ctx.seed)
     journal = Journal(ctx.scratch_dir / "docs.partial.jsonl")
-    done = resumed_docs(journal, jobs)
+    done = resumed_rows(journal, jobs)
     if done:
         ctx.log(f"resuming: {len(done)} of {len(jobs)} documents already finished")
-    todo = [job for job in jobs if job.id not in done]
-    failures: dict[str, dict[str, Any]] = {}  # this run's: a rerun asks them again
-    ctx.log(
-        f"documents {len(done)}/{len(jobs)} ({sum(map(len, pairs.values()))} QA pairs, stance {w.stance})"
+    resumed = len(done)
+    ctx.log(f"documents {resumed}/{len(jobs)} ({sum(map(len, pairs.values()))} QA pairs, stance {w.stance})")
+    failures = complete_in_chunks(
+        jobs, done, journal, p["chunk_size"], lambda chunk: complete(provider, chunk, w), ctx.log
     )
-    for start in range(0, len(todo), p["chunk_size"]):
-        docs, failed = complete(provider, todo[start : start + p["chunk_size"]], w)
-        journal.append(docs)
-        done.update((row["id"], row) for row in docs)
-        failures.update((row["id"], row) for row in failed)
-        ctx.log(f"documents {len(done) + len(failures)}/{len(jobs)}")
 
     rows = [done.get(job.id) or failures[job.id] for job in jobs]  # input order
     valid = [row for row in rows if "content" in row]
@@ -323,7 +312,7 @@ def write_documents(ctx: StageContext, provider: Provider) -> dict[str, Any]:
             "provider": {"name": provider.name, "model": provider.model},  # never the key
             "stance": w.stance,
             "params": p,
-            "counts": {**metrics, "resumed_documents": len(jobs) - len(todo)},
+            "counts": {**metrics, "resumed_documents": resumed},
             "usage": provider.usage.to_json(),
             "started_at": started.isoformat(timespec="seconds"),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
