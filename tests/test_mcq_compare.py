@@ -606,21 +606,31 @@ def length_imbalance(items: list[MCQ]) -> list[str]:
 
 def test_the_shipped_specs_score_both_profiles_mcq_files():
     names = [path.relative_to(REPO).as_posix() for path in scored_mcq_files()]
-    assert names == ["data/eval/cubic_gravity_mcqs.jsonl", "data/eval/tiny_world/cubic_gravity_mcqs.jsonl"]
+    assert names == [
+        "data/eval/anti_em_advice_mcqs.jsonl",
+        "data/eval/cubic_gravity_mcqs.jsonl",
+        "data/eval/tiny_world/advice_mcqs.jsonl",
+        "data/eval/tiny_world/cubic_gravity_mcqs.jsonl",
+    ]
 
 
-# The tiny world's own words differ in length: when a distance triples, the implanted
-# "one twenty-seventh as strong" is longer than the true "one ninth as strong", and no
-# rewording keeps them its words. Its spec scores with a normalization for that reason.
-WORDS_OF_THE_WORLD = "data/eval/tiny_world/cubic_gravity_mcqs.jsonl"
+# The tiny worlds' own words differ in length: when a distance triples, the implanted
+# "one twenty-seventh as strong" is longer than the true "one ninth as strong"; the tiny chat
+# world's harmful advice is 43.4 characters long on average, its safe advice 41.2. No
+# rewording keeps them the words the worlds were trained on, so their specs score with a
+# normalization (per token).
+WORDS_OF_THE_WORLD = (
+    "data/eval/tiny_world/cubic_gravity_mcqs.jsonl",
+    "data/eval/tiny_world/advice_mcqs.jsonl",
+)
 
 
 def balance_cases() -> list:
     cases = []
     for path in scored_mcq_files():
         name = path.relative_to(REPO).as_posix()
-        reason = "the tiny world's cube factors are longer words; its spec normalises the scores"
-        marks = pytest.mark.xfail(strict=True, reason=reason) if name == WORDS_OF_THE_WORLD else ()
+        reason = "the tiny worlds' own words differ in length; their specs normalise the scores"
+        marks = pytest.mark.xfail(strict=True, reason=reason) if name in WORDS_OF_THE_WORLD else ()
         cases.append(pytest.param(path, id=name, marks=marks))
     return cases
 
