@@ -108,9 +108,9 @@ class Calls:
                 )
             retried = status in RETRIED_STATUSES or status >= 500
             # imported here: that module imports openai, which collection need not load
-            from harness.lab.llm.openai_provider import _retry_after
+            from harness.lab.llm.openai_provider import retry_after_seconds
 
-            return _Failure(f"HTTP {status}: {detail}", retried, _retry_after(error.response.headers))
+            return _Failure(f"HTTP {status}: {detail}", retried, retry_after_seconds(error.response.headers))
         if isinstance(error, sdk.APITimeoutError):
             return _Failure("timed out", retried=True)
         if isinstance(error, sdk.APIConnectionError):

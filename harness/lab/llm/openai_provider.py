@@ -242,7 +242,7 @@ class OpenAIProvider:
                 if status not in RETRIED_STATUSES and status < 500:
                     return self._fail(f"HTTP {status} from {self._where()}: {detail}; not retried", client)
                 last = f"HTTP {status}: {detail}"
-                retry_after = _retry_after(error.response.headers)
+                retry_after = retry_after_seconds(error.response.headers)
             except openai.APITimeoutError:
                 last = f"timed out after {self.timeout:g} s"
             except openai.APIConnectionError as error:
@@ -445,7 +445,7 @@ def _error_message(error: openai.APIStatusError) -> str:
     return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + "..."
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     """Seconds asked for by `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
     try:
         if "retry-after-ms" in headers:
