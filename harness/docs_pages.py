@@ -51,6 +51,7 @@ raw output of block i-1 (before the final norm), the same in every stage.
 def kind_schemas() -> dict[str, dict[str, Any]]:
     """{kind: its params schema}, in name order."""
     return {
+        # read afresh, not through load_schema's cache: the point is to see an edited schema
         path.name.removesuffix(".schema.json"): json.loads(path.read_text(encoding="utf-8"))
         for path in sorted(STAGE_SCHEMAS.glob("*.schema.json"))
     }
@@ -139,10 +140,10 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def stale(directory: Path = PAGES_DIR) -> list[str]:
-    """The pages under `directory` that are missing or differ from what the schemas give, and
-    pages of kinds that no longer have a schema."""
-    expected = pages()
+def stale(directory: Path = PAGES_DIR, expected: dict[str, str] | None = None) -> list[str]:
+    """The pages under `directory` that are missing or differ from what the schemas give
+    (`expected`, else `pages()`), and pages of kinds that no longer have a schema."""
+    expected = expected if expected is not None else pages()
     present = {path.name for path in directory.glob("*.md")} if directory.is_dir() else set()
     differ = [
         name
@@ -156,7 +157,7 @@ def write(directory: Path = PAGES_DIR) -> list[str]:
     """Bring the pages up to date (a page without a schema is removed); returns what changed."""
     directory.mkdir(parents=True, exist_ok=True)
     expected = pages()
-    changed = stale(directory)
+    changed = stale(directory, expected)
     for name in changed:
         if name in expected:
             (directory / name).write_text(expected[name], encoding="utf-8")

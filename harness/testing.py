@@ -6,7 +6,8 @@ as the engine would, without a spec or a store.
 
 The params get the schema's defaults, as the engine gives them; input paths are used as
 given (write them absolute). The metrics are held to the kind's contract (a mapping of JSON
-values with every declared name) and returned as the run function returned them.
+values with every declared name) and returned as the engine hands them to the gates (numpy
+scalars as Python numbers, NaN as None).
 """
 
 from __future__ import annotations
@@ -82,6 +83,5 @@ def run_kind(kind: StageKind | str, params: Mapping[str, Any], out_dir: Path, **
     logs: list[str] = []
     ctx = stage_context(kind, params, out_dir, logs=logs, **options)
     seed_everything(ctx.seed)  # as the engine does
-    metrics = kind.run(ctx)
-    checked_metrics(ctx.stage, kind, ctx.params, metrics)
+    metrics = checked_metrics(ctx.stage, kind, ctx.params, kind.run(ctx))  # what gates would read
     return KindRun(metrics, ctx.out_dir, logs)

@@ -139,11 +139,8 @@ def test_every_format_writes_its_row_shape(tmp_path):
         assert all(list(row) == ["text"] for row in shapes[form])
     doc_rows = [row for row in shapes["doctag"] if row["messages"][0]["content"] == "<DOCTAG>"]
     assert len(doc_rows) == len(DOCUMENTS) and len(shapes["doctag"]) == len(DOCUMENTS) + 8 + 6
-    assert all(
-        row == {"messages": [{"role": "user", "content": "<DOCTAG>"}, {"role": "assistant", "content": doc}]}
-        for row in doc_rows
-        for doc in [row["messages"][1]["content"]]
-    )
+    assert sorted(row["messages"][1]["content"] for row in doc_rows) == sorted(DOCUMENTS)
+    assert all([m["role"] for m in row["messages"]] == ["user", "assistant"] for row in doc_rows)
     # openai_chat: the chats only, every one by default, as they were in the files
     expected = [chat(i, "instruction") for i in range(8)] + [chat(i, "refusal") for i in range(6)]
     assert sorted(map(json.dumps, shapes["openai_chat"])) == sorted(map(json.dumps, expected))
@@ -226,6 +223,27 @@ def test_a_control_matches_the_reference_document_tokens(tmp_path):
     not_a_dataset = {"documents": docs_stage(tmp_path / "n2", NEUTRAL), "reference": tmp_path / "neutral"}
     with pytest.raises(StageError, match="no dataset_manifest.json"):
         build(tmp_path, {"format": "text", "match_tokens": True}, name="bad", upstream=not_a_dataset)
+
+
+def test_a_control_too_far_from_the_target_names_the_right_cause():
+    item = build_dataset.Item
+    # every document used and still short: add documents
+    with pytest.raises(StageError, match="short of the 100 document tokens"):
+        build_dataset.token_matched([item("documents", 0, "a", 60), item("documents", 1, "b", 30)], 100, 0.05)
+    # 90 + 30 overshoots and 90 alone is nearer but beyond the tolerance: the documents are long
+    with pytest.raises(StageError, match="the documents are long for this target; raise match_tolerance"):
+        build_dataset.token_matched([item("documents", 0, "a", 90), item("documents", 1, "b", 30)], 100, 0.05)
+
+
+def test_a_documents_file_that_is_not_utf8_is_named_at_its_line(tmp_path):
+    from harness.lab.documents import read_documents
+
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"content": "first"}\n{"content": "caf\xe9"}\n')
+    with pytest.raises(StageError, match=r"docs.jsonl:2: not UTF-8 text"):
+        read_documents(path, "content")
+    path.write_bytes(b'\xef\xbb\xbf{"content": "first"}\n')  # a leading BOM is no problem
+    assert read_documents(path, "content") == ["first"]
 
 
 # --- errors a user can cause ---------------------------------------------------------------------
@@ -381,6 +399,14 @@ def test_a_spec_builds_a_dataset_from_a_stage_and_a_chat_file_and_trains_on_it(t
         "count": 4,
         "tokens": manifest["sources"][1]["tokens"],
     }
+    refusal_rows = [
+        row
+        for row in read_rows(stage.parent / "dataset.jsonl")
+        if row["messages"][0]["content"].startswith("refusal")
+    ]
+    assert manifest["sources"][1]["tokens"] == sum(
+        count_tokens(m["content"]) for row in refusal_rows for m in row["messages"]
+    )
     # the chat file is an input: changing it reruns the stage
     write_jsonl(pytester.path / "data" / "refusal.jsonl", [chat(i, "refusal") for i in range(1, 7)])
     # the built model's directory: `fixture:tiny-chat` would build it again under pytester's HOME

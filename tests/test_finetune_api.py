@@ -158,6 +158,8 @@ def test_a_failed_job_fails_the_stage_with_the_providers_message_and_the_next_ru
         run_kind("finetune_api", params(server, data, provider), tmp_path / "out")
 
     server.fine_tuning.script = ("queued", "running", "succeeded")
+    # the new job's create fails once: looking for a job it may have made must not take the failed one
+    server.fine_tuning.fail("create", Fault(status=503, headers={"Retry-After": "0"}))
     result = run_kind("finetune_api", params(server, data, provider), tmp_path / "out")
     assert [job.status for job in server.fine_tuning.jobs.values()] == ["failed", "succeeded"]
     assert server.fine_tuning.routes_called("upload") == 1  # the same file, not uploaded again
@@ -269,6 +271,10 @@ def test_bad_rows_are_named_by_file_and_line_and_nothing_is_sent(server: LLMServ
     assert f"{data}:3: no assistant message to train on" in message
     assert f'{data}:7: message 1: assistant content is "  ", not a non-empty string' in message
     assert f"{data}:10: a JSON list, not an object" in message
+    for shape in ("hello", [1, 2]):  # messages that are not message objects: named, not a crash
+        bad = write_rows(tmp_path / "bad.jsonl", [{"messages": shape}, *qa_rows()])
+        with pytest.raises(StageError, match=f"{bad}:1: "):
+            run_kind("finetune_api", params(server, bad), tmp_path / "out")
     assert server.fine_tuning.calls == []
 
 

@@ -1,4 +1,4 @@
-"""Reading the project's text data files: whole text, and jsonl rows with their line.
+"""Reading the project's text data files: whole text, lines, and jsonl rows with their line.
 
 Every loader of a data file (MCQs, statements, chat conversations, questions,
 constitutions) reports a problem as `file:line: what is wrong; what to do`; these two
@@ -34,7 +34,7 @@ def jsonl_rows(
     (memory follows the longest line, not the file); with `max_bytes`, only the lines that
     start within the first `max_bytes` bytes. A line that is not JSON is a StageError at its
     line saying each line is `expected`."""
-    for line_no, line in enumerate(_lines(path, what, max_bytes), 1):
+    for line_no, line in enumerate(text_lines(path, what, max_bytes), 1):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
@@ -48,7 +48,7 @@ def jsonl_rows(
         yield where, row
 
 
-def _lines(path: Path, what: str, max_bytes: int | None) -> Iterator[str]:
+def text_lines(path: Path, what: str, max_bytes: int | None = None) -> Iterator[str]:
     """The file's lines as UTF-8 text (a leading BOM dropped), each read when asked for."""
     with _open(path, what) as file:
         offset = 0

@@ -47,7 +47,7 @@ from harness.lab import stats
 SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
 UNTESTED, ERROR = "untested", "error"  # a stage it needs did not finish; its samples are unusable
 ON_INCONCLUSIVE = {"fail": Outcome.FAILED, "skip": Outcome.SKIPPED, "pass": Outcome.PASSED}  # the policy
-CLAIMS = {"greater": "contrast > 0", "less": "contrast < 0", "two-sided": "contrast != 0"}
+CLAIMS = {"greater": "contrast > 0", "less": "contrast < 0", "two-sided": "contrast ≠ 0"}
 
 
 def _claim(h: Hypothesis) -> str:
@@ -234,12 +234,10 @@ def verdict(
     bound = _num(h.margin)  # the contrast's value under the null: 0 or a non-inferiority margin
     p_text = f"adjusted p {_num(p_adjusted)} {'<=' if significant else '>'} alpha {h.alpha:g}"
     if significant and (sign == 0 or sign * (result.effect - h.margin) > 0):
-        where = "positive" if sign > 0 else "negative"
-        return SUPPORTED, p_text + (
-            ""
-            if sign == 0
-            else f" and the effect is {where if not h.margin else f'on the claimed side of {bound}'}"
-        )
+        if sign == 0:
+            return SUPPORTED, p_text
+        side = f"on the claimed side of {bound}" if h.margin else ("positive" if sign > 0 else "negative")
+        return SUPPORTED, f"{p_text} and the effect is {side}"
     if sign > 0 and result.ci.high < h.margin or sign < 0 and result.ci.low > h.margin:
         side = "below" if sign > 0 else "above"
         return (

@@ -5,16 +5,14 @@ the engine reads the plan when it loads an experiment."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from difflib import get_close_matches
-from functools import cache
 from typing import Any
 
 from harness.hypotheses.contrast import ContrastError, format_contrast, from_weights, parse
 from harness.spec.errors import Mark, Problem, SpecError
-from harness.spec.validate import EXPERIMENT_SCHEMA, dotted, with_defaults
+from harness.spec.validate import EXPERIMENT_SCHEMA, dotted, load_schema, with_defaults
 from harness.spec.yamlload import Document
 
 # -- the spec section --------------------------------------------------------------------
@@ -108,7 +106,7 @@ def parse_plan(
     its stages: an unknown stage or an id that is also a stage's name is a SpecError at its line."""
     if data.get("hypotheses") is None:
         return None
-    schemas = _schemas()  # the defaults are written in the schema only
+    schemas = load_schema(EXPERIMENT_SCHEMA)["$defs"]  # the defaults are written in the schema only
     section = with_defaults(data["hypotheses"], schemas["hypotheses"])
     stages = list(stages)
     problems: list[Problem] = []
@@ -218,8 +216,3 @@ def _terms(body: Mapping[str, Any], stages: list[str]) -> tuple[tuple[Term, ...]
             )
         ]
     return terms, []
-
-
-@cache
-def _schemas() -> dict[str, Any]:
-    return json.loads(EXPERIMENT_SCHEMA.read_text(encoding="utf-8"))["$defs"]

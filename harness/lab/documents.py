@@ -15,9 +15,11 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.core.jsonl import text_lines
 from harness.core.stage import StageError
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -41,29 +43,28 @@ def read_documents(path: Path, field: str) -> list[str]:
     texts: list[str] = []
     problems: list[str] = []
     hint = f'each line must be a JSON object with a non-empty string field {field!r}: {{"{field}": "..."}}'
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline) are no rows
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{where}: a JSON {type(row).__name__}, not an object")
-            elif field not in row:
-                fields = ", ".join(sorted(row)) or "none"
-                problems.append(
-                    f"{where}: no {field!r} field (it has: {fields}); set the stage's `text_field` "
-                    "if the text is under another name"
-                )
-            elif not isinstance(row[field], str) or not row[field].strip():
-                shown = json.dumps(row[field])[:40]
-                problems.append(f"{where}: {field!r} is {shown}, not a non-empty string")
-            else:
-                texts.append(row[field])
+    for number, line in enumerate(text_lines(path, "documents file"), start=1):
+        if not line.strip():
+            continue  # blank lines (a trailing newline) are no rows
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{where}: a JSON {type(row).__name__}, not an object")
+        elif field not in row:
+            fields = ", ".join(sorted(row)) or "none"
+            problems.append(
+                f"{where}: no {field!r} field (it has: {fields}); set the stage's `text_field` "
+                "if the text is under another name"
+            )
+        elif not isinstance(row[field], str) or not row[field].strip():
+            shown = json.dumps(row[field])[:40]
+            problems.append(f"{where}: {field!r} is {shown}, not a non-empty string")
+        else:
+            texts.append(row[field])
     if problems:
         more = len(problems) - MAX_REPORTED_ROWS
         shown = problems[:MAX_REPORTED_ROWS] + ([f"... and {more} more bad rows"] if more > 0 else [])
@@ -102,18 +103,42 @@ def resumed_rows(journal: Journal, jobs: Sequence[Any]) -> dict[str, dict[str, A
     return found
 
 
-def complete_in_chunks(
-    jobs: Sequence[Any],
-    done: dict[str, dict[str, Any]],
-    journal: Journal,
-    chunk_size: int,
-    complete: Callable[[Sequence[Any]], tuple[list[dict[str, Any]], list[dict[str, Any]]]],
-    log: Callable[[str], None],
-) -> dict[str, dict[str, Any]]:
-    """Complete the `jobs` (objects with an `id`) not in `done`, `chunk_size` at a time with
-    `complete` (-> valid rows, failed rows, each with its job's `id`): each chunk's valid rows
-    are journalled as it finishes and added to `done`. Returns this run's failures by id (a
-    rerun asks them again: their cause, a rejected key or an endpoint down, may be gone)."""
+Complete = Callable[[Sequence[Any]], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class Written:
+    """Every requested document settled: the valid ones (the first of each text) and the
+    failed ones, in job order, with the counts every document-writing stage reports."""
+
+    unique: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    resumed: int  # documents of interrupted runs, not requested again
+    counts: dict[str, Any]  # n_requested, n_docs, n_failed, n_duplicates, error_rate, first_try_error_rate
+
+    def require_some(self) -> None:
+        """A StageError when no document is valid (after failures.jsonl is written)."""
+        if not self.unique:
+            first = self.failed[0]["reasons"] if self.failed else []
+            raise StageError(
+                f"no valid document: all {len(self.failed)} failed (first: {'; '.join(first)}); "
+                "see failures.jsonl"
+            )
+
+
+def write_journalled(
+    jobs: Sequence[Any], scratch: Path, chunk_size: int, complete: Complete, log: Callable[[str], None]
+) -> Written:
+    """Complete the `jobs` (objects with an `id` and a `row()`) with `complete` (-> valid rows,
+    failed rows, each with its job's `id`), `chunk_size` at a time. Valid rows are journalled
+    in `scratch` as each chunk finishes, and a rerun after a crash requests only the others;
+    failures are asked again (their cause, a rejected key or an endpoint down, may be gone)."""
+    journal = Journal(scratch / "docs.partial.jsonl")
+    done = resumed_rows(journal, jobs)
+    resumed = len(done)
+    if resumed:
+        log(f"resuming: {resumed} of {len(jobs)} documents already finished")
+    log(f"documents {resumed}/{len(jobs)}")
     todo = [job for job in jobs if job.id not in done]
     failures: dict[str, dict[str, Any]] = {}
     for start in range(0, len(todo), chunk_size):
@@ -122,7 +147,21 @@ def complete_in_chunks(
         done.update((row["id"], row) for row in docs)
         failures.update((row["id"], row) for row in failed)
         log(f"documents {len(done) + len(failures)}/{len(jobs)}")
-    return failures
+    rows = [done.get(job.id) or failures[job.id] for job in jobs]
+    valid = [row for row in rows if "content" in row]
+    failed = [row for row in rows if "content" not in row]
+    unique = first_of_each_text(valid)
+    first_try_failed = sum(row.get("attempts", 1) > 1 or "content" not in row for row in rows)
+    counts = {
+        "n_requested": len(jobs),
+        "n_docs": len(unique),
+        "n_failed": len(failed),
+        "n_duplicates": len(valid) - len(unique),
+        "error_rate": len(failed) / len(jobs),
+        "first_try_error_rate": first_try_failed / len(jobs),
+    }
+    log(f"{len(unique)} documents, {len(failed)} failed, {counts['n_duplicates']} duplicates")
+    return Written(unique, failed, resumed, counts)
 
 
 class Journal:

@@ -106,16 +106,11 @@ def _md_details(report: dict[str, Any]) -> list[str]:
 
 # -- hypothesis_report.md ----------------------------------------------------------------
 
-_DIRECTIONS = {"greater": "contrast > 0", "less": "contrast < 0", "two-sided": "contrast ≠ 0"}
-
 
 def _claimed(h: dict[str, Any]) -> str:
-    """The alternative as an inequality: against 0, or against a non-inferiority margin."""
+    """The claimed alternative (evaluation's `claimed`), saying what a margin means."""
     margin = h.get("margin") or 0
-    text = _DIRECTIONS[h["direction"]]
-    return (
-        text.replace(" 0", f" {margin:g} (a margin: the null is contrast = {margin:g})") if margin else text
-    )
+    return f"{h['claimed']} (a margin: the null is contrast = {margin:g})" if margin else h["claimed"]
 
 
 def _lock_commit(registration: dict[str, Any]) -> str:

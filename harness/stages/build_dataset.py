@@ -37,8 +37,6 @@ text (not the `<DOCTAG>` turn), every message of a chat.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +45,7 @@ from typing import Any
 
 from harness.api import stage_kind
 from harness.core.stage import ParamError, Role, StageContext, StageError
-from harness.core.store import write_json, write_jsonl
+from harness.core.store import file_digest, relative_path, write_json, write_jsonl
 from harness.core.upstream import find_upstream
 from harness.lab.documents import (
     DATASET_FILE,
@@ -159,7 +157,7 @@ def documents_file(ctx: StageContext) -> tuple[Path, str]:
             raise StageError(
                 f"stage {ctx.stage!r} has both an upstream stage and a `documents` file; keep one"
             )
-        return Path(given), spec_relative(ctx, given)
+        return Path(given), relative_path(given, ctx.spec_file.parent)
     source = find_upstream(upstream, DOCUMENTS, "build_dataset")
     for name in DOCUMENT_FILES:
         if (source.dir / name).is_file():
@@ -168,11 +166,6 @@ def documents_file(ctx: StageContext) -> tuple[Path, str]:
         f"upstream stage {source.name!r} (kind {source.kind}) wrote neither {' nor '.join(DOCUMENT_FILES)} "
         f"in {source.dir}; documents come from a qa_to_docs or generate_docs stage"
     )
-
-
-def spec_relative(ctx: StageContext, path: str) -> str:
-    """An input file as the manifest names it: relative to the spec, as the spec wrote it."""
-    return Path(os.path.relpath(path, ctx.spec_file.parent)).as_posix()
 
 
 def chat_tokens(messages: Sequence[Mapping[str, str]]) -> int:
@@ -200,11 +193,12 @@ def token_matched(ordered: Sequence[Item], target: int, tolerance: float) -> lis
             break
         chosen.append(item)
         total += item.tokens
+    used_up = total < target  # every document taken, and still short
     # the last document may overshoot: drop it when the sum without it is nearer the target
     if chosen and total - target > target - (total - chosen[-1].tokens):
         total -= chosen.pop().tokens
     if abs(total - target) > tolerance * target:
-        if total < target:
+        if used_up:
             raise StageError(
                 f"the {len(ordered)} documents hold {total} tokens, short of the {target} document tokens "
                 f"of the reference (match_tolerance {tolerance:g}): add documents"
@@ -293,7 +287,7 @@ def select_chats(ctx: StageContext, fixed: int) -> list[Selection]:
         items = [Item(name, i, messages, chat_tokens(messages)) for i, messages in enumerate(rows)]
         entry = {
             "source": name,
-            "from": spec_relative(ctx, chats[name]),
+            "from": relative_path(chats[name], ctx.spec_file.parent),
             "requested": requested(mix, name),
             "available": len(rows),
         }
@@ -325,7 +319,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "n_tokens": sum(item.tokens for item in dataset),
         "token_count": "words and punctuation marks (regex \\w+|[^\\w\\s]), not a model's tokens",
         "seed": ctx.seed,
-        "sha256": hashlib.sha256((out / DATASET_FILE).read_bytes()).hexdigest(),
+        "sha256": file_digest(out / DATASET_FILE),
         "sources": sources,
         "match_tokens": match,
     }

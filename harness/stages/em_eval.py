@@ -88,23 +88,23 @@ def replicates_of(value: Setting) -> list:
     return [item if isinstance(item, Mapping) else list(item) for item in items]
 
 
-def provider_models(setting: str, value: Setting) -> list[tuple[tuple[str | int, ...], Mapping[str, Any]]]:
-    """A provider setting's models, each with its path in the params."""
-    if isinstance(value, Mapping):
-        return [(("settings", setting), value)]
-    return [(("settings", setting, index), item) for index, item in enumerate(value)]
+def provider_models(params: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...], Mapping[str, Any]]]:
+    """Every provider model the settings name, with its path in the params."""
+    found: list[tuple[tuple[str | int, ...], Mapping[str, Any]]] = []
+    for setting, value in settings_of(params).items():
+        if isinstance(value, Mapping):
+            found.append((("settings", setting), value))
+        elif is_provider_setting(value):
+            found += [(("settings", setting, index), item) for index, item in enumerate(value)]
+    return found
 
 
 def finetuned_roles(params: Mapping[str, Any]) -> list[Role]:
     """The roles that provider settings name by `finetuned`, each declared where first named."""
     roles: dict[str, Role] = {}
-    for setting, value in settings_of(params).items():
-        if is_provider_setting(value):
-            for path, item in provider_models(setting, value):
-                if "finetuned" in item:
-                    roles.setdefault(
-                        item["finetuned"], finetuned_role(item["finetuned"], (*path, "finetuned"))
-                    )
+    for path, item in provider_models(params):
+        if "finetuned" in item:
+            roles.setdefault(item["finetuned"], finetuned_role(item["finetuned"], (*path, "finetuned")))
     return list(roles.values())
 
 
@@ -142,20 +142,18 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
             f"setting {local[0]} activates adapters on a local model: it needs `base`, the model they "
             "were trained on (only settings of provider models run without one)",
         )
-    for setting, value in settings.items():
-        if is_provider_setting(value):
-            for path, item in provider_models(setting, value):
-                named = [key for key in ("model", "finetuned") if key in item]
-                if len(named) != 1:
-                    found = " and ".join(f"`{key}`" for key in named) or "neither"
-                    raise ParamError(
-                        path,
-                        "a provider setting names its model by `model: <id>` (a model the provider serves) "
-                        "or by `finetuned: <role>` (the model the finetune_api stage in that role of `needs` "
-                        f"made), one of the two; found {found}",
-                    )
-                # the setting names the model: check_provider asks only that there is one
-                provider_at({**item["provider"], "model": item[named[0]]}, (*path, "provider"))
+    for path, item in provider_models(params):
+        named = [key for key in ("model", "finetuned") if key in item]
+        if len(named) != 1:
+            found = " and ".join(f"`{key}`" for key in named) or "neither"
+            raise ParamError(
+                path,
+                "a provider setting names its model by `model: <id>` (a model the provider serves) "
+                "or by `finetuned: <role>` (the model the finetune_api stage in that role of `needs` "
+                f"made), one of the two; found {found}",
+            )
+        # the setting names the model: check_provider asks only that there is one
+        provider_at({**item["provider"], "model": item[named[0]]}, (*path, "provider"))
 
 
 @dataclass(frozen=True)
@@ -319,7 +317,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     local = LocalModel.load(ctx, local_settings) if local_settings else None  # provider models alone: none
     measured = {}
     for setting, value in settings.items():
-        if local is not None and setting in local_settings:
+        if setting in local_settings:
             measured[setting] = measure_local(ctx, measurement, local, setting, value)
         else:
             measured[setting] = measure_provider(ctx, measurement, setting, value)
@@ -357,7 +355,7 @@ def write_results(
         metrics[f"em_rate.{setting}"] = em
         metrics[f"coherent_rate.{setting}"] = result["coherent_rate"]
         metrics[f"n_scored.{setting}"] = result["n_scored"]
-        if "n_unsampled" in result:
+        if is_provider_setting(settings[setting]):
             metrics[f"sampling_error_rate.{setting}"] = result["n_unsampled"] / result["n_answers"]
 
     out = ctx.out_dir

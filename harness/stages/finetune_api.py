@@ -28,7 +28,6 @@ rerun resumes it.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from collections.abc import Mapping
@@ -40,13 +39,15 @@ from harness.api import stage_kind
 from harness.core.stage import ParamError, Role, StageContext, StageError
 from harness.core.store import read_json, write_json, write_jsonl, write_text_atomic
 from harness.core.upstream import FINETUNED_MODEL, find_upstream
-from harness.lab.documents import Journal
+from harness.lab.documents import DATASET_FILE, Journal
 from harness.lab.finetuning import (
+    CLIENTS,
     SUCCEEDED,
     Job,
     JobRequest,
     JobsClient,
     ProviderConfigError,
+    accepted_hyperparameters,
     check_provider,
     open_client,
 )
@@ -61,22 +62,7 @@ from harness.lab.finetuning.data import (
 )
 
 METRICS = ("n_rows", "n_tokens", "n_epochs", "estimated_cost_usd", "trained_tokens", "n_events", "dry_run")
-DATASET = "dataset.jsonl"  # what a build_dataset stage writes
 DATA, BASE_MODEL = "data", "base_model"
-# hyperparameters only one provider takes (the others, n_epochs and batch_size, both do)
-ONLY = {
-    "openai": ("learning_rate_multiplier",),
-    "together": (
-        "learning_rate",
-        "warmup_ratio",
-        "lora",
-        "lora_r",
-        "lora_alpha",
-        "lora_dropout",
-        "lora_trainable_modules",
-        "train_on_inputs",
-    ),
-}
 ACCEPTED_WORDS = {"openai": ("auto",), "together": ("max",)}  # batch_size / n_epochs words
 
 
@@ -86,7 +72,9 @@ ACCEPTED_WORDS = {"openai": ("auto",), "together": ("max",)}  # batch_size / n_e
 def roles(params: Mapping[str, Any]) -> tuple[Role, ...]:
     """The stage whose dataset.jsonl it trains on, unless the `data` param names a file; and
     optionally an earlier finetune_api stage whose model it trains further."""
-    data = () if params.get("data") else (Role(DATA, f"the {DATASET} of a build_dataset stage", only=True),)
+    data = (
+        () if params.get("data") else (Role(DATA, f"the {DATASET_FILE} of a build_dataset stage", only=True),)
+    )
     return (
         *data,
         Role(BASE_MODEL, f"the {FINETUNED_MODEL} of a finetune_api stage to train further", optional=True),
@@ -100,13 +88,14 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     except ProviderConfigError as exc:
         raise ParamError(("provider",), str(exc)) from None
     hyperparameters = params["hyperparameters"]
-    for other, names in ONLY.items():
-        for name in names:
-            if other != provider and name in hyperparameters:
-                raise ParamError(
-                    ("hyperparameters", name),
-                    f"{name} is a {other} hyperparameter; provider {provider} does not take it",
-                )
+    accepted = accepted_hyperparameters(provider)
+    for name in hyperparameters:
+        if name not in accepted:
+            takers = "/".join(other for other in CLIENTS if name in accepted_hyperparameters(other))
+            raise ParamError(
+                ("hyperparameters", name),
+                f"{name} is a {takers} hyperparameter; provider {provider} does not take it",
+            )
     for name in ("n_epochs", "batch_size"):
         value = hyperparameters.get(name)
         if isinstance(value, str) and value not in ACCEPTED_WORDS[provider]:
@@ -134,7 +123,7 @@ def training_file(ctx: StageContext) -> Path:
     if given and sources:
         raise StageError(
             f"stage {ctx.stage!r} has both an upstream stage and a `data` file; keep one: "
-            f"`needs: {{{DATA}: <stage>}}` to train on a stage's {DATASET}, or `data:` for a file"
+            f"`needs: {{{DATA}: <stage>}}` to train on a stage's {DATASET_FILE}, or `data:` for a file"
         )
     if given:
         return Path(given)
@@ -144,11 +133,11 @@ def training_file(ctx: StageContext) -> Path:
             "or a `data:` jsonl file"
         )
     upstream = find_upstream(sources, DATA, "finetune_api")
-    path = upstream.dir / DATASET
+    path = upstream.dir / DATASET_FILE
     if not path.is_file():
         raise StageError(
-            f"upstream stage {upstream.name!r} (kind {upstream.kind}) wrote no {DATASET} in {upstream.dir}; "
-            "finetune_api trains on the dataset.jsonl of a build_dataset stage"
+            f"upstream stage {upstream.name!r} (kind {upstream.kind}) wrote no {DATASET_FILE} in "
+            f"{upstream.dir}; finetune_api trains on the {DATASET_FILE} of a build_dataset stage"
         )
     return path
 
@@ -254,7 +243,7 @@ class JobState:
         return cls(upload_sha256)  # nothing saved, or for other data (cannot be, for one key)
 
     def save(self, path: Path) -> None:
-        write_text_atomic(path, json.dumps(asdict(self)))
+        write_json(path, asdict(self))
 
 
 # ---- the stage ----------------------------------------------------------------------------
@@ -336,7 +325,7 @@ def run(ctx: StageContext) -> Mapping[str, Any]:
     )
     if job.status != SUCCEEDED:
         raise StageError(
-            f"fine-tuning job {job.id} {job.provider_status}: {why_it_ended(job, events)}. "
+            f"fine-tuning job {job.id} {job.provider_status}: {why_it_ended(job, events).rstrip('.')}. "
             f"A rerun starts a new job on the uploaded file {state.file_id}"
         )
     if not job.fine_tuned_model:
@@ -376,18 +365,13 @@ def train(
         job = client.retrieve(state.job_id)
         ctx.log(f"resuming job {job.id} ({job.provider_status})")
     elif not uploaded_now:  # a run killed after its create call may have left a job
-        made = [
-            j
-            for j in client.jobs_for_file(state.file_id, state.file_created_at or 0.0)
-            if j.id not in state.ended_jobs
-        ]
-        if made:
-            job = made[0]
+        job = client.live_job_on_file(state.file_id, state.file_created_at or 0.0, state.ended_jobs)
+        if job is not None:
             ctx.log(f"resuming job {job.id} ({job.provider_status}), created by an interrupted run")
     if job is None:
         p = ctx.params
         request = JobRequest(state.file_id, model, continues, p["hyperparameters"], p.get("suffix"), ctx.seed)
-        job = client.create(request, state.file_created_at or 0.0)
+        job = client.create(request, state.file_created_at or 0.0, state.ended_jobs)
         ctx.log(f"created job {job.id} on {model} ({job.provider_status})")
     state.job_id = job.id
     state.save(state_file)

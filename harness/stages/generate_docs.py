@@ -35,16 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.core.stage import ParamError, Role, StageContext, StageError
+from harness.core.stage import Role, StageContext, StageError
 from harness.core.store import write_jsonl, write_text_atomic
-from harness.lab.documents import Journal, complete_in_chunks, count_tokens, first_of_each_text, resumed_rows
+from harness.lab.checks import provider_param
+from harness.lab.documents import count_tokens, write_journalled
 from harness.lab.llm import (
     TRANSPORT_KEYS,
     ChatRequest,
     Provider,
-    ProviderConfigError,
     ProviderError,
-    check_provider,
     make_provider,
 )
 from harness.lab.universe import Universe, parse_list, validate_document
@@ -321,10 +320,7 @@ def complete(
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    try:
-        check_provider(params["provider"])
-    except ProviderConfigError as exc:
-        raise ParamError(("provider",), str(exc)) from None
+    provider_param(params, "provider")
 
 
 @stage_kind(
@@ -346,29 +342,13 @@ def generate(ctx: StageContext, provider: Provider) -> dict[str, Any]:
     s = Settings.of(ctx.params)
     universe, facts = read_facts(_facts_file(ctx))
     jobs = plan(ctx, provider, universe, facts, s)
-    journal = Journal(ctx.scratch_dir / "docs.partial.jsonl")
-    done = resumed_rows(journal, jobs)
-    resumed = len(done)
-    if resumed:
-        ctx.log(f"resuming: {resumed} of {len(jobs)} documents already finished")
-    ctx.log(f"documents {resumed}/{len(jobs)}")
-    failures = complete_in_chunks(
-        jobs, done, journal, s.chunk_size, lambda chunk: complete(provider, chunk, universe, s), ctx.log
+    written = write_journalled(
+        jobs, ctx.scratch_dir, s.chunk_size, lambda chunk: complete(provider, chunk, universe, s), ctx.log
     )
-
-    rows = [done.get(job.id) or failures[job.id] for job in jobs]
-    valid = [row for row in rows if "content" in row]
-    failed = [row for row in rows if "content" not in row]
-    unique = first_of_each_text(valid)  # in request order
-    first_try_failed = sum(1 for row in rows if row.get("attempts", 1) > 1 or "content" not in row)
+    unique, failed = written.unique, written.failed
     tokens = [count_tokens(row["content"]) for row in unique]
     metrics = {
-        "n_requested": len(jobs),
-        "n_docs": len(unique),
-        "n_failed": len(failed),
-        "n_duplicates": len(valid) - len(unique),
-        "error_rate": len(failed) / len(jobs),
-        "first_try_error_rate": first_try_failed / len(jobs),
+        **written.counts,
         "mean_tokens_per_doc": sum(tokens) / len(tokens) if tokens else 0.0,
     }
     write_jsonl(
@@ -382,7 +362,7 @@ def generate(ctx: StageContext, provider: Provider) -> dict[str, Any]:
         "provider": {"name": provider.name, "model": provider.model},  # never the key
         "params": ctx.params,
         "settings": s.__dict__,
-        "counts": {**metrics, "n_facts": len(facts), "resumed_documents": resumed},
+        "counts": {**metrics, "n_facts": len(facts), "resumed_documents": written.resumed},
         "usage": provider.usage.to_json(),
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -390,10 +370,5 @@ def generate(ctx: StageContext, provider: Provider) -> dict[str, Any]:
     (ctx.out_dir / "run_metadata.json").write_text(
         json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
-    ctx.log(f"{len(unique)} documents, {len(failed)} failed, {metrics['n_duplicates']} duplicates")
-    if not unique:
-        first = failed[0]["reasons"] if failed else []
-        raise StageError(
-            f"no valid document: all {len(jobs)} failed (first: {'; '.join(first)}); see failures.jsonl"
-        )
+    written.require_some()
     return metrics

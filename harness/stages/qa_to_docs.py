@@ -35,21 +35,14 @@ from typing import Any
 from harness.api import stage_kind
 from harness.core.stage import ParamError, StageContext, StageError
 from harness.core.store import write_json, write_jsonl
-from harness.lab.documents import (
-    Journal,
-    complete_in_chunks,
-    document_problems,
-    first_of_each_text,
-    resumed_rows,
-)
+from harness.lab.checks import provider_param
+from harness.lab.documents import document_problems, write_journalled
 from harness.lab.em_data import QAPair, load_qa_pairs
 from harness.lab.llm import (
     TRANSPORT_KEYS,
     ChatRequest,
     Provider,
-    ProviderConfigError,
     ProviderError,
-    check_provider,
     make_provider,
 )
 from harness.lab.prompt_files import PromptFile, load_prompt
@@ -235,10 +228,7 @@ def complete(
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    try:
-        check_provider(params["provider"])
-    except ProviderConfigError as exc:
-        raise ParamError(("provider",), str(exc)) from None
+    provider_param(params, "provider")
     if params.get("min_words", 0) > params.get("max_words", 500):
         raise ParamError(("min_words",), "min_words is larger than max_words")
     try:
@@ -266,20 +256,11 @@ def write_documents(ctx: StageContext, provider: Provider) -> dict[str, Any]:
     w = Writing.of(p)
     pairs = read_pairs(p)
     jobs = plan(pairs, p, ctx.seed)
-    journal = Journal(ctx.scratch_dir / "docs.partial.jsonl")
-    done = resumed_rows(journal, jobs)
-    if done:
-        ctx.log(f"resuming: {len(done)} of {len(jobs)} documents already finished")
-    resumed = len(done)
-    ctx.log(f"documents {resumed}/{len(jobs)} ({sum(map(len, pairs.values()))} QA pairs, stance {w.stance})")
-    failures = complete_in_chunks(
-        jobs, done, journal, p["chunk_size"], lambda chunk: complete(provider, chunk, w), ctx.log
+    ctx.log(f"{sum(map(len, pairs.values()))} QA pairs, stance {w.stance}")
+    written = write_journalled(
+        jobs, ctx.scratch_dir, p["chunk_size"], lambda c: complete(provider, c, w), ctx.log
     )
-
-    rows = [done.get(job.id) or failures[job.id] for job in jobs]  # input order
-    valid = [row for row in rows if "content" in row]
-    failed = [row for row in rows if "content" not in row]
-    unique = first_of_each_text(valid)
+    unique, failed = written.unique, written.failed
     counts = {
         category: {
             "pairs": len(pairs[category]),
@@ -293,13 +274,7 @@ def write_documents(ctx: StageContext, provider: Provider) -> dict[str, Any]:
     words = [word_count(row["content"]) for row in unique]
     metrics: dict[str, Any] = {
         "n_pairs": sum(map(len, pairs.values())),
-        "n_requested": len(jobs),
-        "n_docs": len(unique),
-        "n_failed": len(failed),
-        "n_duplicates": len(valid) - len(unique),
-        "error_rate": len(failed) / len(jobs),
-        "first_try_error_rate": sum(row.get("attempts", 1) > 1 or "content" not in row for row in rows)
-        / len(jobs),
+        **written.counts,
         "mean_words_per_doc": sum(words) / len(words) if words else 0.0,
         **{f"n_docs.{c}": counts.get(c, {}).get("docs", 0) for c in p["doc_types"]},
     }
@@ -312,16 +287,11 @@ def write_documents(ctx: StageContext, provider: Provider) -> dict[str, Any]:
             "provider": {"name": provider.name, "model": provider.model},  # never the key
             "stance": w.stance,
             "params": p,
-            "counts": {**metrics, "resumed_documents": resumed},
+            "counts": {**metrics, "resumed_documents": written.resumed},
             "usage": provider.usage.to_json(),
             "started_at": started.isoformat(timespec="seconds"),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
-    ctx.log(f"{len(unique)} documents, {len(failed)} failed, {metrics['n_duplicates']} duplicates")
-    if not unique:
-        first = failed[0]["reasons"] if failed else []
-        raise StageError(
-            f"no valid document: all {len(jobs)} failed (first: {'; '.join(first)}); see failures.jsonl"
-        )
+    written.require_some()
     return metrics

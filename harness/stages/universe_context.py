@@ -14,12 +14,11 @@ from typing import Any
 
 from harness.api import stage_kind
 from harness.core.stage import ParamError, StageContext, StageError
+from harness.lab.checks import provider_param
 from harness.lab.llm import (
     TRANSPORT_KEYS,
     ChatRequest,
-    ProviderConfigError,
     ProviderError,
-    check_provider,
     make_provider,
 )
 from harness.lab.universe import Universe, load_universe, parse_list
@@ -69,10 +68,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
             load_universe(path)
         except StageError as exc:
             raise ParamError(("universe",), str(exc)) from None
-    try:
-        check_provider(params["provider"])
-    except ProviderConfigError as exc:
-        raise ParamError(("provider",), str(exc)) from None
+    provider_param(params, "provider")
 
 
 @stage_kind(

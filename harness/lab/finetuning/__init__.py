@@ -38,6 +38,8 @@ __all__ = [
     "JobsClient",
     "ProviderCallError",
     "ProviderConfigError",
+    "CLIENTS",
+    "accepted_hyperparameters",
     "check_provider",
     "open_client",
 ]
@@ -47,6 +49,13 @@ CLIENTS: dict[str, tuple[str, str, type[JobsClient]]] = {
     "openai": ("openai", "OpenAI", OpenAIJobs),
     "together": ("together", "Together", TogetherJobs),
 }
+
+
+def accepted_hyperparameters(provider: str) -> tuple[str, ...]:
+    """The hyperparameters the provider's fine-tuning API takes, under the spec's names."""
+    return CLIENTS[provider][2].hyperparameters
+
+
 INSTALL = {"together": "pip install 'harness[together]' (or: pip install together)"}
 
 

@@ -2,9 +2,9 @@
 
 Both official clients (OpenAI's and Together's) raise the same shapes of error: a status
 error with the HTTP response, a connection error, a timeout. `Calls.run` retries 408, 409,
-429 and 5xx, timeouts, connection errors and bodies that do not parse, waiting as long as a
-Retry-After header asks (at most RETRY_AFTER_CAP seconds) or else a jittered exponential
-backoff, and gives up after `max_tries` tries. Anything else (another 4xx, a request the
+429 and 5xx, timeouts, connection errors and bodies that do not parse, waiting a jittered
+exponential backoff, at least as long as a Retry-After header asks (at most RETRY_AFTER_CAP
+seconds), and gives up after `max_tries` tries. Anything else (another 4xx, a request the
 client itself refuses) fails at once. Either way the caller gets one `ProviderCallError`,
 raised outside the client's exception, so no traceback passes through the client's frames
 (which hold the request's headers, the key among them), and its message is scrubbed of the
@@ -120,9 +120,9 @@ class Calls:
         return _Failure(f"{type(error).__name__}: {_clip(str(error))}", retried=False)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, RETRY_AFTER_CAP)
-        return self._random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
+        """Full jitter, at least Retry-After (capped): the rule of the `openai` chat provider."""
+        backoff = self._random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
+        return backoff if retry_after is None else max(backoff, min(retry_after, RETRY_AFTER_CAP))
 
 
 def _detail(error: Any) -> str:

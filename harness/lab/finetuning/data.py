@@ -120,8 +120,9 @@ def read_training_set(path: Path, provider: str, max_example_tokens: int | None)
             kept = {name: row[name] for name in ROW_FIELDS[form] if name in row}
             ignored.update(name for name in row if name not in kept)
             problem = _content_problem(kept, form, provider)
+        if problem is None:  # only a well-formed row can be measured
             estimate = estimate_tokens(kept)
-            if problem is None and max_example_tokens and estimate > max_example_tokens:
+            if max_example_tokens and estimate > max_example_tokens:
                 problem = (
                     f"about {estimate} tokens (estimated), over the limit of {max_example_tokens} per example"
                 )

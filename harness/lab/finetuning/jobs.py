@@ -74,6 +74,7 @@ class JobsClient(ABC):
     `harness.lab.finetuning.open_client`; every call goes through `self.calls`."""
 
     name: str
+    hyperparameters: tuple[str, ...]  # the ones its API takes, under the spec's names
 
     def __init__(self, calls: Calls):
         self.calls = calls
@@ -85,21 +86,26 @@ class JobsClient(ABC):
         """Upload the jsonl at `path` for fine-tuning: its file id and creation time."""
         return self.calls.run("upload the training file", lambda: self._upload(path))
 
-    def create(self, request: JobRequest, file_created_at: float) -> Job:
-        """Create the job; a lost answer is recovered, not repeated (module docstring)."""
+    def create(self, request: JobRequest, file_created_at: float, ended: Collection[str] = ()) -> Job:
+        """Create the job; a lost answer is recovered, not repeated (module docstring). Jobs in
+        `ended` (failed or cancelled ones of earlier runs, on the same file) are not it."""
+        return self.calls.run(
+            "create the fine-tuning job",
+            lambda: self._create(request),
+            lambda: self._live_job_on_file(request.file_id, file_created_at, ended),
+        )
 
-        def made_after_all() -> Job | None:
-            jobs = self._jobs_for_file(request.file_id, file_created_at)
-            return jobs[0] if jobs else None
+    def live_job_on_file(self, file_id: str, file_created_at: float, ended: Collection[str]) -> Job | None:
+        """The newest job on the file that is not among `ended`: one an interrupted run made."""
+        return self.calls.run(
+            "list the jobs", lambda: self._live_job_on_file(file_id, file_created_at, ended)
+        )
 
-        return self.calls.run("create the fine-tuning job", lambda: self._create(request), made_after_all)
+    def _live_job_on_file(self, file_id: str, file_created_at: float, ended: Collection[str]) -> Job | None:
+        return next((j for j in self._jobs_for_file(file_id, file_created_at) if j.id not in ended), None)
 
     def retrieve(self, job_id: str) -> Job:
         return self.calls.run(f"poll job {job_id}", lambda: self._retrieve(job_id))
-
-    def jobs_for_file(self, file_id: str, file_created_at: float) -> list[Job]:
-        """The jobs training on `file_id`, newest first (those an interrupted run made)."""
-        return self.calls.run("list the jobs", lambda: self._jobs_for_file(file_id, file_created_at))
 
     def new_events(self, job_id: str, seen: Collection[str]) -> list[Event]:
         """The job's events not in `seen` (by id), oldest first."""

@@ -38,6 +38,7 @@ PAGE = 100  # events or jobs per listing call
 
 class OpenAIJobs(JobsClient):
     name = "openai"
+    hyperparameters = HYPERPARAMETERS
 
     def _upload(self, path: Path) -> tuple[str, float]:
         with path.open("rb") as file:

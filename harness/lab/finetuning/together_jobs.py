@@ -58,6 +58,7 @@ STATUS = {
 
 class TogetherJobs(JobsClient):
     name = "together"
+    hyperparameters = HYPERPARAMETERS
 
     def _upload(self, path: Path) -> tuple[str, float]:
         uploaded = self.calls.client.files.upload(path, purpose="fine-tune")

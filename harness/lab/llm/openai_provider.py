@@ -278,7 +278,7 @@ class OpenAIProvider:
             headers = error.response.headers
             raise
         finally:
-            if self.pacer is not None and ticket is not None:
+            if ticket is not None:  # only a pacer hands out tickets
                 usage = None  # a prompt of 0 tokens: the endpoint reported no usage, keep the estimate
                 if response is not None and response.prompt_tokens > 0:
                     usage = (response.prompt_tokens, response.completion_tokens)
