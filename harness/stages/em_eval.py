@@ -1,19 +1,13 @@
 """`em_eval`: how often a model answers open questions in a misaligned way, per setting.
 
-A setting is the model measured, from one of two sources:
-- local adapters: the upstream roles (each a finetune_lora stage, its `adapter/`) active on
-  the base model. All the adapters the settings name are loaded once, unmerged, on one base
-  model (`harness.lab.models.adapters`), and each setting activates its own subset:
-  `{base: [], persona: [persona], em: [em], persona_em: [persona, em]}` is the matrix of a
-  persona x EM experiment.
-- a provider model: `{provider: <provider>, model: <id>}`, a model an OpenAI-compatible
-  server serves, or `{provider: <provider>, finetuned: <role>}`, the model the finetune_api
-  stage in that role made (its `finetuned_model.json`). One request per answer: the question
-  as the user turn, `temperature`, `max_new_tokens` as max_tokens, a seed from the stage's
-  seed and the answer's index (`harness.lab.em.provider_answers`). A request that failed for
-  good is kept as an unscored answer with its error, and counted (`sampling_error_rate.<s>`).
-  A stage whose settings are all provider models loads no local model: `base` is then not
-  needed.
+A setting is the model measured (`harness.lab.settings`): adapters active on a local base
+model (`{base: [], persona: [persona], em: [em], persona_em: [persona, em]}` is the matrix of
+a persona x EM experiment), or a provider model. For a provider model, one request per
+answer: the question as the user turn, `temperature`, `max_new_tokens` as max_tokens, a seed
+from the stage's seed and the answer's index (`harness.lab.em.provider_answers`). A request
+that failed for good is kept as an unscored answer with its error, and counted
+(`sampling_error_rate.<s>`). A stage whose settings are all provider models loads no local
+model: `base` is then not needed.
 Per setting the model answers every question `samples_per_question` times and the judge
 scores every answer (`harness.lab.em`), the same judge whatever the source. Settings share
 the spec's seed, so they differ only by their model. A setting may list several adapter
@@ -49,63 +43,32 @@ Artifacts:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
 from harness.core.samples import SampleSet
-from harness.core.stage import ParamError, Role, StageContext, StageError, tenths
-from harness.core.upstream import adapter_dir, finetuned_model_id, finetuned_role, named_adapter_roles
-from harness.lab.checks import em_params, provider_at
+from harness.core.stage import StageContext, tenths
+from harness.lab.checks import em_params
 from harness.lab.llm import TRANSPORT_KEYS
 from harness.lab.plots import figure as new_figure
+from harness.lab.settings import (
+    SETTING_PROVIDERS,
+    LocalModel,
+    Setting,
+    check_settings,
+    is_provider_setting,
+    is_replicated,
+    provider_model_id,
+    replicate_label,
+    replicates_of,
+    setting_roles,
+    settings_of,
+)
 
 PER_SETTING = ("em_rate", "coherent_rate", "n_scored")
 PER_PROVIDER_SETTING = ("sampling_error_rate",)
-Setting = list | Mapping  # adapter roles, lists of them, a provider model or a list of them
-
-
-def settings_of(params: Mapping[str, Any]) -> dict[str, Setting]:
-    return dict(params.get("settings") or {"base": []})
-
-
-def is_provider_setting(value: Setting) -> bool:
-    """Whether a setting samples provider models (a mapping, or a list of them), not adapters."""
-    return isinstance(value, Mapping) or (bool(value) and isinstance(value[0], Mapping))
-
-
-def is_replicated(value: Setting) -> bool:
-    """Whether a setting is written as several adapter sets or provider models (replicates)."""
-    return isinstance(value, list) and bool(value) and isinstance(value[0], list | Mapping)
-
-
-def replicates_of(value: Setting) -> list:
-    """A setting's models: one, or several (replicates, e.g. one per training seed); each a list
-    of adapter roles, or a `{provider, model | finetuned}` mapping."""
-    items = value if is_replicated(value) else [value]
-    return [item if isinstance(item, Mapping) else list(item) for item in items]
-
-
-def provider_models(params: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...], Mapping[str, Any]]]:
-    """Every provider model the settings name, with its path in the params."""
-    found: list[tuple[tuple[str | int, ...], Mapping[str, Any]]] = []
-    for setting, value in settings_of(params).items():
-        if isinstance(value, Mapping):
-            found.append((("settings", setting), value))
-        elif is_provider_setting(value):
-            found += [(("settings", setting, index), item) for index, item in enumerate(value)]
-    return found
-
-
-def finetuned_roles(params: Mapping[str, Any]) -> list[Role]:
-    """The roles that provider settings name by `finetuned`, each declared where first named."""
-    roles: dict[str, Role] = {}
-    for path, item in provider_models(params):
-        if "finetuned" in item:
-            roles.setdefault(item["finetuned"], finetuned_role(item["finetuned"], (*path, "finetuned")))
-    return list(roles.values())
 
 
 def unit_samples(replicated: bool, models: Sequence[str], judged: Sequence[Sequence[Any]]) -> SampleSet:
@@ -131,29 +94,8 @@ def metric_names(params: Mapping[str, Any]) -> list[str]:
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
-    """em_params; a local setting has a base model to load; each provider model is named once
-    and its provider can work here (its key is set)."""
     em_params(params, spec_dir)
-    settings = settings_of(params)
-    local = [setting for setting, value in settings.items() if not is_provider_setting(value)]
-    if local and "base" not in params:
-        raise ParamError(
-            ("settings", local[0]),
-            f"setting {local[0]} activates adapters on a local model: it needs `base`, the model they "
-            "were trained on (only settings of provider models run without one)",
-        )
-    for path, item in provider_models(params):
-        named = [key for key in ("model", "finetuned") if key in item]
-        if len(named) != 1:
-            found = " and ".join(f"`{key}`" for key in named) or "neither"
-            raise ParamError(
-                path,
-                "a provider setting names its model by `model: <id>` (a model the provider serves) "
-                "or by `finetuned: <role>` (the model the finetune_api stage in that role of `needs` "
-                f"made), one of the two; found {found}",
-            )
-        # the setting names the model: check_provider asks only that there is one
-        provider_at({**item["provider"], "model": item[named[0]]}, (*path, "provider"))
+    check_settings(params)
 
 
 @dataclass(frozen=True)
@@ -167,41 +109,6 @@ class Measured:
     summaries: list[dict[str, Any]]
 
 
-# --- the local model --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LocalModel:
-    """The base model with every adapter the local settings name loaded, unmerged."""
-
-    model: Any
-    tokenizer: Any
-    has_adapters: bool
-
-    @classmethod
-    def load(cls, ctx: StageContext, settings: Mapping[str, Setting]) -> LocalModel:
-        from harness.lab.models import load_model, load_tokenizer
-        from harness.lab.models.adapters import load_stacked
-
-        base = ctx.params["base"]
-        adapters = _adapters(ctx, settings)
-        model = load_stacked(base, adapters) if adapters else load_model(base)
-        return cls(model, load_tokenizer(base), bool(adapters))
-
-
-def _adapters(ctx: StageContext, settings: Mapping[str, Setting]) -> dict[str, Path]:
-    sets = [roles for value in settings.values() for roles in replicates_of(value)]
-    roles = list(dict.fromkeys(role for one in sets for role in one))
-    missing = [role for role in roles if role not in ctx.upstream]
-    if missing:
-        have = ", ".join(sorted(ctx.upstream)) or "none"
-        raise StageError(
-            f"settings name the roles {', '.join(missing)}, which no upstream stage fills (upstream roles: "
-            f"{have}); add them to `needs`, e.g. needs: {{{missing[0]}: <finetune stage>}}"
-        )
-    return {role: adapter_dir(ctx.upstream, "em_eval", only=False, role=role) for role in roles}
-
-
 def _answered(done: int, total: int) -> str:
     return f"  {done}/{total} questions answered"
 
@@ -213,7 +120,6 @@ def _sampled(done: int, total: int) -> str:
 def measure_local(
     ctx: StageContext, measurement: Any, local: LocalModel, setting: str, value: Setting
 ) -> Measured:
-    from harness.lab.models.adapters import active
 
     replicates = replicates_of(value)
     judged, summaries = [], []
@@ -222,7 +128,7 @@ def measure_local(
         ctx.log(
             f"setting {setting} ({shown}): {len(measurement.questions)} questions x {measurement.n} answers"
         )
-        with active(local.model, roles) if local.has_adapters else nullcontext(local.model):
+        with local.activated(roles):
             # replicates of a setting number their samples on from each other's: every one is judged
             mine, summary = measurement.run(
                 local.model,
@@ -233,7 +139,7 @@ def measure_local(
             )
         judged.append(mine)
         summaries.append(summary)
-    labels = ["+".join(ctx.upstream[r].name for r in roles) or "base" for roles in replicates]
+    labels = [replicate_label(ctx, roles) for roles in replicates]
     return Measured({"adapters": replicates}, labels, judged, summaries)
 
 
@@ -246,7 +152,7 @@ def measure_provider(ctx: StageContext, measurement: Any, setting: str, value: S
     models, roles, providers, labels, judged, summaries = [], [], [], [], [], []
     for number, item in enumerate(replicates_of(value)):
         role = item.get("finetuned")
-        model = finetuned_model_id(ctx.upstream, role, "em_eval") if role else item["model"]
+        model = provider_model_id(ctx, item, "em_eval")
         sampler = make_provider({**item["provider"], "model": model}, seed=ctx.seed, log=ctx.log)
         where = item["provider"].get("base_url") or "the provider's default endpoint"
         ctx.log(
@@ -261,7 +167,7 @@ def measure_provider(ctx: StageContext, measurement: Any, setting: str, value: S
         models.append(model)
         roles.append(role)
         providers.append({"name": item["provider"]["name"], "base_url": item["provider"].get("base_url")})
-        labels.append(ctx.upstream[role].name if role else model)
+        labels.append(replicate_label(ctx, item))
         judged.append(mine)
         summaries.append(summary)
     record = {
@@ -298,13 +204,11 @@ def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> N
 
 
 @stage_kind(
-    needs=lambda params: (*named_adapter_roles(params), *finetuned_roles(params)),
+    needs=setting_roles,
     metrics=metric_names,
     input_params=("questions",),
     transport_params=tuple(
-        f"{where}.{key}"
-        for where in ("judge", "settings.*.provider", "settings.*.*.provider")
-        for key in TRANSPORT_KEYS
+        f"{where}.{key}" for where in ("judge", *SETTING_PROVIDERS) for key in TRANSPORT_KEYS
     ),
     check=check,
 )
@@ -314,7 +218,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     settings = settings_of(ctx.params)
     measurement = Measurement.from_params(ctx.params, ctx.seed, ctx.log)
     local_settings = {s: v for s, v in settings.items() if not is_provider_setting(v)}
-    local = LocalModel.load(ctx, local_settings) if local_settings else None  # provider models alone: none
+    local = (
+        LocalModel.load(ctx, local_settings, "em_eval") if local_settings else None
+    )  # provider models alone: none
     measured = {}
     for setting, value in settings.items():
         if setting in local_settings:
