@@ -260,3 +260,23 @@ def test_every_fault_at_once_through_pytest_leaks_the_key_nowhere(
     assert "Traceback" not in output and "no running event loop" not in output
     documents = [r for r in llm_server.requests if "What this document is" in r.last_user_message]
     assert len(documents) >= len(faults)  # every fault was served at least once
+
+
+def test_a_garbling_server_spoils_exactly_the_prompts_is_garbled_picks(llm_server: LLMServer) -> None:
+    import openai
+
+    from harness.fixtures.llm_server import GARBAGE, is_garbled
+
+    client = openai.OpenAI(base_url=llm_server.base_url, api_key="sk-test", max_retries=0)
+    llm_server.garble(0.3)
+    prompts = [f"judge answer {i}" for i in range(200)]
+    answers = [
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": p}])
+        .choices[0]
+        .message.content
+        for p in prompts
+    ]
+    garbled = [p for p, a in zip(prompts, answers, strict=True) if a == GARBAGE]
+    assert garbled == [p for p in prompts if is_garbled(p, 0.3)]
+    assert 0.2 < len(garbled) / len(prompts) < 0.4
+    assert all(a == f"reply to: {p}" for p, a in zip(prompts, answers, strict=True) if p not in garbled)
