@@ -307,3 +307,58 @@ def test_abort_bounds_round_trip_and_every_aborting_value_fails(name, op, abort_
         if math.isfinite(value):
             result = evaluate(gate, {name: value})
             assert not (result.aborted and result.passed), (text, value)
+
+
+# --- a difference of two metrics: `a - b op number` ----------------------------------------
+
+
+@pytest.mark.parametrize("spacing", ["", " ", "  "])
+def test_a_difference_of_two_metrics_parses(spacing):
+    gate = parse_gate(f"open_belief.lora{spacing}-{spacing}open_belief.base > 0.3")
+    assert (gate.metric, gate.minus, gate.op, gate.threshold) == (
+        "open_belief.lora",
+        "open_belief.base",
+        ">",
+        0.3,
+    )
+    assert gate.subject == "open_belief.lora - open_belief.base"
+    assert gate.metrics == ("open_belief.lora", "open_belief.base")
+    assert parse_gate("acc > 0.3").metrics == ("acc",)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "value", "passed"),
+    [
+        ({"a": 0.9, "b": 0.2}, 0.7, True),
+        ({"a": {"value": 0.5, "ci_low": 0.1, "ci_high": 0.9}, "b": 0.3}, 0.2, False),
+    ],
+)
+def test_a_difference_is_evaluated_on_the_values(metrics, value, passed):
+    result = evaluate(parse_gate("a - b > 0.3"), metrics)
+    assert result.value == pytest.approx(value) and result.passed is passed
+    assert "measured a - b = " in result.describe()
+
+
+def test_a_difference_with_a_missing_metric_names_it():
+    result = evaluate(parse_gate("a - b > 0.3"), {"a": 1.0})
+    assert not result.passed and "'b' was not produced" in result.problem
+
+
+def test_a_difference_aborts_like_any_gate():
+    result = evaluate(parse_gate("a - b > 0.3 (abort < 0)"), {"a": 0.1, "b": 0.5})
+    assert result.aborted and not result.passed
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "message"),
+    [
+        ("ci_low(a - b) > 0", 10, "a difference of metrics has no confidence bound"),
+        ("a - > 0", 5, "metric name expected"),
+        ("a - b - c > 0", 7, "comparison operator"),
+        ("a - 0.3 > 0", 5, "metric name expected"),
+    ],
+)
+def test_a_malformed_difference_names_the_column(text, column, message):
+    with pytest.raises(GateSyntaxError, match=re.escape(message)) as info:
+        parse_gate(text)
+    assert info.value.column == column

@@ -216,6 +216,13 @@ def test_gate_on_an_undeclared_metric_is_rejected_at_its_line(spec):
     assert [(p.mark.line, p.mark.column) for p in error.problems] == [(10, 9)]
 
 
+def test_a_difference_naming_an_undeclared_metric_is_rejected_at_its_line(spec):
+    error = load_error(spec(GATED.format(gate="m - acc > 0.5")))
+    assert "gate on metric 'acc', which this stage kind does not produce (it produces: m, n)" in str(error)
+    assert [(p.mark.line, p.mark.column) for p in error.problems] == [(10, 9)]
+    assert list(load_experiment(spec(GATED.format(gate="m - n > 0.5"))).stages) == ["a"]
+
+
 def test_gates_need_declared_metrics(spec):
     error = load_error(spec(BASE.replace("metrics: [m, n]", "args: {}") + "    gates: [m > 1]\n"))
     assert "(it produces: none)" in str(error)

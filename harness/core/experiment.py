@@ -254,11 +254,12 @@ def _gates(stage: str, texts: list[str], produced: frozenset[str], doc: Document
                 col = Mark(mark.file, mark.line, mark.column + exc.column - 1 + quoted)
             problems.append(Problem(f"bad gate {text!r}: {exc}", col, dotted(path)))
             continue
-        if gate.metric not in produced:
+        unknown = [name for name in gate.metrics if name not in produced]
+        if unknown:
             known = ", ".join(sorted(produced)) or "none"
             problems.append(
                 Problem(
-                    f"gate on metric {gate.metric!r}, which this stage kind does not produce "
+                    f"gate on metric {unknown[0]!r}, which this stage kind does not produce "
                     f"(it produces: {known})",
                     mark,
                     dotted(path),

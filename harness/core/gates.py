@@ -1,5 +1,6 @@
-"""Gates: `metric op value`, optionally `(abort op value)`, or on a confidence bound,
-`ci_low(metric) op value`. Parsed by a small scanner; nothing is evaluated as code."""
+"""Gates: `metric op value`, optionally `(abort op value)`, on a confidence bound,
+`ci_low(metric) op value`, or on a difference of two metrics, `a - b op value` (a finetuned
+setting's value less the base's). Parsed by a small scanner; nothing is evaluated as code."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ _TOKEN = re.compile(
     r"\s*(?:(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
     r"|(?P<name>[A-Za-z_][A-Za-z0-9_.]*)"
     r"|(?P<op><=|>=|==|!=|<|>)"
-    r"|(?P<punct>[()]))",
+    r"|(?P<punct>[()-]))",
     re.ASCII,  # float() would read any Unicode digit ("٠.٥"); a threshold is shown as written
 )
 
@@ -47,10 +48,18 @@ class Gate:
     abort_op: str | None = None
     abort_threshold: float | None = None
     mark: Mark | None = None
+    minus: str | None = None  # `metric - minus op threshold`
 
     @property
     def subject(self) -> str:
+        if self.minus:
+            return f"{self.metric} - {self.minus}"
         return f"{self.bound}({self.metric})" if self.bound else self.metric
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics the gate reads."""
+        return (self.metric, self.minus) if self.minus else (self.metric,)
 
     @property
     def where(self) -> str:
@@ -96,7 +105,9 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
     return out
 
 
-_FORM = "expected `metric op number`, optionally followed by `(abort op number)`"
+_FORM = (
+    "expected `metric op number` or `metric - metric op number`, optionally followed by `(abort op number)`"
+)
 
 
 def parse_gate(text: str, mark: Mark | None = None) -> Gate:
@@ -116,14 +127,27 @@ def parse_gate(text: str, mark: Mark | None = None) -> Gate:
         pos += 1
         return tvalue, column
 
+    def next_is(value: str) -> bool:
+        return pos < len(tokens) and tokens[pos][:2] == ("punct", value)
+
     name, column = take("name", "metric name")
-    bound = None
-    if name in BOUNDS and pos < len(tokens) and tokens[pos][1] == "(":
+    bound = minus = None
+    if name in BOUNDS and next_is("("):
         take("punct", "'('", "(")
         bound, (name, column) = name, take("name", "metric name")
+        if next_is("-"):
+            raise GateSyntaxError(
+                "a difference of metrics has no confidence bound: gate each metric's bound on its own",
+                tokens[pos][2],
+            )
         take("punct", "')'", ")")
     elif name in BOUNDS or name == "abort":
         raise GateSyntaxError(f"{name!r} is reserved; {_FORM}", column)
+    elif next_is("-"):
+        take("punct", "'-'", "-")
+        minus, minus_column = take("name", "metric name")
+        if minus in BOUNDS or minus == "abort":
+            raise GateSyntaxError(f"{minus!r} is reserved; {_FORM}", minus_column)
     op, _ = take("op", "comparison operator (< <= > >= == !=)")
     threshold = _number(*take("number", "number"))
     abort_op = abort_threshold = None
@@ -136,7 +160,7 @@ def parse_gate(text: str, mark: Mark | None = None) -> Gate:
         if pos < len(tokens):
             raise GateSyntaxError("unexpected text after the abort bound", tokens[pos][2])
         _check_abort(op, threshold, abort_op, abort_threshold, abort_column)
-    return Gate(text, name, op, threshold, bound, abort_op, abort_threshold, mark)
+    return Gate(text, name, op, threshold, bound, abort_op, abort_threshold, mark, minus)
 
 
 def _number(text: str, column: int) -> float:
@@ -192,6 +216,8 @@ def metric_value(metrics: Mapping[str, Any], name: str, bound: str | None) -> fl
 def evaluate(gate: Gate, metrics: Mapping[str, Any]) -> GateResult:
     try:
         value = metric_value(metrics, gate.metric, gate.bound)
+        if gate.minus:
+            value -= metric_value(metrics, gate.minus, None)
     except (LookupError, TypeError) as exc:
         return GateResult(gate, None, False, problem=str(exc))
     passed = OPS[gate.op](value, gate.threshold)
