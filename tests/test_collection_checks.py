@@ -130,9 +130,17 @@ def test_settings_naming_a_role_needs_does_not_fill_fail_at_that_setting(tmp_pat
     spec = shipped_with(
         tmp_path, "persona_em.yaml", "misalignment: [misalignment]\n", "misalignment: [misalignmnt]\n"
     )
-    message, line = problem_of(spec, "tiny")
-    assert "misalignmnt" in message and "em_eval" in message and "settings" in message
-    assert "misalignment: [misalignmnt]" in spec.read_text().splitlines()[line - 1]
+    with pytest.raises(SpecError) as info:
+        load_plan(spec, "tiny")
+    # em_matrix and safety_matrix share the settings through an alias: each stage names it there
+    problems = info.value.problems
+    assert [p.where.split(".")[1] for p in problems] == ["em_matrix", "safety_matrix"]
+    assert all("misalignmnt" in p.message and "settings" in p.message for p in problems)
+    assert "em_eval" in problems[0].message and "safety_eval" in problems[1].message
+    line = spec.read_text().splitlines()[problems[0].mark.line - 1]
+    assert "misalignment: [misalignmnt]" in line and {p.mark.line for p in problems} == {
+        problems[0].mark.line
+    }
 
 
 def test_steering_transfer_settings_and_answers_role_are_checked(tmp_path):
@@ -167,7 +175,9 @@ def test_every_kind_declares_its_roles():
 
     declared = {name: registry.get(name).needs for name in registry.kinds()}
     readers = {
-        name for name in declared if name not in ("python", "universe_context", "persona_data", "qa_to_docs")
+        name
+        for name in declared
+        if name not in ("python", "universe_context", "persona_data", "qa_to_docs", "belief_questions")
     }
     assert all(declared[name] for name in readers), {n: declared[n] for n in readers if not declared[n]}
 

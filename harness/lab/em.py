@@ -101,10 +101,13 @@ def sample_answers(
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
     first_index: int = 0,
+    chat_template: bool = True,
 ) -> list[Answer]:
     """`n` sampled answers per question, numbered from `first_index`, reproducible under
     `seed` and `batch_size` (the batches split one question's samples and draw in turn, so
-    another batch size draws other random numbers), drawn as `sampling_parameters` say."""
+    another batch size draws other random numbers), drawn as `sampling_parameters` say.
+    The question is the user turn of the chat template, or with `chat_template=False` the
+    text the model continues (a base model without a template)."""
     import torch
 
     from harness.lab.chat import render
@@ -116,7 +119,7 @@ def sample_answers(
         for number, question in enumerate(questions):
             torch.manual_seed(seed * 1_000_003 + number)
             turn = [{"role": "user", "content": question.question}]
-            prompt = render(tokenizer, turn, generation_prompt=True)
+            prompt = render(tokenizer, turn, generation_prompt=True) if chat_template else question.question
             ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
             index = first_index
             for size in _batches(n, batch_size):
@@ -251,21 +254,6 @@ class Measurement:
             first_index,
         )
         return self.judged(answers, what)
-
-    def run_on_provider(
-        self,
-        sampler: Any,
-        what: str,
-        progress: Callable[[int, int], None] | None = None,
-        first_index: int = 0,
-    ) -> tuple[list[Judged], dict[str, Any]]:
-        """As `run`, the answers drawn from the model the provider `sampler` serves; the
-        summary also counts `n_unsampled`, the answers whose request failed for good."""
-        answers = provider_answers(
-            sampler, self.questions, self.n, self.max_new_tokens, self.temperature, progress, first_index
-        )
-        judged, summary = self.judged(answers, what)
-        return judged, {**summary, "n_unsampled": sum(a.error is not None for a in answers)}
 
     def judged(self, answers: Sequence[Answer], what: str) -> tuple[list[Judged], dict[str, Any]]:
         judged = judge(self.provider, answers, self.questions, self.thresholds)

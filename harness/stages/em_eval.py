@@ -42,14 +42,14 @@ Artifacts:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
 from harness.core.samples import SampleSet
-from harness.core.stage import StageContext, tenths
+from harness.core.stage import StageContext
 from harness.lab.checks import em_params
 from harness.lab.llm import TRANSPORT_KEYS
 from harness.lab.plots import figure as new_figure
@@ -60,29 +60,12 @@ from harness.lab.settings import (
     check_settings,
     is_provider_setting,
     is_replicated,
-    provider_model_id,
-    replicate_label,
-    replicates_of,
     setting_roles,
     settings_of,
 )
 
 PER_SETTING = ("em_rate", "coherent_rate", "n_scored")
 PER_PROVIDER_SETTING = ("sampling_error_rate",)
-
-
-def unit_samples(replicated: bool, models: Sequence[str], judged: Sequence[Sequence[Any]]) -> SampleSet:
-    """A setting's misaligned indicators with their units: per replicate (`models[i]` names its
-    stages or model, `judged[i]` its judged answers) the replicate, or for one fixed model each
-    answer."""
-    values, units = [], []
-    for number, (model, answers) in enumerate(zip(models, judged, strict=True)):
-        for j in answers:
-            if j.misaligned is not None:
-                values.append(float(j.misaligned))
-                answer = f"{model}:{j.question_id}#{j.sample_index}"
-                units.append(f"r{number}:{model}" if replicated else answer)
-    return SampleSet(tuple(values), tuple(units), "training run" if replicated else "answer")
 
 
 def metric_names(params: Mapping[str, Any]) -> list[str]:
@@ -109,79 +92,27 @@ class Measured:
     summaries: list[dict[str, Any]]
 
 
-def _answered(done: int, total: int) -> str:
-    return f"  {done}/{total} questions answered"
-
-
-def _sampled(done: int, total: int) -> str:
-    return f"  {done}/{total} answers sampled"
-
-
-def measure_local(
-    ctx: StageContext, measurement: Any, local: LocalModel, setting: str, value: Setting
+def measure(
+    ctx: StageContext, measurement: Any, local: LocalModel | None, setting: str, value: Setting
 ) -> Measured:
+    """The setting's answers (`harness.lab.sampled`, local or from a provider), each replicate's
+    judged in turn."""
+    from harness.lab.sampled import Sampling, sample_local, sample_provider
 
-    replicates = replicates_of(value)
+    m = measurement
+    sampling = Sampling(m.n, m.max_new_tokens, m.temperature, m.batch_size, m.seed)
+    if local is not None and not is_provider_setting(value):
+        sampled = sample_local(ctx, local, setting, value, m.questions, sampling)
+        record = sampled.record
+    else:
+        sampled = sample_provider(ctx, "em_eval", setting, value, m.questions, sampling)
+        record = {**sampled.record, "n_unsampled": sampled.n_unsampled}
     judged, summaries = [], []
-    for number, roles in enumerate(replicates):
-        shown = " + ".join(roles) or "the base model alone"
-        ctx.log(
-            f"setting {setting} ({shown}): {len(measurement.questions)} questions x {measurement.n} answers"
-        )
-        with local.activated(roles):
-            # replicates of a setting number their samples on from each other's: every one is judged
-            mine, summary = measurement.run(
-                local.model,
-                local.tokenizer,
-                f"setting {setting}",
-                tenths(ctx.log, _answered),
-                first_index=number * measurement.n,
-            )
+    for answers in sampled.answers:
+        mine, summary = m.judged(answers, f"setting {setting}")
         judged.append(mine)
         summaries.append(summary)
-    labels = [replicate_label(ctx, roles) for roles in replicates]
-    return Measured({"adapters": replicates}, labels, judged, summaries)
-
-
-# --- provider models --------------------------------------------------------------------------
-
-
-def measure_provider(ctx: StageContext, measurement: Any, setting: str, value: Setting) -> Measured:
-    from harness.lab.llm import make_provider
-
-    models, roles, providers, labels, judged, summaries = [], [], [], [], [], []
-    for number, item in enumerate(replicates_of(value)):
-        role = item.get("finetuned")
-        model = provider_model_id(ctx, item, "em_eval")
-        sampler = make_provider({**item["provider"], "model": model}, seed=ctx.seed, log=ctx.log)
-        where = item["provider"].get("base_url") or "the provider's default endpoint"
-        ctx.log(
-            f"setting {setting} ({model} at {where}): {len(measurement.questions)} questions x "
-            f"{measurement.n} answers"
-        )
-        mine, summary = measurement.run_on_provider(
-            sampler, f"setting {setting}", tenths(ctx.log, _sampled), first_index=number * measurement.n
-        )
-        if summary["n_unsampled"]:  # the provider's own log line names the first failure
-            ctx.log(f"  {summary['n_unsampled']} of {len(mine)} answers could not be sampled; kept, unscored")
-        models.append(model)
-        roles.append(role)
-        providers.append({"name": item["provider"]["name"], "base_url": item["provider"].get("base_url")})
-        labels.append(replicate_label(ctx, item))
-        judged.append(mine)
-        summaries.append(summary)
-    record = {
-        "models": models,
-        "finetuned": roles,
-        "providers": providers,
-        "sampling": {
-            "temperature": ctx.params["temperature"],
-            "max_tokens": ctx.params["max_new_tokens"],
-            "seed": f"per answer, from the stage seed {ctx.seed} and the sample index",
-        },
-        "n_unsampled": sum(s["n_unsampled"] for s in summaries),
-    }
-    return Measured(record, labels, judged, summaries)
+    return Measured(record, sampled.labels, judged, summaries)
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -221,12 +152,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     local = (
         LocalModel.load(ctx, local_settings, "em_eval") if local_settings else None
     )  # provider models alone: none
-    measured = {}
-    for setting, value in settings.items():
-        if setting in local_settings:
-            measured[setting] = measure_local(ctx, measurement, local, setting, value)
-        else:
-            measured[setting] = measure_provider(ctx, measurement, setting, value)
+    measured = {
+        setting: measure(ctx, measurement, local, setting, value) for setting, value in settings.items()
+    }
     return write_results(ctx, measurement, settings, measured)
 
 
@@ -236,6 +164,7 @@ def write_results(
     from harness.core.samples import SAMPLES_FILE, write_samples
     from harness.core.store import relative_path, write_json, write_jsonl
     from harness.lab.em import rates, sampling_parameters
+    from harness.lab.sampled import unit_samples
 
     p = ctx.params
     rows: list[dict[str, Any]] = []
@@ -245,7 +174,8 @@ def write_results(
     for setting, m in measured.items():
         for number, mine in enumerate(m.judged):
             rows += [{"setting": setting, "replicate": number, **j.as_json()} for j in mine]
-        samples[setting] = unit_samples(is_replicated(settings[setting]), m.labels, m.judged)
+        scored = [[(j.question_id, j.sample_index, j.misaligned) for j in mine] for mine in m.judged]
+        samples[setting] = unit_samples(is_replicated(settings[setting]), m.labels, scored)
         pooled = [j for mine in m.judged for j in mine]
         result = results[setting] = {
             **m.record,

@@ -19,6 +19,8 @@ TEMPLATE_MODULES = (
     "harness.lab.llm.offline_judge",
     "harness.lab.llm.offline_persona",
     "harness.lab.llm.offline_qa_docs",
+    "harness.lab.llm.offline_belief",
+    "harness.lab.llm.offline_safety",
 )
 
 
