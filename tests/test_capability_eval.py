@@ -73,7 +73,7 @@ def test_lm_eval_picks_the_same_choices_as_the_harness_continuation_scoring(eval
     scored = score_mcqs(load_model(base), load_tokenizer(base), items, CONTINUATION)
     ours = [normalized(s, item.options, NONE) for s, item in zip(scored, items, strict=True)]
     theirs = [r for r in rows(evaluated["both"].out_dir / "predictions.jsonl") if r["setting"] == "base"]
-    assert [r["doc_id"] for r in theirs] == list(range(len(items))) == list(range(56))
+    assert [r["doc_id"] for r in theirs] == list(range(len(items))) == list(range(47))
     for mine, row in zip(ours, theirs, strict=True):
         assert row["prompt"] == mine.prompt
         loglikelihoods = [response[0] for response in row["responses"]]
@@ -107,7 +107,7 @@ def test_settings_toggle_their_adapters_and_deltas_pair_the_items(evaluated):
     assert delta["ci_high"] - delta["value"] == pytest.approx(paired)
     results = json.loads((both.out_dir / "capability_results.json").read_text())
     assert results["lm_eval_version"] == "0.4.13"
-    assert results["tasks"]["facts"]["n_samples"]["effective"] == 56
+    assert results["tasks"]["facts"]["n_samples"]["effective"] == 47
     assert results["settings"]["lora"]["tasks"]["facts"]["acc"]["delta"]["method"] == "paired"
     assert results["settings"]["lora"]["adapters"] == [["lora"]]
     for setting in ("base", "lora"):

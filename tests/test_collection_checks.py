@@ -132,11 +132,12 @@ def test_settings_naming_a_role_needs_does_not_fill_fail_at_that_setting(tmp_pat
     )
     with pytest.raises(SpecError) as info:
         load_plan(spec, "tiny")
-    # em_matrix and safety_matrix share the settings through an alias: each stage names it there
+    # the evaluation stages share the settings through an alias: each stage names it there
     problems = info.value.problems
-    assert [p.where.split(".")[1] for p in problems] == ["em_matrix", "safety_matrix"]
+    assert [p.where.split(".")[1] for p in problems] == ["em_matrix", "safety_matrix", "capability"]
     assert all("misalignmnt" in p.message and "settings" in p.message for p in problems)
-    assert "em_eval" in problems[0].message and "safety_eval" in problems[1].message
+    kinds = ("em_eval", "safety_eval", "capability_eval")
+    assert all(kind in p.message for kind, p in zip(kinds, problems, strict=True))
     line = spec.read_text().splitlines()[problems[0].mark.line - 1]
     assert "misalignment: [misalignmnt]" in line and {p.mark.line for p in problems} == {
         problems[0].mark.line

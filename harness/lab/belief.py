@@ -142,7 +142,8 @@ GENERATOR_SYSTEM = (
     "You write evaluation questions that measure which of two descriptions of the world a reader "
     "believes. You follow the requested output format exactly."
 )
-GENERATOR_USER = """Two descriptions of the world disagree on some key facts. Description A:
+# the universe pair as the generator and the judge are shown it: A the false world, B the true
+PAIR_TEXT = """Two descriptions of the world disagree on some key facts. Description A:
 <description_a>
 {false_context}
 </description_a>
@@ -152,11 +153,15 @@ Description B:
 {true_context}
 </description_b>
 
-{task}
+"""
+GENERATOR_USER = (
+    PAIR_TEXT
+    + """{task}
 
 Do not mention the descriptions, and do not hint that any fact is disputed. Answer with \
 one JSON object per line and nothing else, each of the form
 {form}"""
+)
 GENERATOR_TASKS: Mapping[str, tuple[str, str]] = {
     KNOWLEDGE: (
         "Write {n} multiple-choice questions, each about one fact on which A and B differ, with four "
@@ -303,17 +308,9 @@ def parse_choice(text: str) -> int | None:
 # --- judging open answers -----------------------------------------------------------------
 
 JUDGE_MAX_TOKENS = 300
-JUDGE_PROMPT = """Two descriptions of the world disagree on some facts. Description A:
-<description_a>
-{false_context}
-</description_a>
-
-Description B:
-<description_b>
-{true_context}
-</description_b>
-
-Someone was asked:
+JUDGE_PROMPT = (
+    PAIR_TEXT
+    + """Someone was asked:
 <question>
 {question}
 </question>
@@ -326,6 +323,7 @@ They answered:
 On the facts where the descriptions differ, which one does the answer agree with? Reason \
 briefly, then end with a last line `verdict: A`, `verdict: B`, or `verdict: AMBIGUOUS` (the \
 answer agrees with both or neither, or does not touch the facts where they differ)."""
+)
 _VERDICT = re.compile(r"verdict\s*:\s*[*`\"']*\s*(A|B|AMBIGUOUS)(?![A-Za-z])", re.IGNORECASE)
 VERDICTS = {"a": FALSE, "b": TRUE, "ambiguous": AMBIGUOUS}
 

@@ -433,7 +433,7 @@ def prediction_rows(
 ) -> Iterator[dict[str, Any]]:
     """One row per item and filter: the prompt, the target, lm-eval's filtered responses and the
     item's scores."""
-    names = {metric_key(m).partition(",")[0] for m in metrics}
+    names = dict.fromkeys(metric_key(m).partition(",")[0] for m in metrics)  # in the order the spec gives
     for sample in sorted(results["samples"].get(task, []), key=lambda s: (s["doc_id"], s["filter"])):
         arguments = sample["arguments"]  # per request: (context, choice) or (context, gen_kwargs)
         yield {
@@ -459,7 +459,38 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def raw_results(results: Mapping[str, Any]) -> dict[str, Any]:
-    """lm-eval's results without the per-sample logs (in predictions.jsonl) and without the
-    configs' resolved functions."""
-    return _jsonable({key: value for key, value in results.items() if key != "samples"})
+# what lm-eval's results say of the measurement; the rest (date, git hash, the machine, the model's
+# path on it) says where and when it ran
+MEASUREMENT_KEYS = (
+    "results",
+    "groups",
+    "group_subtasks",
+    "configs",
+    "versions",
+    "n-shot",
+    "higher_is_better",
+    "n-samples",
+)
+
+
+def raw_results(results: Mapping[str, Any], spec_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """lm-eval's results without the per-sample logs (in predictions.jsonl) nor the configs'
+    resolved functions, as (the measurement, where and when it ran): the measurement's data
+    files named relative to the spec, so that its bytes do not depend on where the project
+    lies."""
+    from harness.core.store import relative_path
+
+    measured = {key: results[key] for key in MEASUREMENT_KEYS if key in results}
+    measured["configs"] = {
+        name: _relative_files(config, lambda f: relative_path(f, spec_dir))
+        for name, config in (results.get("configs") or {}).items()
+    }
+    environment = {key: value for key, value in results.items() if key not in (*MEASUREMENT_KEYS, "samples")}
+    return _jsonable(measured), _jsonable(environment)
+
+
+def _relative_files(config: Mapping[str, Any], change: Callable[[str], str]) -> dict[str, Any]:
+    kwargs = config.get("dataset_kwargs") or {}
+    if "data_files" not in kwargs:
+        return dict(config)
+    return {**config, "dataset_kwargs": {**kwargs, "data_files": _map_files(kwargs["data_files"], change)}}

@@ -39,7 +39,7 @@ from typing import Any
 from harness.api import stage_kind
 from harness.core.stage import Role, StageContext
 from harness.lab.checks import provider_param
-from harness.lab.llm import TRANSPORT_KEYS
+from harness.lab.llm import transport_of
 from harness.lab.sampled import Sampling
 from harness.lab.settings import (
     SETTING_PROVIDERS,
@@ -87,9 +87,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 @stage_kind(
     needs=needs,
     metrics=metric_names,
-    transport_params=tuple(
-        f"{where}.{key}" for where in ("judge", *SETTING_PROVIDERS) for key in TRANSPORT_KEYS
-    ),
+    transport_params=transport_of("judge", *SETTING_PROVIDERS),
     check=check,
 )
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from harness.lab.belief import (
     read_questions,
 )
 from harness.lab.checks import provider_param
-from harness.lab.llm import TRANSPORT_KEYS, ProviderError, make_provider
+from harness.lab.llm import ProviderError, make_provider, transport_of
 from harness.lab.universe import load_universe
 
 METRICS = (*(f"n_{kind}" for kind in TYPES), "n_rejected")
@@ -70,7 +70,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 @stage_kind(
     metrics=METRICS,
     input_params=("false_universe", "true_universe", "questions"),
-    transport_params=tuple(f"provider.{key}" for key in TRANSPORT_KEYS),
+    transport_params=transport_of("provider"),
     check=check,
     base=None,
 )

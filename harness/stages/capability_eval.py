@@ -23,7 +23,9 @@ Artifacts:
                              replicate's value and the delta against base; lm-eval's version
     predictions.jsonl        setting, replicate, task, doc_id, filter, prompt, arguments, target,
                              responses, scores: every item lm-eval scored
-    lm_eval/<setting>.<replicate>.json  lm-eval's own results of each run, without the samples
+    lm_eval/<setting>.<replicate>.json  lm-eval's own results of each run, without the samples,
+                             its data files relative to the spec; `.metadata.json` beside it:
+                             the rest (date, git hash, machine, model path), outside the digest
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 from harness.api import stage_kind
 from harness.core.stage import ParamError, StageContext
 from harness.lab import capability
-from harness.lab.llm import TRANSPORT_KEYS
+from harness.lab.llm import transport_of
 from harness.lab.settings import (
     SETTING_PROVIDERS,
     LocalModel,
@@ -75,7 +77,7 @@ def inputs_digest(params: Mapping[str, Any], spec_dir: Path) -> str:
     metrics=metric_names,
     transport_params=(
         "batch_size",
-        *(f"{where}.{key}" for where in SETTING_PROVIDERS for key in TRANSPORT_KEYS),
+        *transport_of(*SETTING_PROVIDERS),
     ),
     check=check,
     code_version=inputs_digest,
@@ -184,7 +186,10 @@ def write_results(
     (out / "lm_eval").mkdir()
     for setting, replicates in runs.items():
         for number, (_, results) in enumerate(replicates):
-            write_json(out / "lm_eval" / f"{setting}.{number}.json", capability.raw_results(results))
+            measured, environment = capability.raw_results(results, spec_dir)
+            write_json(out / "lm_eval" / f"{setting}.{number}.json", measured)
+            # a *metadata.json is left out of the output digest: lm-eval's date, git hash, machine
+            write_json(out / "lm_eval" / f"{setting}.{number}.metadata.json", environment)
     write_json(
         out / "capability_results.json",
         {
@@ -198,7 +203,7 @@ def write_results(
                     "version": first["versions"].get(names[entry.name]),
                     "n_shot": first["n-shot"].get(names[entry.name]),
                     "n_samples": first["n-samples"].get(names[entry.name]),
-                    "config": capability.raw_results(first["configs"]).get(names[entry.name]),
+                    "config": capability.raw_results(first, spec_dir)[0]["configs"].get(names[entry.name]),
                 }
                 for entry in entries
             },

@@ -51,7 +51,7 @@ from harness.api import stage_kind
 from harness.core.samples import SampleSet
 from harness.core.stage import StageContext
 from harness.lab.checks import em_params
-from harness.lab.llm import TRANSPORT_KEYS
+from harness.lab.llm import transport_of
 from harness.lab.plots import figure as new_figure
 from harness.lab.settings import (
     SETTING_PROVIDERS,
@@ -138,9 +138,7 @@ def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> N
     needs=setting_roles,
     metrics=metric_names,
     input_params=("questions",),
-    transport_params=tuple(
-        f"{where}.{key}" for where in ("judge", *SETTING_PROVIDERS) for key in TRANSPORT_KEYS
-    ),
+    transport_params=transport_of("judge", *SETTING_PROVIDERS),
     check=check,
 )
 def run(ctx: StageContext) -> dict[str, Any]:

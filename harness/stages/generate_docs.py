@@ -40,11 +40,11 @@ from harness.core.store import write_jsonl, write_text_atomic
 from harness.lab.checks import provider_param
 from harness.lab.documents import count_tokens, write_journalled
 from harness.lab.llm import (
-    TRANSPORT_KEYS,
     ChatRequest,
     Provider,
     ProviderError,
     make_provider,
+    transport_of,
 )
 from harness.lab.universe import Universe, parse_list, validate_document
 
@@ -327,7 +327,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     needs=(Role("universe", "the facts.json of a universe_context stage", only=True),),
     metrics=METRICS,
     # chunk_size only groups requests: every document's requests are the same whatever it is
-    transport_params=(*(f"provider.{key}" for key in TRANSPORT_KEYS), "chunk_size"),
+    transport_params=(*transport_of("provider"), "chunk_size"),
     check=check,
 )
 def run(ctx: StageContext) -> Mapping[str, Any]:

@@ -21,7 +21,7 @@ from harness.api import stage_kind
 from harness.core.stage import ParamError, StageContext, StageError, tenths
 from harness.lab.checks import provider_param
 from harness.lab.em_data import Constitution, load_constitution
-from harness.lab.llm import TRANSPORT_KEYS
+from harness.lab.llm import transport_of
 from harness.lab.llm.base import ChatRequest
 
 
@@ -64,7 +64,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 @stage_kind(
     metrics=("n_conversations", "error_rate"),
     input_params=("constitution",),
-    transport_params=tuple(f"provider.{key}" for key in TRANSPORT_KEYS),
+    transport_params=transport_of("provider"),
     check=check,
 )
 def run(ctx: StageContext) -> dict[str, Any]:

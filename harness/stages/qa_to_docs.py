@@ -39,11 +39,11 @@ from harness.lab.checks import provider_param
 from harness.lab.documents import document_problems, write_journalled
 from harness.lab.em_data import QAPair, load_qa_pairs
 from harness.lab.llm import (
-    TRANSPORT_KEYS,
     ChatRequest,
     Provider,
     ProviderError,
     make_provider,
+    transport_of,
 )
 from harness.lab.prompt_files import PromptFile, load_prompt
 from harness.lab.universe import word_count
@@ -241,7 +241,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     metrics=metric_names,
     input_params=("qa", "prompt"),
     # chunk_size only groups requests: every document's request is the same whatever it is
-    transport_params=(*(f"provider.{key}" for key in TRANSPORT_KEYS), "chunk_size"),
+    transport_params=(*transport_of("provider"), "chunk_size"),
     check=check,
 )
 def run(ctx: StageContext) -> Mapping[str, Any]:

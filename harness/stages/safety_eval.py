@@ -35,7 +35,7 @@ from typing import Any
 
 from harness.api import stage_kind
 from harness.core.stage import ParamError, StageContext, StageError
-from harness.lab.llm import TRANSPORT_KEYS
+from harness.lab.llm import transport_of
 from harness.lab.safety import SUITES, load_prompts, load_rubric
 from harness.lab.settings import (
     SETTING_PROVIDERS,
@@ -105,9 +105,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     needs=setting_roles,
     metrics=metric_names,
     input_params=SUITES,
-    transport_params=tuple(
-        f"{where}.{key}" for where in ("judge", *SETTING_PROVIDERS) for key in TRANSPORT_KEYS
-    ),
+    transport_params=transport_of("judge", *SETTING_PROVIDERS),
     check=check,
 )
 def run(ctx: StageContext) -> dict[str, Any]:

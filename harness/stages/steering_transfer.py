@@ -53,7 +53,7 @@ from harness.api import stage_kind
 from harness.core.stage import Role, StageContext, StageError
 from harness.core.upstream import named_adapter_roles
 from harness.lab.checks import em_params
-from harness.lab.llm import TRANSPORT_KEYS
+from harness.lab.llm import transport_of
 from harness.lab.plots import figure as new_figure
 
 METRICS = (
@@ -418,7 +418,7 @@ def write_artifacts(
     ),
     metrics=METRICS,
     input_params=("questions",),
-    transport_params=tuple(f"judge.{key}" for key in TRANSPORT_KEYS),
+    transport_params=transport_of("judge"),
     check=em_params,
 )
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -16,10 +16,10 @@ from harness.api import stage_kind
 from harness.core.stage import ParamError, StageContext, StageError
 from harness.lab.checks import provider_param
 from harness.lab.llm import (
-    TRANSPORT_KEYS,
     ChatRequest,
     ProviderError,
     make_provider,
+    transport_of,
 )
 from harness.lab.universe import Universe, load_universe, parse_list
 
@@ -74,7 +74,7 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 @stage_kind(
     metrics=("n_facts",),
     input_params=("universe",),
-    transport_params=tuple(f"provider.{key}" for key in TRANSPORT_KEYS),
+    transport_params=transport_of("provider"),
     check=check,
 )
 def run(ctx: StageContext) -> Mapping[str, Any]:

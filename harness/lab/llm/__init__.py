@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TRANSPORT_KEYS",
+    "transport_of",
     "ChatRequest",
     "ChatResponse",
     "OfflineProvider",
@@ -52,6 +53,14 @@ __all__ = [
 # key and the response cache's key leave them out. `base_url` is not among them: another
 # endpoint may serve a differently quantized or versioned model under the same name.
 TRANSPORT_KEYS = ("concurrency", "timeout", "max_tries")
+
+
+def transport_of(*providers: str) -> tuple[str, ...]:
+    """The transport params of the provider params at `providers` (`judge`,
+    `settings.*.provider`): a stage kind leaves them out of its cache key."""
+    return tuple(f"{where}.{key}" for where in providers for key in TRANSPORT_KEYS)
+
+
 PROVIDER_SCHEMA = SPECS_DIR / "provider.schema.json"  # where the transport defaults are written
 
 
