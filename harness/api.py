@@ -74,6 +74,7 @@ def stage_kind(
     code_version: Callable[[Mapping[str, Any], Path], str] | None = None,
     base: str | None = "base",
     version: str = "1",
+    resources: Mapping[str, float] | None = None,
 ) -> Callable[[RunFunction], StageKind]:
     """Declare the decorated run function a stage kind; the arguments are StageKind's fields.
 
@@ -105,6 +106,7 @@ def stage_kind(
             check=_base_checked(base, check) if loads_base else check,
             code_version=code_version,
             fingerprint=_base_weights(base) if loads_base else None,
+            resources=dict(resources or {}),
         )
 
     return declare

@@ -22,6 +22,7 @@ _PLUMBING = {
     for name in ("collect.py", "core/execution.py", "hypotheses/evaluation.py", "hypotheses/lock.py")
 }
 LOCK_ITEM = "lock-hypotheses"
+EXECUTOR = pytest.StashKey[object]()  # harness.core.executors: where stages run
 
 
 class GateFailure(AssertionError):
@@ -80,6 +81,7 @@ def experiment_run(config: pytest.Config, experiment: Experiment) -> ExperimentR
         runs_dir(config),
         rerun=frozenset(config.getoption("harness_rerun")),
         progress=_progress_writer(config),
+        executor=config.stash[EXECUTOR].for_run(),
     )
 
 

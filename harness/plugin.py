@@ -10,8 +10,9 @@ import pytest
 from _pytest.main import wrap_session
 
 from harness import hookspecs
-from harness.collect import ExperimentFile, HypothesisItem, LockItem, StageItem, runs_dir
+from harness.collect import EXECUTOR, ExperimentFile, HypothesisItem, LockItem, StageItem, runs_dir
 from harness.core import registry
+from harness.core.executors import EXECUTORS, ExecutorError, make_executor
 from harness.core.store_clean import clean_store
 from harness.report.runs import RunReports
 
@@ -69,7 +70,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="remove from the runs directory what killed runs left (temporary and replaced outputs, "
         "scratch of completed keys, dangling LATEST files) and exit; runs no test",
     )
+    group.addoption(
+        "--executor",
+        dest="harness_executor",
+        choices=EXECUTORS,
+        default=None,
+        help="where stages run: local (in this process, the default) or ray (as Ray tasks on a cluster; "
+        "independent stages at the same time)",
+    )
+    group.addoption(
+        "--ray-address",
+        dest="harness_ray_address",
+        metavar="ADDRESS",
+        default=None,
+        help="with --executor ray: the cluster to join (default: ini harness_ray_address, RAY_ADDRESS, "
+        "else a Ray instance on this machine)",
+    )
+    group.addoption(
+        "--max-retries",
+        dest="harness_max_retries",
+        metavar="N",
+        type=int,
+        default=None,
+        help="with --executor ray: times a stage is run again when its node or worker dies (default 3)",
+    )
     parser.addini("harness_runs_dir", "artifact store directory, relative to the ini file", default="runs")
+    parser.addini("harness_executor", "where stages run: local or ray", default="local")
+    parser.addini("harness_ray_address", "the Ray cluster of --executor ray", default="")
+    parser.addini("harness_max_retries", "retries of a stage whose node dies (--executor ray)", default="3")
     parser.addini(
         "harness_experiments",
         "globs of experiment specs collected from directories",
@@ -82,6 +110,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("harness_relock") and not config.getoption("harness_lock_hypotheses"):
         raise pytest.UsageError("--relock only goes with --lock-hypotheses")
     config.pluginmanager.register(_ReportHooks(config), "harness-reports")
+    config.stash[EXECUTOR] = _executor(config)
     _share_cores()
     config.stash[_HOOKED_KINDS] = []
     config.hook.pytest_harness_stage_kinds.call_historic(
@@ -89,8 +118,45 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def _executor(config: pytest.Config):
+    name = config.getoption("harness_executor") or config.getini("harness_executor")
+    if name not in EXECUTORS:
+        raise pytest.UsageError(f"harness_executor = {name!r}: choose one of {', '.join(EXECUTORS)}")
+    retries = config.getoption("harness_max_retries")
+    address = config.getoption("harness_ray_address") or config.getini("harness_ray_address") or None
+    try:
+        return make_executor(
+            name,
+            address,
+            int(config.getini("harness_max_retries")) if retries is None else retries,
+            runs_dir(config),
+        )
+    except ExecutorError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A cluster executor gets every stage that is to run now, so that independent stages run
+    at the same time. An xdist worker leaves it to the first item of each experiment: it runs
+    only the experiments its controller gives it."""
+    if hasattr(session.config, "workerinput") or session.config.getoption("collectonly"):
+        return
+    runs = {id(item.run): item.run for item in session.items if isinstance(item, (StageItem, HypothesisItem))}
+    executor = session.config.stash[EXECUTOR]
+    try:
+        submitted = executor.start(runs.values())
+    except ExecutorError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    if executor.name != "local" and terminal is not None:
+        terminal.write_line(f"harness executor {executor.name}: submitted {submitted} stages")
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """A conftest's kinds are this session's: another session in the process (pytester) has its own."""
+    executor = config.stash.get(EXECUTOR, None)
+    if executor is not None:
+        executor.close()  # cancels what no item waited for: Ctrl-C, -x
     for kind in config.stash.get(_HOOKED_KINDS, []):
         registry.unregister(kind)
 

@@ -128,7 +128,10 @@ def test_finetune_needs_a_data_role_or_a_file(tmp_path):
 
 def test_settings_naming_a_role_needs_does_not_fill_fail_at_that_setting(tmp_path):
     spec = shipped_with(
-        tmp_path, "persona_em.yaml", "misalignment: [misalignment]\n", "misalignment: [misalignmnt]\n"
+        tmp_path,
+        "persona_em.yaml",
+        'misalignment: ["persona[misalignment]"]\n',
+        'misalignment: ["persona[misalignmnt]"]\n',
     )
     with pytest.raises(SpecError) as info:
         load_plan(spec, "tiny")
@@ -139,25 +142,26 @@ def test_settings_naming_a_role_needs_does_not_fill_fail_at_that_setting(tmp_pat
     kinds = ("em_eval", "safety_eval", "capability_eval")
     assert all(kind in p.message for kind, p in zip(kinds, problems, strict=True))
     line = spec.read_text().splitlines()[problems[0].mark.line - 1]
-    assert "misalignment: [misalignmnt]" in line and {p.mark.line for p in problems} == {
+    assert 'misalignment: ["persona[misalignmnt]"]' in line and {p.mark.line for p in problems} == {
         problems[0].mark.line
     }
 
 
 def test_steering_transfer_settings_and_answers_role_are_checked(tmp_path):
-    spec = shipped_with(tmp_path, "persona_em.yaml", "      answers: em_matrix\n", "")
+    spec = shipped_with(tmp_path, "persona_em.yaml", "needs: {answers: em_matrix, ", "needs: {")
     message, _ = problem_of(spec, "tiny")
     assert "steering_transfer" in message and "`answers`" in message and "answers.jsonl" in message
 
 
 def test_phase_transition_runs_are_checked(tmp_path):
-    anchor = "params: &phase_params\n"
-    spec = shipped_with(tmp_path, "persona_em.yaml", anchor, anchor + "      runs: [em, em_s4]\n")
+    anchor = "per training run)?\n    params:\n"
+    runs = '      runs: ["em[${persona},2026]", em_s4]\n'
+    spec = shipped_with(tmp_path, "persona_em.yaml", anchor, anchor + runs)
     with pytest.raises(SpecError) as info:
         load_plan(spec, "tiny")
-    # the four phase stages share their params through the alias
-    phases = ("phase_none", "phase_sycophancy", "phase_goodness", "phase_misalignment")
-    assert [p.where for p in info.value.problems] == [f"stages.{stage}.params.runs[1]" for stage in phases]
+    # the four stages of the phase matrix share their params, each with its own first run
+    phases = ("none", "sycophancy", "goodness", "misalignment")
+    assert [p.where for p in info.value.problems] == [f"stages.phase[{p}].params.runs[1]" for p in phases]
     assert all("em_s4" in p.message and "phase_transition" in p.message for p in info.value.problems)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from harness.core.code_digest import closure_of
 from harness.core.experiment import Experiment, StageSpec
@@ -86,7 +86,11 @@ class StageResult:
 
 
 class ExperimentRun:
-    """The stages of one experiment resolved in one pytest process."""
+    """The stages of one experiment, resolved for the pytest items that ask for them.
+
+    With the local executor a stage runs in this process when its item (or a downstream
+    one) asks for it. With a cluster executor (harness.core.executors) `submit_ahead` hands
+    every stage that is to run to the executor first, and items wait for their results."""
 
     def __init__(
         self,
@@ -94,13 +98,19 @@ class ExperimentRun:
         runs_dir: Path,
         rerun: frozenset[str] = frozenset(),
         progress: Callable[[str], None] = lambda line: None,
+        executor: Executor | None = None,
     ):
         self.experiment = experiment
         self.runs_dir = Path(runs_dir)
         self.rerun = rerun
         self.progress = progress
+        self.executor = executor
         self.results: dict[str, StageResult] = {}
         self._fresh: list[StageResult] = []
+        self._told: set[str] = set()  # stages whose results an item has reported
+        self._prepared: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}
+        self._submitted: dict[str, Any] = {}  # stage -> the executor's handle
+        self.started = False
 
     def take_fresh(self) -> list[StageResult]:
         """Results resolved since the last call (a stage plus the upstreams it pulled in)."""
@@ -108,21 +118,67 @@ class ExperimentRun:
         return fresh
 
     def resolve(self, name: str) -> StageResult:
+        if not self.started and self.executor is not None:
+            self.submit_ahead()
         if name not in self.results:
-            spec = self.experiment.stages[name]
-            blocked = self._blocked(spec)
-            if blocked:
-                result = self._unfinished(spec, Status.SKIPPED, blocked)
-            else:
-                try:
-                    result = self._resolve(spec)
-                except Exception as exc:  # computing the key failed, e.g. an input vanished
-                    result = self._unfinished(spec, Status.FAILED, f"{type(exc).__name__}: {exc}", error=exc)
-            finished = result.status in (Status.RAN, Status.REUSED)
-            result.gates = [evaluate(g, result.metrics) for g in spec.gates] if finished else []
-            self.results[name] = result
-            self._fresh.append(result)
+            self.results[name] = self._settle(self.experiment.stages[name])
+        self._tell(name)
         return self.results[name]
+
+    def _tell(self, name: str) -> None:
+        """Count a result as fresh once, after those of its upstreams (a cluster worker has
+        only the results of the stage's own upstreams)."""
+        if name in self._told or name not in self.results:
+            return
+        for upstream in self.experiment.stages[name].needs.values():
+            self._tell(upstream)
+        self._told.add(name)
+        self._fresh.append(self.results[name])
+
+    def _settle(self, spec: StageSpec, run_here: bool = True) -> StageResult | None:
+        """The stage's result: skipped after an unfinished upstream, reused, waited for from
+        the executor, or run here; None when it is to run and `run_here` is false."""
+        blocked = self._blocked(spec)
+        if blocked:
+            result = self._unfinished(spec, Status.SKIPPED, blocked)
+        elif spec.name in self._submitted:
+            try:
+                result = self.executor.wait(self._submitted[spec.name])
+            except Exception as exc:  # the task itself was lost: its node died past the retries
+                result = self._unfinished(spec, Status.FAILED, f"{type(exc).__name__}: {exc}", error=exc)
+        else:
+            try:
+                result = self._resolve(spec, run_here)
+            except Exception as exc:  # computing the key failed, e.g. an input vanished
+                result = self._unfinished(spec, Status.FAILED, f"{type(exc).__name__}: {exc}", error=exc)
+            if result is None:
+                return None
+        finished = result.status in (Status.RAN, Status.REUSED)
+        result.gates = [evaluate(g, result.metrics) for g in spec.gates] if finished else []
+        return result
+
+    def submit_ahead(self) -> int:
+        """Hand every stage that is to run to the executor, in dependency order, each with its
+        upstreams' results or handles (small: keys, directories, metrics; never payloads), so
+        that independent stages run at the same time. A stage whose upstreams are settled here
+        and whose key is in the store is reused, never submitted. Returns how many were."""
+        self.started = True
+        for name, spec in self.experiment.stages.items():
+            if not any(up in self._submitted for up in spec.needs.values()):
+                result = self._settle(spec, run_here=False)
+                if result is not None:
+                    self.results[name] = result
+                    continue
+            upstream = [
+                self._submitted[up] if up in self._submitted else self.results[up]
+                for up in spec.needs.values()
+            ]
+            self._submitted[name] = self.executor.submit(self._task(spec), upstream, spec.resources)
+        self._fresh, self._told = [], set()  # each item reports its own stage, as without executor
+        return len(self._submitted)
+
+    def _task(self, spec: StageSpec) -> StageTask:
+        return StageTask(self.experiment, self.runs_dir, self.rerun, spec.name, self._prepare(spec))
 
     def _blocked(self, spec: StageSpec) -> str | None:
         for upstream in spec.needs.values():
@@ -138,25 +194,36 @@ class ExperimentRun:
     def _seed(self, spec: StageSpec) -> int:
         return self.experiment.seed if spec.seed is None else spec.seed
 
+    def _prepare(self, spec: StageSpec) -> tuple[dict[str, Any], dict[str, str]]:
+        """What the key and manifest take from this machine's checkout and models: the recipe
+        with the fingerprint, and the code files of the kind. Computed where the spec was
+        collected: a cluster worker gets them with the task."""
+        if spec.name not in self._prepared:
+            recipe = stage_recipe(spec, self.experiment)
+            if spec.kind.fingerprint:
+                recipe["fingerprint"] = spec.kind.fingerprint(spec.params)
+            self._prepared[spec.name] = (recipe, closure_of(spec.kind.module))
+        return self._prepared[spec.name]
+
     def _material(self, spec: StageSpec) -> dict[str, Any]:
         """Everything the cache key is made of: the recipe, the fingerprint of what the stage
         loads on this machine, and the keys and output digests of its upstream stages."""
-        recipe = stage_recipe(spec, self.experiment)
+        recipe = json.loads(json.dumps(self._prepare(spec)[0]))
         recipe["upstream"] = {
             role: {"stage": name, "key": self.results[name].key, "digest": self.results[name].digest}
             for role, name in recipe["upstream"].items()
         }
-        if spec.kind.fingerprint:
-            recipe["fingerprint"] = spec.kind.fingerprint(spec.params)
         return recipe
 
-    def _resolve(self, spec: StageSpec) -> StageResult:
+    def _resolve(self, spec: StageSpec, run_here: bool = True) -> StageResult | None:
         store = StageStore(self.runs_dir, self.experiment.name, self.experiment.profile_dir, spec.name)
         material = self._material(spec)
         key = stage_key(**material)
         forced = "all" in self.rerun or spec.name in self.rerun
         record = None if forced else store.lookup(key)
         if record is None:
+            if not run_here:
+                return None
             with store.lock(key):
                 record = None if forced else store.lookup(key)  # another worker may have made it
                 if record is None:
@@ -185,7 +252,7 @@ class ExperimentRun:
         )
 
     def _run(self, spec: StageSpec, store: StageStore, key: str, material: dict, forced: bool) -> StageResult:
-        code = closure_of(spec.kind.module)
+        code = self._prepare(spec)[1]
         reason = "forced by --rerun" if forced else why_run(store.latest(), material, key, code)
         out = store.begin(key)
         scratch = store.scratch_dir(key)
@@ -252,6 +319,36 @@ class ExperimentRun:
         record = store.commit(out, key, manifest, metrics)
         self.progress(f"[{label}] done in {duration:.1f}s")
         return self._result(spec, Status.RAN, reason, record, duration)
+
+
+@dataclass(frozen=True)
+class StageTask:
+    """One stage resolved away from the pytest process (a cluster worker): the experiment,
+    the store and what `_prepare` computed; its upstreams' results come as arguments."""
+
+    experiment: Experiment
+    runs_dir: Path
+    rerun: frozenset[str]
+    stage: str
+    prepared: tuple[dict[str, Any], dict[str, str]]
+
+    def __call__(self, *upstream: StageResult) -> StageResult:
+        run = ExperimentRun(self.experiment, self.runs_dir, self.rerun, progress=_print_line)
+        run.results = {result.stage: result for result in upstream}
+        run._prepared[self.stage] = self.prepared
+        return run.resolve(self.stage)
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)  # a cluster worker's stdout reaches the driver's terminal
+
+
+class Executor(Protocol):
+    """Where stages run (harness.core.executors): `submit` returns a handle, `wait` its result."""
+
+    def submit(self, task: StageTask, upstream: list[Any], resources: Mapping[str, float]) -> Any: ...
+
+    def wait(self, handle: Any) -> StageResult: ...
 
 
 def stage_recipe(spec: StageSpec, experiment: Experiment) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from harness.core.upstream import unfilled
 from harness.hypotheses.plan import HypothesisPlan, parse_plan
 from harness.spec.compose import apply_profile, load_with_includes
 from harness.spec.errors import Mark, Problem, SpecError, source_line
+from harness.spec.matrix import expand_matrices
 from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted, is_name
 from harness.spec.yamlload import Document
 
@@ -32,6 +33,7 @@ class StageSpec:
     mark: Mark | None = None
     description: str = ""
     seed: int | None = None  # this stage's own seed; None: the experiment's
+    resources: dict[str, float] = field(default_factory=dict)  # for a cluster executor; not in the key
 
 
 @dataclass(frozen=True)
@@ -115,10 +117,11 @@ def load_plan(file: Path, profile: str | None = None) -> Experiment:
 
 
 def _check_every_profile(doc: Document, selected: str | None) -> Document:
-    """The selected profile applied to the spec, once typos anywhere are ruled out: the
-    schema and the static stage checks (kinds, params, gates) run on the base spec and
-    on every profile. Checks that depend on this machine (input files, modules) run for
-    the selected profile only, when its stages are built."""
+    """The selected profile applied to the spec and its matrices expanded (harness.spec.matrix),
+    once typos anywhere are ruled out: the schema, the matrices and the static stage checks
+    (kinds, params, gates) run on the base spec and on every profile. Checks that depend on
+    this machine (input files, modules) run for the selected profile only, when its stages
+    are built."""
     problems = check(doc.data, EXPERIMENT_SCHEMA, doc)  # the base spec, and profiles' shape
     if problems:
         raise SpecError(problems)
@@ -126,6 +129,11 @@ def _check_every_profile(doc: Document, selected: str | None) -> Document:
     for name in [None, *(doc.data.get("profiles") or {})]:
         merged = apply_profile(doc, name)
         found = check(merged.data, EXPERIMENT_SCHEMA, merged) if name is not None else []
+        if not found:
+            try:
+                merged = expand_matrices(merged)
+            except SpecError as exc:
+                found = exc.problems
         if name == selected:
             resolved = merged
         elif not found:
@@ -237,6 +245,7 @@ def _stage(name: str, body: dict, doc: Document, file: Path, machine_checks: boo
         mark=doc.mark(at),
         description=body.get("description", ""),
         seed=body.get("seed"),
+        resources={**kind.resources, **body.get("resources", {})},
     )
 
 

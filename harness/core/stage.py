@@ -10,7 +10,7 @@ Collection imports the modules of the kinds a spec uses, so they import heavy li
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,8 @@ class StageKind:
     fingerprint:      fingerprint(params): what identifies, on this machine, the resources the
                       stage loads (a base model's weights); in the cache key, but not in the
                       pre-registration lock, which names the model by its params.
+    resources:        what a run needs on a cluster ({"gpus": 1, "cpus": 4, "memory_gb": 40});
+                      a stage's `resources:` overrides them; not in the cache key.
     """
 
     name: str
@@ -132,6 +134,7 @@ class StageKind:
     check: Callable[[Mapping[str, Any], Path], None] | None = None
     code_version: Callable[[Mapping[str, Any], Path], str] | None = None
     fingerprint: Callable[[Mapping[str, Any]], str] | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
 
     def __call__(self, ctx: StageContext) -> Metrics:
         """The kind runs as the function it decorates."""

@@ -1,0 +1,171 @@
+"""Executors: where the stages of a pytest run execute.
+
+`local` (the default) runs each stage in the pytest process when its item asks for it.
+`ray` submits, when the run starts, every stage that is to run as a Ray task whose
+arguments are the results (keys, directories, metrics) or task handles of its upstream
+stages: Ray starts each as soon as its upstreams are done, on a node with the resources
+the stage declares, and each pytest item waits for its own stage. Only keys travel; the
+artifacts stay in the runs directory, which every node must see (a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from harness.core.execution import ExperimentRun, StageResult, StageTask
+
+EXECUTORS = ("local", "ray")
+INSTALL_RAY = "pip install -e '.[ray]'"
+
+
+class ExecutorError(Exception):
+    """A usage problem with the chosen executor, shown as its message."""
+
+
+class LocalExecutor:
+    """Each stage runs in the pytest process, when its item (or a downstream one) asks for it."""
+
+    name = "local"
+
+    def for_run(self) -> None:
+        return None  # ExperimentRun then runs stages itself
+
+    def start(self, runs: Iterable[ExperimentRun]) -> int:
+        return 0
+
+    def cancel(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """Stages as Ray tasks on the cluster at `address` (None: RAY_ADDRESS, else a local one)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None, max_retries: int, runs_dir: Path):
+        try:
+            self.ray = importlib.import_module("ray")
+        except ImportError:
+            raise ExecutorError(f"--executor ray needs Ray: {INSTALL_RAY}") from None
+        self.address = address
+        self.max_retries = max_retries
+        self.runs_dir = runs_dir
+        self.pending: dict[Any, None] = {}  # handles not yet waited for, in submission order
+        self._remote = None
+        self._owns_ray = False
+
+    def for_run(self) -> RayExecutor:
+        return self
+
+    def start(self, runs: Iterable[ExperimentRun]) -> int:
+        return sum(run.submit_ahead() for run in runs if not run.started)
+
+    def _connect(self) -> None:
+        ray = self.ray
+        if not ray.is_initialized():
+            ray.init(address=self.address, namespace="harness", log_to_driver=True)
+            self._owns_ray = True
+        check_shared_store(ray, self.runs_dir)
+        self._remote = ray.remote(_run_task)
+
+    def submit(self, task: StageTask, upstream: list[Any], resources: Mapping[str, float]) -> Any:
+        if self._remote is None:
+            self._connect()
+        _pickle_conftest_kinds(self.ray, task)
+        handle = self._remote.options(
+            name=f"{task.experiment.name}::{task.stage}",
+            max_retries=self.max_retries,
+            **ray_resources(resources),
+        ).remote(task, *upstream)
+        self.pending[handle] = None
+        return handle
+
+    def wait(self, handle: Any) -> StageResult:
+        try:
+            return self.ray.get(handle)
+        finally:
+            self.pending.pop(handle, None)
+
+    def cancel(self) -> None:
+        """Cancel the tasks no item has waited for (Ctrl-C, or a run stopped by -x)."""
+        for handle in list(self.pending):
+            self.ray.cancel(handle, force=True)
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.cancel()
+        if self._owns_ray:
+            self.ray.shutdown()
+
+
+def _run_task(task: StageTask, *upstream: StageResult) -> StageResult:
+    return task(*upstream)
+
+
+def ray_resources(resources: Mapping[str, float]) -> dict[str, float]:
+    """A stage's `resources:` as Ray task options: one CPU unless it says otherwise."""
+    options: dict[str, float] = {"num_cpus": resources.get("cpus", 1)}
+    if resources.get("gpus"):
+        options["num_gpus"] = resources["gpus"]  # Ray sets the task's CUDA_VISIBLE_DEVICES to them
+    if resources.get("memory_gb"):
+        options["memory"] = int(resources["memory_gb"] * 2**30)
+    return options
+
+
+def _pickle_conftest_kinds(ray: Any, task: StageTask) -> None:
+    """A kind defined in a conftest.py cannot be imported by name on a worker: send its code."""
+    module = sys.modules.get(task.experiment.stages[task.stage].kind.module)
+    if module is not None and Path(getattr(module, "__file__", "") or "").name == "conftest.py":
+        ray.cloudpickle.register_pickle_by_value(module)
+
+
+def check_shared_store(ray: Any, runs_dir: Path) -> None:
+    """Refuse a runs directory that some node of the cluster cannot see. Checked when the
+    cluster has more than one node: the driver writes a token file in the runs directory
+    and a task pinned to each alive node reads it back."""
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    if len(nodes) < 2:
+        return
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    token = runs_dir / f".probe-{uuid.uuid4().hex[:8]}"
+    token.write_text(token.name)
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        probe = ray.remote(_sees)
+        seen = ray.get(
+            [
+                probe.options(
+                    num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                ).remote(str(token))
+                for node in nodes
+            ]
+        )
+    finally:
+        token.unlink(missing_ok=True)
+    blind = [node for node, ok in zip(nodes, seen, strict=True) if not ok]
+    if blind:
+        raise ExecutorError(
+            f"the runs directory {runs_dir} is not shared with {len(blind)} of the {len(nodes)} nodes "
+            f"of the Ray cluster (e.g. node {blind[0][:12]}): put it on a filesystem every node mounts "
+            "at the same path (NFS, Lustre) and pass it with --runs-dir"
+        )
+
+
+def _sees(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def make_executor(name: str, address: str | None, max_retries: int, runs_dir: Path):
+    if name == "ray":
+        return RayExecutor(address or os.environ.get("RAY_ADDRESS") or None, max_retries, runs_dir)
+    return LocalExecutor()
