@@ -181,6 +181,7 @@ def write_results(
             ctx.log(f"  {flat}.delta.{setting}: {change['value']:+.3f} ({change['method']})")
 
     first = next(iter(runs.values()))[0][1]
+    configs = capability.raw_results(first, spec_dir)[0]["configs"]  # once, not per task
     out = ctx.out_dir
     write_jsonl(out / "predictions.jsonl", rows)
     (out / "lm_eval").mkdir()
@@ -203,7 +204,7 @@ def write_results(
                     "version": first["versions"].get(names[entry.name]),
                     "n_shot": first["n-shot"].get(names[entry.name]),
                     "n_samples": first["n-samples"].get(names[entry.name]),
-                    "config": capability.raw_results(first, spec_dir)[0]["configs"].get(names[entry.name]),
+                    "config": configs.get(names[entry.name]),
                 }
                 for entry in entries
             },
