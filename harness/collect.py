@@ -12,6 +12,7 @@ from _pytest.outcomes import Skipped
 from harness.core.execution import ExperimentRun, StageResult
 from harness.core.experiment import Experiment, StageSpec, load_experiment, load_plan
 from harness.core.outcomes import Outcome, Status
+from harness.core.remote_store import RemoteStore, is_url
 from harness.core.stage import StageError
 from harness.hypotheses.evaluation import ERROR, Evaluation, HypothesisFamily
 from harness.hypotheses.lock import HypothesisError, lock_basis, stored_keys, write_lock
@@ -23,6 +24,7 @@ _PLUMBING = {
 }
 LOCK_ITEM = "lock-hypotheses"
 EXECUTOR = pytest.StashKey[object]()  # harness.core.executors: where stages run
+RUNS = pytest.StashKey[tuple[Path, "RemoteStore | None"]]()  # see runs_location
 
 
 class GateFailure(AssertionError):
@@ -67,21 +69,34 @@ class ExperimentFile(pytest.File):
         return super().repr_failure(excinfo)
 
 
+def runs_location(config: pytest.Config) -> tuple[Path, RemoteStore | None]:
+    """The runs directory on this machine, and the remote store it copies when the option or
+    ini value is a URL (`s3://bucket/runs`: the copy is then under the harness cache)."""
+    if RUNS not in config.stash:
+        option = config.getoption("harness_runs_dir")
+        setting = option or config.getini("harness_runs_dir")
+        if is_url(setting):
+            remote = RemoteStore(setting)
+            config.stash[RUNS] = (remote.local_root(), remote)
+        else:
+            base = Path.cwd() if option else config.inipath.parent if config.inipath else config.rootpath
+            config.stash[RUNS] = ((base / setting).resolve(), None)
+    return config.stash[RUNS]
+
+
 def runs_dir(config: pytest.Config) -> Path:
-    option = config.getoption("harness_runs_dir")
-    if option:
-        return Path(option).resolve()
-    base = config.inipath.parent if config.inipath else config.rootpath
-    return (base / config.getini("harness_runs_dir")).resolve()
+    return runs_location(config)[0]
 
 
 def experiment_run(config: pytest.Config, experiment: Experiment) -> ExperimentRun:
+    local, remote = runs_location(config)
     return ExperimentRun(
         experiment,
-        runs_dir(config),
+        local,
         rerun=frozenset(config.getoption("harness_rerun")),
         progress=_progress_writer(config),
         executor=config.stash[EXECUTOR].for_run(),
+        remote=remote,
     )
 
 

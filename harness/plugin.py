@@ -10,9 +10,18 @@ import pytest
 from _pytest.main import wrap_session
 
 from harness import hookspecs
-from harness.collect import EXECUTOR, ExperimentFile, HypothesisItem, LockItem, StageItem, runs_dir
+from harness.collect import (
+    EXECUTOR,
+    ExperimentFile,
+    HypothesisItem,
+    LockItem,
+    StageItem,
+    runs_dir,
+    runs_location,
+)
 from harness.core import registry
 from harness.core.executors import EXECUTORS, ExecutorError, make_executor
+from harness.core.remote_store import RemoteStoreError
 from harness.core.store_clean import clean_store
 from harness.report.runs import RunReports
 
@@ -35,9 +44,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--runs-dir",
         dest="harness_runs_dir",
-        metavar="DIR",
+        metavar="DIR|URL",
         default=None,
-        help="artifact store directory (default: ini harness_runs_dir, or runs/)",
+        help="artifact store: a directory, or an fsspec URL such as s3://bucket/runs that each machine "
+        "copies into $HARNESS_CACHE_DIR/stores (default: ini harness_runs_dir, or runs/)",
     )
     group.addoption(
         "--rerun",
@@ -124,14 +134,17 @@ def _executor(config: pytest.Config):
         raise pytest.UsageError(f"harness_executor = {name!r}: choose one of {', '.join(EXECUTORS)}")
     retries = config.getoption("harness_max_retries")
     address = config.getoption("harness_ray_address") or config.getini("harness_ray_address") or None
+    local, remote = runs_location(config)
     try:
+        if remote is not None:
+            remote.check()
         return make_executor(
             name,
             address,
             int(config.getini("harness_max_retries")) if retries is None else retries,
-            runs_dir(config),
+            None if remote else local,  # a URL is shared by every node; a path must be
         )
-    except ExecutorError as exc:
+    except (ExecutorError, RemoteStoreError) as exc:
         raise pytest.UsageError(str(exc)) from None
 
 

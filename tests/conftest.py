@@ -24,6 +24,17 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server with a bucket, reachable from this process and those it starts
+    (AWS_* variables set for the session)."""
+    pytest.importorskip("moto")
+    from harness.fixtures.s3_server import S3Server
+
+    with S3Server() as server, server.environ():
+        yield server
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir():
     """The tiny world's model and tokenizer (built once, cached across runs): a directory
     usable as a spec's `base:`."""

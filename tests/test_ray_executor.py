@@ -3,7 +3,12 @@ logical GPUs), driven end to end by pytest runs in subprocesses."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,27 +33,32 @@ from harness.api import stage_kind
 
 
 @stage_kind(
-    name="where", schema=None, metrics=("node", "gpu_ids", "cuda_visible", "value", "began", "ended")
+    name="where",
+    schema=None,
+    metrics=("node", "gpu_ids", "cuda_visible", "value", "began", "ended", "cache", "pid"),
 )
 def run(ctx):
     import ray
 
     node = ray.get_runtime_context().get_node_id()
     started = ctx.params.get("started")
-    if started:  # tell the test which node to remove
-        Path(started).write_text(node)
+    if started:  # tell the test which node (and process) runs it
+        Path(started).write_text(f"{node} {os.getpid()}")
     ctx.log(f"on node {node[:8]}")
     began = time.time()
     time.sleep(ctx.params.get("sleep", 0))
-    (ctx.out_dir / "value.txt").write_text(str(ctx.params["x"]))
-    upstream = sum(up.metrics["value"] for up in ctx.upstream.values())
+    # from the upstreams' files, not their metrics: their artifacts must be on this node
+    value = ctx.params["x"] + sum(int((up.dir / "value.txt").read_text()) for up in ctx.upstream.values())
+    (ctx.out_dir / "value.txt").write_text(str(value))
     return {
         "node": node,
         "gpu_ids": sorted(str(g) for g in ray.get_gpu_ids()),
         "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "value": ctx.params["x"] + upstream,
+        "value": value,
         "began": began,
         "ended": time.time(),
+        "cache": os.environ.get("HARNESS_CACHE_DIR"),
+        "pid": os.getpid(),
     }
 
 
@@ -58,11 +68,17 @@ def pytest_harness_stage_kinds():
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A head without CPUs (stages land on the workers) and two worker nodes with 2 logical GPUs."""
+def ray_cluster(s3_server, tmp_path_factory):
+    """A head without CPUs (stages land on the workers) and two worker nodes with 2 logical
+    GPUs, each with its own harness cache (so its own copy of a store at a URL). The nodes
+    reach the S3 server: they are started after its variables are set."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0})
+    caches, numbers = tmp_path_factory.mktemp("node-caches"), itertools.count()
+    cluster.add_worker = lambda: cluster.add_node(  # the node-death test adds one back
+        **WORKER, env_vars={"HARNESS_CACHE_DIR": str(caches / f"node-{next(numbers)}")}
+    )
     for _ in range(2):
-        cluster.add_node(**WORKER)
+        cluster.add_worker()
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()
@@ -126,7 +142,7 @@ def test_a_stage_whose_node_dies_is_retried_on_another_node(pytester, ray_cluste
         deadline = time.time() + 120
         while not marker.exists() and time.time() < deadline:
             time.sleep(0.2)
-        node_id = marker.read_text()
+        node_id = marker.read_text().split()[0]
         node = next(n for n in ray_cluster.worker_nodes if n.node_id == node_id)
         marker.unlink()
         ray_cluster.remove_node(node, allow_graceful=False)
@@ -139,7 +155,7 @@ def test_a_stage_whose_node_dies_is_retried_on_another_node(pytester, ray_cluste
         result = _run(pytester, spec, runs, ray_cluster)
     finally:
         killer.join(timeout=5)
-        ray_cluster.add_node(**WORKER)  # the next tests see two workers again
+        ray_cluster.add_worker()  # the next tests see two workers again
         ray_cluster.wait_for_nodes()
     result.assert_outcomes(passed=2)
     metrics = _metrics(runs)
@@ -198,3 +214,98 @@ def test_resources_come_from_the_stage_and_its_profile_and_stay_out_of_the_key(t
     assert ray_resources(full.stages["a"].resources) == {"num_cpus": 4, "num_gpus": 1, "memory": 2 * 2**30}
     assert ray_resources(tiny.stages["a"].resources) == {"num_cpus": 4, "memory": 2 * 2**30}
     assert stage_recipe(full.stages["a"], full) == stage_recipe(tiny.stages["a"], tiny)
+
+
+def _copy_metrics(root: Path) -> dict[str, dict]:
+    """The metrics of each stage in a machine's copy of a store at a URL (one key per stage)."""
+    return {
+        path.parent.parent.name: json.loads(path.read_text())
+        for path in root.glob("stores/*/exp/default/*/*/metrics.json")
+    }
+
+
+def test_nodes_that_share_only_an_s3_store_pass_artifacts_through_it(
+    pytester, ray_cluster, s3_server, tmp_path, monkeypatch
+):
+    spec = (
+        "stages:\n"  # two stages of 2 GPUs at once: on the two nodes
+        "  s0: {kind: where, params: {x: 1, sleep: 3}, resources: {gpus: 2}}\n"
+        "  s1: {kind: where, params: {x: 2, sleep: 3}, resources: {gpus: 2}}\n"
+        "  total: {kind: where, needs: [s0, s1], params: {x: 0}, gates: [value == 3]}\n"
+    )
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "driver"))
+    result = _run(pytester, spec, s3_server.url("on-ray"), ray_cluster, "-v")
+    result.assert_outcomes(passed=3)
+    metrics = _copy_metrics(tmp_path / "driver")  # the driver fetched every result
+    assert metrics["s0"]["node"] != metrics["s1"]["node"]
+    assert metrics["s0"]["cache"] != metrics["s1"]["cache"]  # no directory shared by the nodes
+    where_total_ran = Path(metrics["total"]["cache"])
+    upstream_copies = list(where_total_ran.glob("stores/*/exp/default/s[01]/*/value.txt"))
+    assert sorted(p.read_text() for p in upstream_copies) == ["1", "2"]  # one of them made elsewhere
+    assert len([k for k in s3_server.keys("on-ray/") if k.endswith("/manifest.json")]) == 3
+
+
+def _namespaces_work() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _namespaces_work(), reason="needs mount namespaces (unshare -Urm)")
+def test_a_runs_directory_the_nodes_cannot_see_is_refused(pytester, ray_cluster, tmp_path):
+    """The driver runs in a mount namespace of its own with a private filesystem at the
+    runs directory: a node-local path, as on a cluster whose nodes do not mount it."""
+    private = tmp_path / "private"
+    private.mkdir()
+    pytester.makeconftest(NODE_KIND)
+    pytester.makefile(".yaml", exp="stages:\n  a: {kind: where, params: {x: 1}}\n")
+    pytest_command = (
+        f"{sys.executable} -m pytest exp.yaml -p no:cacheprovider --runs-dir {private}/runs "
+        f"--executor ray --ray-address {ray_cluster.address}"
+    )
+    refused = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", f"mount -t tmpfs none {private} && exec {pytest_command}"],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert refused.returncode == pytest.ExitCode.USAGE_ERROR, refused.stdout + refused.stderr
+    assert f"the runs directory {private}/runs is not shared with 3 of the 3 nodes" in refused.stderr
+    assert "NFS, Lustre" in refused.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has ended
+
+
+def test_ctrl_c_cancels_the_submitted_stages(pytester, ray_cluster, tmp_path):
+    marker = tmp_path / "started"
+    spec = (
+        "stages:\n"
+        f"  slow: {{kind: where, params: {{x: 1, sleep: 300, started: '{marker}'}}}}\n"
+        "  after: {kind: where, needs: [slow], params: {x: 1}}\n"
+    )
+    pytester.makeconftest(NODE_KIND)
+    pytester.makefile(".yaml", exp=spec)
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "pytest", "exp.yaml", "-p", "no:cacheprovider", "--runs-dir", str(runs)]
+    pytest_run = pytester.popen(
+        [*command, "--executor", "ray", "--ray-address", ray_cluster.address], stdin=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    pid = int(marker.read_text().split()[1])
+    pytest_run.send_signal(signal.SIGINT)
+    assert pytest_run.wait(timeout=60) == pytest.ExitCode.INTERRUPTED
+    deadline = time.time() + 30
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid)  # the stage's process was stopped, not left to run for 5 minutes
+    stage_dir = runs / "exp" / "default" / "slow"
+    assert not [d for d in stage_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]

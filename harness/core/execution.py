@@ -17,6 +17,7 @@ from harness.core.gates import GateResult, evaluate
 from harness.core.graph import stage_key, without
 from harness.core.outcomes import Outcome, Status
 from harness.core.provenance import git_commit, package_versions
+from harness.core.remote_store import RemoteStore
 from harness.core.seeding import seed_everything
 from harness.core.stage import StageContext, StageError, StageKind, Upstream
 from harness.core.store import Record, StageStore, file_digest
@@ -99,9 +100,11 @@ class ExperimentRun:
         rerun: frozenset[str] = frozenset(),
         progress: Callable[[str], None] = lambda line: None,
         executor: Executor | None = None,
+        remote: RemoteStore | None = None,
     ):
         self.experiment = experiment
-        self.runs_dir = Path(runs_dir)
+        self.runs_dir = Path(runs_dir)  # with a remote store: this machine's copy of it
+        self.remote = remote
         self.rerun = rerun
         self.progress = progress
         self.executor = executor
@@ -143,7 +146,7 @@ class ExperimentRun:
             result = self._unfinished(spec, Status.SKIPPED, blocked)
         elif spec.name in self._submitted:
             try:
-                result = self.executor.wait(self._submitted[spec.name])
+                result = self._here(self.executor.wait(self._submitted[spec.name]))
             except Exception as exc:  # the task itself was lost: its node died past the retries
                 result = self._unfinished(spec, Status.FAILED, f"{type(exc).__name__}: {exc}", error=exc)
         else:
@@ -178,7 +181,24 @@ class ExperimentRun:
         return len(self._submitted)
 
     def _task(self, spec: StageSpec) -> StageTask:
-        return StageTask(self.experiment, self.runs_dir, self.rerun, spec.name, self._prepare(spec))
+        return StageTask(
+            self.experiment, self.runs_dir, self.rerun, spec.name, self._prepare(spec), self.remote
+        )
+
+    def _store(self, stage: str) -> StageStore:
+        return StageStore(
+            self.runs_dir, self.experiment.name, self.experiment.profile_dir, stage, self.remote
+        )
+
+    def _here(self, result: StageResult) -> StageResult:
+        """A result computed on another machine, with its directory in this machine's copy of
+        the remote store (fetched now); unchanged on a shared filesystem."""
+        if self.remote is not None and result.key and result.status in (Status.RAN, Status.REUSED):
+            record = self._store(result.stage).lookup(result.key)
+            if record is None:
+                raise StageError(f"stage {result.stage!r} key {result.key} is missing from {self.remote.url}")
+            result.dir = record.dir
+        return result
 
     def _blocked(self, spec: StageSpec) -> str | None:
         for upstream in spec.needs.values():
@@ -216,7 +236,7 @@ class ExperimentRun:
         return recipe
 
     def _resolve(self, spec: StageSpec, run_here: bool = True) -> StageResult | None:
-        store = StageStore(self.runs_dir, self.experiment.name, self.experiment.profile_dir, spec.name)
+        store = self._store(spec.name)
         material = self._material(spec)
         key = stage_key(**material)
         forced = "all" in self.rerun or spec.name in self.rerun
@@ -224,12 +244,16 @@ class ExperimentRun:
         if record is None:
             if not run_here:
                 return None
-            with store.lock(key):
+            with store.lock(key, waiting=lambda lease: self._waiting(spec, lease)):
                 record = None if forced else store.lookup(key)  # another worker may have made it
                 if record is None:
                     return self._run(spec, store, key, material, forced)
         ran_at = record.manifest.get("finished_at", "?")
         return self._result(spec, Status.REUSED, f"cache hit, ran {ran_at}", record)
+
+    def _waiting(self, spec: StageSpec, lease: Mapping[str, Any]) -> None:
+        holder = lease.get("holder", "another machine")
+        self.progress(f"[{self.experiment.name}::{spec.name}] waiting: {holder} is running it")
 
     def _unfinished(self, spec: StageSpec, status: Status, reason: str, **extra: Any) -> StageResult:
         """A skipped or failed stage: no record in the store."""
@@ -331,10 +355,12 @@ class StageTask:
     rerun: frozenset[str]
     stage: str
     prepared: tuple[dict[str, Any], dict[str, str]]
+    remote: RemoteStore | None = None
 
     def __call__(self, *upstream: StageResult) -> StageResult:
-        run = ExperimentRun(self.experiment, self.runs_dir, self.rerun, progress=_print_line)
-        run.results = {result.stage: result for result in upstream}
+        runs_dir = self.remote.local_root() if self.remote else self.runs_dir  # this machine's copy
+        run = ExperimentRun(self.experiment, runs_dir, self.rerun, progress=_print_line, remote=self.remote)
+        run.results = {result.stage: run._here(result) for result in upstream}
         run._prepared[self.stage] = self.prepared
         return run.resolve(self.stage)
 

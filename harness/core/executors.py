@@ -5,7 +5,8 @@
 arguments are the results (keys, directories, metrics) or task handles of its upstream
 stages: Ray starts each as soon as its upstreams are done, on a node with the resources
 the stage declares, and each pytest item waits for its own stage. Only keys travel; the
-artifacts stay in the runs directory, which every node must see (a shared filesystem).
+artifacts stay in the runs directory, which every node must see: a shared filesystem, or a
+URL (harness.core.remote_store) that each node copies from and uploads to.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None, max_retries: int, runs_dir: Path):
+    def __init__(self, address: str | None, max_retries: int, runs_dir: Path | None):
         try:
             self.ray = importlib.import_module("ray")
         except ImportError:
@@ -74,7 +75,8 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init(address=self.address, namespace="harness", log_to_driver=True)
             self._owns_ray = True
-        check_shared_store(ray, self.runs_dir)
+        if self.runs_dir is not None:  # a path, not a URL: every node must see it
+            check_shared_store(ray, self.runs_dir)
         self._remote = ray.remote(_run_task)
 
     def submit(self, task: StageTask, upstream: list[Any], resources: Mapping[str, float]) -> Any:
@@ -90,10 +92,9 @@ class RayExecutor:
         return handle
 
     def wait(self, handle: Any) -> StageResult:
-        try:
-            return self.ray.get(handle)
-        finally:
-            self.pending.pop(handle, None)
+        result = self.ray.get(handle)  # on Ctrl-C the handle stays pending: `close` cancels it
+        self.pending.pop(handle, None)
+        return result
 
     def cancel(self) -> None:
         """Cancel the tasks no item has waited for (Ctrl-C, or a run stopped by -x)."""
@@ -165,7 +166,7 @@ def _sees(path: str) -> bool:
     return os.path.exists(path)
 
 
-def make_executor(name: str, address: str | None, max_retries: int, runs_dir: Path):
+def make_executor(name: str, address: str | None, max_retries: int, runs_dir: Path | None):
     if name == "ray":
         return RayExecutor(address or os.environ.get("RAY_ADDRESS") or None, max_retries, runs_dir)
     return LocalExecutor()

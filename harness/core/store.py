@@ -16,13 +16,16 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
+
+if TYPE_CHECKING:
+    from harness.core.remote_store import RemoteStore
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -118,10 +121,16 @@ def output_digest(directory: Path) -> str:
 
 
 class StageStore:
-    """The store directory of one stage of one experiment and profile."""
+    """The store directory of one stage of one experiment and profile: under `root` on this
+    machine, and at `remote` too when the runs directory is a URL (`root` is then this
+    machine's copy of it: lookups fetch from `remote`, commits upload to it)."""
 
-    def __init__(self, root: Path, experiment: str, profile: str, stage: str):
-        self.dir = Path(root) / experiment / profile / stage
+    def __init__(
+        self, root: Path, experiment: str, profile: str, stage: str, remote: RemoteStore | None = None
+    ):
+        self.rel = f"{experiment}/{profile}/{stage}"
+        self.dir = Path(root) / self.rel
+        self.remote = remote
 
     @classmethod
     def at(cls, directory: Path) -> StageStore:
@@ -140,6 +149,12 @@ class StageStore:
 
     def lookup(self, key: str) -> Record | None:
         """The complete run under `key`, or None. Incomplete directories never count."""
+        record = self._lookup_here(key)
+        if record is None and self.remote is not None and self.remote.pull(self, key):
+            record = self._lookup_here(key)
+        return record
+
+    def _lookup_here(self, key: str) -> Record | None:
         directory = self.key_dir(key)
         manifest = read_json(directory / MANIFEST)
         if not isinstance(manifest, dict) or not manifest.get("complete") or manifest.get("key") != key:
@@ -159,18 +174,26 @@ class StageStore:
 
     def latest(self) -> dict[str, Any] | None:
         """The manifest of the last complete run of this stage, whatever its key."""
-        try:
-            key = (self.dir / LATEST).read_text().strip()
-        except OSError:
-            return None
+        key = self.remote.latest(self) if self.remote is not None else None  # the store's word first
+        if key is None:
+            try:
+                key = (self.dir / LATEST).read_text().strip()
+            except OSError:
+                return None
         record = self.lookup(key) if key else None
         return record.manifest if record else None
 
     @contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(self, key: str, waiting: Callable[[dict[str, Any]], None] | None = None) -> Iterator[None]:
+        """Hold the key against the other processes of this machine, and of every machine
+        through the remote store's lease (`waiting` is told once of a holder to wait for)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with FileLock(self.lock_file(key)):
-            yield
+            if self.remote is None:
+                yield
+            else:
+                with self.remote.lease(self, key, waiting):
+                    yield
 
     def begin(self, key: str) -> Path:
         """A fresh temporary output directory; call with the lock held.
@@ -194,6 +217,8 @@ class StageStore:
         os.replace(tmp, final)
         write_text_atomic(self.dir / LATEST, key)
         self.remove_working_dirs(key)
+        if self.remote is not None:
+            self.remote.push(self, key)
         return Record(final, dict(manifest), dict(metrics))
 
     def working_dirs(self, key: str) -> list[Path]:
