@@ -55,7 +55,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="STAGE",
         action="append",
         default=[],
-        help="run STAGE again even if its artifacts are cached; 'all' for every stage",
+        help="run STAGE again even if its artifacts are cached; 'all' for every stage, a matrix's name for "
+        "each of its stages",
     )
     group.addoption(
         "--lock-hypotheses",

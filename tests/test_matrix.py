@@ -331,3 +331,11 @@ def test_each_stage_of_a_matrix_is_its_own_item_and_cache_key(pytester):
     assert len({s["dir"] for s in stages.values()}) == 5
     again = pytester.runpytest("exp.yaml", "-p", "no:cacheprovider", "-k", "em and b")
     again.assert_outcomes(passed=2, deselected=3)
+    assert "cache hit" in (pytester.path / "runs/exp/default/report.md").read_text()
+
+    rerun = pytester.runpytest("exp.yaml", "-p", "no:cacheprovider", "--rerun", "em", "-v")
+    rerun.assert_outcomes(passed=5)
+    report = json.loads((pytester.path / "runs/exp/default/report.json").read_text())
+    reasons = {s["stage"]: s["reason"] for s in report["stages"]}
+    assert all(reasons[f"em[{p},{s}]"] == "forced by --rerun" for p in "ab" for s in (1, 2))  # the matrix
+    assert reasons["pooled"].startswith("cache hit")  # its inputs came out the same

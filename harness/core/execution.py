@@ -239,7 +239,8 @@ class ExperimentRun:
         store = self._store(spec.name)
         material = self._material(spec)
         key = stage_key(**material)
-        forced = "all" in self.rerun or spec.name in self.rerun
+        # `--rerun em` names a matrix: each of its stages `em[...]`
+        forced = bool({"all", spec.name, spec.name.partition("[")[0]} & self.rerun)
         record = None if forced else store.lookup(key)
         if record is None:
             if not run_here:
