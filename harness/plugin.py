@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path, PurePath
+from typing import Any
 
 import pytest
+import yaml
 from _pytest.main import wrap_session
 
 from harness import hookspecs
@@ -86,8 +88,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="harness_executor",
         choices=EXECUTORS,
         default=None,
-        help="where stages run: local (in this process, the default) or ray (as Ray tasks on a cluster; "
-        "independent stages at the same time)",
+        help="where stages run: local (in this process, the default), ray (as Ray tasks on a cluster; "
+        "independent stages at the same time) or submitit (as Slurm jobs, or local processes without Slurm)",
     )
     group.addoption(
         "--ray-address",
@@ -105,8 +107,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="with --executor ray: times a stage is run again when its node or worker dies (default 3)",
     )
-    parser.addini("harness_runs_dir", "artifact store directory, relative to the ini file", default="runs")
-    parser.addini("harness_executor", "where stages run: local or ray", default="local")
+    group.addoption(
+        "--submitit-param",
+        dest="harness_submitit_params",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="with --executor submitit: a parameter of submitit's AutoExecutor for every job (repeatable), "
+        "e.g. slurm_partition=gpu, timeout_min=600; a stage's resources give gpus, cpus and memory",
+    )
+    parser.addini(
+        "harness_runs_dir", "artifact store directory or URL, relative to the ini file", default="runs"
+    )
+    parser.addini("harness_executor", "where stages run: local, ray or submitit", default="local")
+    parser.addini(
+        "harness_submitit_params", "KEY=VALUE parameters of --executor submitit's jobs", type="args"
+    )
     parser.addini("harness_ray_address", "the Ray cluster of --executor ray", default="")
     parser.addini("harness_max_retries", "retries of a stage whose node dies (--executor ray)", default="3")
     parser.addini(
@@ -143,10 +159,23 @@ def _executor(config: pytest.Config):
             name,
             address,
             int(config.getini("harness_max_retries")) if retries is None else retries,
-            None if remote else local,  # a URL is shared by every node; a path must be
+            local,
+            shared_by_url=remote is not None,
+            submitit_parameters=_submitit_parameters(config),
         )
     except (ExecutorError, RemoteStoreError) as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def _submitit_parameters(config: pytest.Config) -> dict[str, Any]:
+    """`KEY=VALUE` pairs of the ini and the command line (which wins), values read as YAML."""
+    parameters = {}
+    for pair in [*config.getini("harness_submitit_params"), *config.getoption("harness_submitit_params")]:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise pytest.UsageError(f"--submitit-param {pair!r}: write KEY=VALUE, e.g. slurm_partition=gpu")
+        parameters[key.strip()] = yaml.safe_load(value)
+    return parameters
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -77,9 +77,10 @@ def test_the_readme_shows_what_ci_runs():
     install = [c.removeprefix("python -m ").replace(" --quiet", "") for c in commands if "pip install" in c]
     tests = [c for c in commands if c.startswith("pytest")]
     assert install == ["pip install torch==2.13.0", "pip install -e '.[dev]'"]
-    assert tests == ["pytest -n 2 --dist loadgroup --profile tiny"]
+    # the README's test command first; what follows it are CI's slower checks
+    assert tests[0] == "pytest -n 2 --dist loadgroup --profile tiny"
     readme = README.read_text()
-    for command in [*install, *tests]:
+    for command in [*install, tests[0]]:
         assert f"    {command}" in readme, command
 
 
