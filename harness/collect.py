@@ -266,7 +266,8 @@ class LockItem(_HarnessItem):
         if self.plan is None:
             raise Skipped(f"{file.name} has no `hypotheses:` section to lock", _use_item_location=True)
         basis = lock_basis(experiment)
-        existing = stored_keys(basis, runs_dir(self.config), experiment)
+        local, remote = runs_location(self.config)
+        existing = stored_keys(basis, local, experiment, remote)
         path, what = write_lock(basis, file, self.profile, existing, self.config.getoption("harness_relock"))
         self.done = {
             "experiment": experiment.name,

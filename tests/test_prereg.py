@@ -168,3 +168,18 @@ def test_the_report_shows_the_commit_of_the_lock_file(world):
     assert f"committed in {head[:12]}" in reg["reason"]
     report = (world.path / "runs/exp/default/hypothesis_report.md").read_text()
     assert f"Lock file: committed in `{head[:12]}` at " in report
+
+
+def test_results_in_a_shared_store_count_whichever_machine_made_them(world, s3_server, tmp_path, monkeypatch):
+    pytest.importorskip("s3fs")
+    url = s3_server.url("prereg")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "machine-a"))
+    world.runpytest_subprocess("exp.yaml", "--runs-dir", url).assert_outcomes(passed=3)
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "machine-b"))  # has seen nothing
+    locked = world.runpytest_subprocess("exp.yaml", "--lock-hypotheses", "--runs-dir", url)
+    locked.assert_outcomes(passed=1)
+    entry = json.loads((world.path / "exp.lock.json").read_text())["profiles"]["default"]
+    assert set(entry["existing_keys"]) == {"em", "judge"}
+    assert not (tmp_path / "machine-b" / "stores").exists() or not any(
+        (tmp_path / "machine-b" / "stores").rglob("samples.json")
+    )  # read from the manifests alone, no run fetched

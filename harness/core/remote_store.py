@@ -128,6 +128,17 @@ class RemoteStore:
             self.fs.put_file(str(path), f"{remote}/{path.relative_to(local).as_posix()}")
         self.fs.pipe_file(self.remote(stage.rel, LATEST), key.encode())
 
+    def manifests(self, stage: StageStore) -> dict[str, dict[str, Any]]:
+        """The manifests of the stage's complete runs in the store, by key."""
+        found = {}
+        for path in self.fs.find(self.remote(stage.rel), maxdepth=2):
+            key, _, name = path[len(self.remote(stage.rel)) + 1 :].partition("/")
+            if name == MANIFEST:
+                manifest = json.loads(self.fs.cat_file(path))
+                if manifest.get("complete") and manifest.get("key") == key:
+                    found[key] = manifest
+        return found
+
     def latest(self, stage: StageStore) -> str | None:
         try:
             return self.fs.cat_file(self.remote(stage.rel, LATEST)).decode().strip() or None

@@ -172,6 +172,14 @@ class StageStore:
                 if record is not None:
                     yield record
 
+    def manifests(self) -> dict[str, dict[str, Any]]:
+        """The manifest of every complete run of this stage, by key: in this machine's copy and,
+        with a remote store, there too (read without fetching the runs)."""
+        found = {r.manifest["key"]: r.manifest for r in self.records()}
+        if self.remote is not None:
+            found = {**self.remote.manifests(self), **found}
+        return found
+
     def latest(self) -> dict[str, Any] | None:
         """The manifest of the last complete run of this stage, whatever its key."""
         key = self.remote.latest(self) if self.remote is not None else None  # the store's word first

@@ -32,6 +32,7 @@ from harness.core.store import StageStore, read_json, write_json
 
 if TYPE_CHECKING:
     from harness.core.experiment import Experiment
+    from harness.core.remote_store import RemoteStore
 
 LOCK_SUFFIX = ".lock.json"
 PREREGISTERED, EXPLORATORY = "pre-registered", "exploratory"
@@ -78,22 +79,32 @@ def lock_basis(experiment: Experiment) -> LockBasis:
     return LockBasis(plan.as_json(), recipes, tested)
 
 
-def stored_keys(basis: LockBasis, runs_dir: Path, experiment: Experiment) -> dict[str, list[str]]:
+def stored_keys(
+    basis: LockBasis, runs_dir: Path, experiment: Experiment, remote: RemoteStore | None = None
+) -> dict[str, list[str]]:
     """Per stage of the basis, the keys of the results the store holds under its whole lineage
     of recipes: its own, and those of the results it was made from, recursively. Keys are not
-    compared: the same recipes rerun elsewhere give other bytes (paths, floats), not other data."""
+    compared: the same recipes rerun elsewhere give other bytes (paths, floats), not other data.
+    With a remote store, its results count too, wherever they were made."""
     from harness.core.execution import recipe_of
 
     recipes = json.loads(canonical_json(basis.stages))
+    manifests: dict[str, dict[str, dict[str, Any]]] = {}
     verdicts: dict[tuple[str, str], bool] = {}
+
+    def stored(stage: str) -> dict[str, dict[str, Any]]:
+        if stage not in manifests:
+            store = StageStore(runs_dir, experiment.name, experiment.profile_dir, stage, remote)
+            manifests[stage] = store.manifests()
+        return manifests[stage]
 
     def made_under_basis(stage: str, key: str) -> bool:
         if (stage, key) not in verdicts:
             verdicts[stage, key] = False  # a cycle of keys cannot be a lineage
-            record = StageStore(runs_dir, experiment.name, experiment.profile_dir, stage).lookup(key)
-            material = record.manifest.get("key_material", {}) if record else {}
+            found = stored(stage).get(key)
+            material = found.get("key_material", {}) if found else {}
             verdicts[stage, key] = (
-                bool(record)
+                bool(found)
                 and recipe_of(material) == recipes[stage]
                 and all(
                     made_under_basis(up["stage"], up["key"]) for up in material.get("upstream", {}).values()
@@ -101,11 +112,9 @@ def stored_keys(basis: LockBasis, runs_dir: Path, experiment: Experiment) -> dic
             )
         return verdicts[stage, key]
 
-    out = {}
-    for name in basis.stages:
-        store = StageStore(runs_dir, experiment.name, experiment.profile_dir, name)
-        out[name] = [r.manifest["key"] for r in store.records() if made_under_basis(name, r.manifest["key"])]
-    return out
+    return {
+        name: [key for key in sorted(stored(name)) if made_under_basis(name, key)] for name in basis.stages
+    }
 
 
 def upstream_closure(stages: Iterable[str], needs: Mapping[str, Mapping[str, str]]) -> list[str]:
