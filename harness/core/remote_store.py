@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,9 @@ class RemoteStore:
             return None
 
     @contextmanager
-    def lease(self, stage: StageStore, key: str, waiting: Any = None) -> Iterator[None]:
+    def lease(
+        self, stage: StageStore, key: str, waiting: Callable[[dict[str, Any]], None] | None = None
+    ) -> Iterator[None]:
         """Hold the key's lease while the body runs, waiting for another holder to finish or die."""
         path = self.remote(stage.rel, f".{key}.lease")
         holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
