@@ -8,13 +8,15 @@
 
 stage_kind                 declares the decorated run function a stage kind
 StageContext               what the run function receives
+Estimate                   what a run would ask of paid APIs (`estimate=`, for --plan)
 StageError, ParamError     a failure the user can fix, at run / in `check` at collection
 Role, Upstream             an upstream role a kind reads, and what it finds there
 find_upstream, adapter_dir, adapter_role
                            the upstream in a role; a trained adapter's directory and role
 write_json, write_jsonl, write_text_atomic
                            artifact writers whose readers never see a half-written file
-tenths                     a progress callback that logs about every 10%
+aside                      work done for a stage that is not its own (a model built once and
+                           cached): logged on its own lines, left out of its duration
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.core.preflight import lacking
+from harness.core.progress import aside
 from harness.core.stage import (
+    Estimate,
     Metrics,
     ParamError,
     Role,
@@ -32,14 +37,14 @@ from harness.core.stage import (
     StageError,
     StageKind,
     Upstream,
-    tenths,
 )
 from harness.core.store import write_json, write_jsonl, write_text_atomic
 from harness.core.upstream import adapter_dir, adapter_role, find_upstream
-from harness.lab.models import ModelNotFound, base_fingerprint, check_base
+from harness.lab.models import ModelNotFound, NotDownloaded, base_fingerprint, check_base
 from harness.spec.validate import SPECS_DIR, load_schema
 
 __all__ = [
+    "Estimate",
     "Metrics",
     "ParamError",
     "Role",
@@ -49,9 +54,9 @@ __all__ = [
     "Upstream",
     "adapter_dir",
     "adapter_role",
+    "aside",
     "find_upstream",
     "stage_kind",
-    "tenths",
     "write_json",
     "write_jsonl",
     "write_text_atomic",
@@ -75,12 +80,15 @@ def stage_kind(
     base: str | None = "base",
     version: str = "1",
     resources: Mapping[str, float] | None = None,
+    estimate: Callable[[Mapping[str, Any]], Estimate | None] | None = None,
 ) -> Callable[[RunFunction], StageKind]:
     """Declare the decorated run function a stage kind; the arguments are StageKind's fields.
 
     name:   default: the last part of the module's name (`harness.stages.patch`: patch).
     schema: default: `specs/stages/<name>.schema.json` for a built-in kind, else
             `<name>.schema.json` beside the kind's module; None: params are not checked.
+    estimate: estimate(params) -> Estimate: the requests, tokens and cost a run would ask of
+            paid APIs, shown by `--plan` (input params hold absolute paths, as in a run).
     base:   the param naming the base model the stage loads, when the schema has it: a model
             missing here fails at collection, at that param's line, before the kind's own
             `check`; the fingerprint of its weights here (harness.lab.models) joins the cache key.
@@ -107,6 +115,7 @@ def stage_kind(
             code_version=code_version,
             fingerprint=_base_weights(base) if loads_base else None,
             resources=dict(resources or {}),
+            estimate=estimate,
         )
 
     return declare
@@ -132,6 +141,9 @@ def _base_checked(param: str, check: Callable[[Mapping[str, Any], Path], None] |
         try:
             if param in params:  # a schema may leave it optional (em_eval of provider models)
                 check_base(params[param])
+        except NotDownloaded as error:  # reported with every other lack of this machine
+            if not lacking(error.advice, (param,)):
+                raise ParamError((param,), str(error)) from None
         except ModelNotFound as error:
             raise ParamError((param,), str(error)) from None
         if check:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ from _pytest.outcomes import Skipped
 from harness.core.execution import ExperimentRun, StageResult
 from harness.core.experiment import Experiment, StageSpec, load_experiment, load_plan
 from harness.core.outcomes import Outcome, Status
+from harness.core.preflight import gathering
 from harness.core.remote_store import RemoteStore, is_url
 from harness.core.stage import StageError
 from harness.hypotheses.evaluation import ERROR, Evaluation, HypothesisFamily
 from harness.hypotheses.lock import HypothesisError, lock_basis, stored_keys, write_lock
+from harness.report.runs import spec_outline
 from harness.spec.errors import SpecError, UnknownProfile
 
 _PLUMBING = {
@@ -25,6 +28,8 @@ _PLUMBING = {
 LOCK_ITEM = "lock-hypotheses"
 EXECUTOR = pytest.StashKey[object]()  # harness.core.executors: where stages run
 RUNS = pytest.StashKey[tuple[Path, "RemoteStore | None"]]()  # see runs_location
+RUNNING_ITEM = pytest.StashKey[pytest.Item]()  # the item in its runtest protocol (plugin.py)
+PROGRESS_REPORT = "harness-progress"  # the `when` of a report carrying an xdist worker's progress line
 
 
 class GateFailure(AssertionError):
@@ -46,7 +51,8 @@ class ExperimentFile(pytest.File):
             yield LockItem.from_parent(self, name=LOCK_ITEM, experiment=load_plan(self.path, profile))
             return
         try:
-            experiment = load_experiment(self.path, profile)
+            with gathering():  # missing keys and models: the plugin reports every stage's at once
+                experiment = load_experiment(self.path, profile)
         except UnknownProfile as exc:
             if self.session.isinitpath(self.path):  # named on the command line: a mistake
                 raise
@@ -94,24 +100,37 @@ def experiment_run(config: pytest.Config, experiment: Experiment) -> ExperimentR
         experiment,
         local,
         rerun=frozenset(config.getoption("harness_rerun")),
-        progress=_progress_writer(config),
+        progress=progress_writer(config),
         executor=config.stash[EXECUTOR].for_run(),
         remote=remote,
     )
 
 
-def _progress_writer(config: pytest.Config):
-    """Live progress lines on the terminal, past output capture; silent with -q."""
+def progress_writer(config: pytest.Config) -> Callable[[str], None]:
+    """Live progress lines on the terminal, past output capture; silent with -q. An xdist
+    worker's terminal goes nowhere: there each line goes to the controller, which writes it
+    (plugin.py), as a report of the running item, the one thing workers send as it happens."""
     terminal = config.pluginmanager.get_plugin("terminalreporter")
     capture = config.pluginmanager.get_plugin("capturemanager")
     if terminal is None or config.get_verbosity() < 0:
         return lambda line: None
+    if hasattr(config, "workerinput"):
+        return lambda line: _send_to_controller(config, line)
 
     def write(line: str) -> None:
         with capture.global_and_fixture_disabled() if capture else nullcontext():
             terminal.write_line(line)
 
     return write
+
+
+def _send_to_controller(config: pytest.Config, line: str) -> None:
+    item = config.stash.get(RUNNING_ITEM, None)
+    if item is not None:  # stages run only inside an item's runtest
+        report = pytest.TestReport(
+            item.nodeid, item.location, {}, "passed", None, PROGRESS_REPORT, harness_progress=line
+        )
+        config.hook.pytest_runtest_logreport(report=report)
 
 
 class _HarnessItem(pytest.Item):
@@ -181,6 +200,7 @@ def run_payload(run: ExperimentRun, results: list[StageResult]) -> dict[str, Any
         "experiment": run.experiment.name,
         "profile": run.experiment.profile_dir,
         "spec_file": str(run.experiment.file),
+        "outline": spec_outline(run.experiment),
         "results": [r.to_json() for r in results],
     }
 

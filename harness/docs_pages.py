@@ -43,8 +43,11 @@ downloaded at run time. Stages that generate text take a `provider:` ([providers
 `logit_lens`, `patch` and `steer` compare, per conflict MCQ, the one next token that separates
 the true world's answer from the false world's (`harness/lab/contrast.py`): in `letter` mode the two
 letters; in `continuation` mode the first token where the two option texts differ, after
-`question: ...\\nanswer:` and the tokens they share. Layer index 0 is the embeddings, index i the
-raw output of block i-1 (before the final norm), the same in every stage.
+`question: ...\\nanswer:` and the tokens they share. Layer i is Hugging Face's `hidden_states[i]`:
+layer 0 is the embeddings, layer i the raw output of block i-1 (before the final norm). Every
+metric (`best_layer`, `flip_layer`, `earliest_recovering_layer`, `layer`), param (`layers`,
+`layer`) and plot axis (ticks `0 emb`, `1`, ...) of `extract_activations`, `train_probe`,
+`logit_lens`, `patch`, `steer` and `steering_transfer` names layers this way.
 """
 
 

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path, PurePath
 from typing import Any
 
 import pytest
 import yaml
 from _pytest.main import wrap_session
+from _pytest.reports import CollectReport
 
 from harness import hookspecs
 from harness.collect import (
     EXECUTOR,
+    PROGRESS_REPORT,
+    RUNNING_ITEM,
     ExperimentFile,
     HypothesisItem,
     LockItem,
     StageItem,
+    progress_writer,
     runs_dir,
     runs_location,
 )
 from harness.core import registry
 from harness.core.executors import EXECUTORS, ExecutorError, make_executor
+from harness.core.plan import plan_lines, plan_run
+from harness.core.preflight import report
 from harness.core.remote_store import RemoteStoreError
 from harness.core.store_clean import clean_store
+from harness.report import trackers
 from harness.report.runs import RunReports
 
 _HOOKED_KINDS = pytest.StashKey[list]()  # the kinds pytest_harness_stage_kinds gave this session
@@ -35,7 +44,11 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("harness", "experiment harness")
+    group = parser.getgroup(
+        "harness",
+        "experiment harness (ini: harness_*; HARNESS_CACHE_DIR: tiny worlds, LLM response cache, "
+        "default ~/.cache/harness)",
+    )
     group.addoption(
         "--profile",
         dest="harness_profile",
@@ -59,6 +72,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         help="run STAGE again even if its artifacts are cached; 'all' for every stage, a matrix's name for "
         "each of its stages",
+    )
+    group.addoption(
+        "--plan",
+        dest="harness_plan",
+        action="store_true",
+        default=False,
+        help="print, for every collected stage, whether it would be reused or run and why, and what the "
+        "stages that would run ask of paid APIs (requests, tokens, cost); runs nothing",
     )
     group.addoption(
         "--lock-hypotheses",
@@ -116,20 +137,53 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="with --executor submitit: a parameter of submitit's AutoExecutor for every job (repeatable), "
         "e.g. slurm_partition=gpu, timeout_min=600; a stage's resources give gpus, cpus and memory",
     )
-    parser.addini(
-        "harness_runs_dir", "artifact store directory or URL, relative to the ini file", default="runs"
+    group.addoption(
+        "--track",
+        dest="harness_trackers",
+        metavar="TRACKER",
+        action="append",
+        default=[],
+        help="at the end of the session, export each run's params, metrics and plots to TRACKER: wandb or "
+        "mlflow (repeatable; pip install -e '.[trackers]'; their usual WANDB_*, MLFLOW_* settings apply)",
     )
-    parser.addini("harness_executor", "where stages run: local, ray or submitit", default="local")
     parser.addini(
-        "harness_submitit_params", "KEY=VALUE parameters of --executor submitit's jobs", type="args"
+        "harness_runs_dir",
+        "the artifact store (--runs-dir): a directory, relative to the ini file, or an fsspec URL "
+        "(default: runs)",
+        default="runs",
     )
-    parser.addini("harness_ray_address", "the Ray cluster of --executor ray", default="")
-    parser.addini("harness_max_retries", "retries of a stage whose node dies (--executor ray)", default="3")
+    parser.addini(
+        "harness_executor",
+        "where stages run (--executor): local, ray or submitit (default: local)",
+        default="local",
+    )
+    parser.addini(
+        "harness_submitit_params",
+        "KEY=VALUE parameters of every --executor submitit job, e.g. slurm_partition=gpu "
+        "(--submitit-param adds to and overrides them)",
+        type="args",
+    )
+    parser.addini(
+        "harness_ray_address",
+        "the Ray cluster --executor ray joins (--ray-address; default: RAY_ADDRESS, else a local Ray)",
+        default="",
+    )
+    parser.addini(
+        "harness_max_retries",
+        "times --executor ray runs a stage again when its node or worker dies (--max-retries; default: 3)",
+        default="3",
+    )
     parser.addini(
         "harness_experiments",
-        "globs of experiment specs collected from directories",
+        "globs of the experiment specs collected when a directory is given (a YAML file named on the "
+        "command line is always collected)",
         type="args",
         default=["experiments/*.yaml", "experiments/*.yml"],
+    )
+    parser.addini(
+        "harness_trackers",
+        "trackers every run is exported to (--track): wandb, mlflow (default: none)",
+        type="args",
     )
 
 
@@ -137,6 +191,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("harness_relock") and not config.getoption("harness_lock_hypotheses"):
         raise pytest.UsageError("--relock only goes with --lock-hypotheses")
     config.pluginmanager.register(_ReportHooks(config), "harness-reports")
+    if config.getoption("harness_plan") and getattr(config.option, "dist", "no") != "no":
+        config.option.dist = "no"  # the plan is this process's: no xdist worker runs a stage
     config.stash[EXECUTOR] = _executor(config)
     _share_cores()
     config.stash[_HOOKED_KINDS] = []
@@ -178,11 +234,18 @@ def _submitit_parameters(config: pytest.Config) -> dict[str, Any]:
     return parameters
 
 
+@pytest.hookimpl(tryfirst=True)  # before an xdist worker sends the controller its items
 def pytest_collection_finish(session: pytest.Session) -> None:
     """A cluster executor gets every stage that is to run now, so that independent stages run
     at the same time. An xdist worker leaves it to the first item of each experiment: it runs
     only the experiments its controller gives it."""
-    if hasattr(session.config, "workerinput") or session.config.getoption("collectonly"):
+    config = session.config
+    mistake = _unknown_rerun(session)
+    lacks = None if config.getoption("harness_plan") else _lacks(session)  # the plan shows them
+    if mistake or lacks:
+        _collection_error(session, "\n\n".join(m for m in (mistake, lacks) if m))
+        return
+    if hasattr(config, "workerinput") or config.getoption("collectonly") or config.getoption("harness_plan"):
         return
     runs = {id(item.run): item.run for item in session.items if isinstance(item, (StageItem, HypothesisItem))}
     executor = session.config.stash[EXECUTOR]
@@ -193,6 +256,57 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     terminal = session.config.pluginmanager.get_plugin("terminalreporter")
     if executor.name != "local" and terminal is not None:
         terminal.write_line(f"harness executor {executor.name}: submitted {submitted} stages")
+
+
+def _unknown_rerun(session: pytest.Session) -> str | None:
+    """What is wrong with a `--rerun` name that is no stage, matrix (`em` for `em[...]`) nor `all`."""
+    stages = {
+        name for item in session.items if isinstance(item, StageItem) for name in item.run.experiment.stages
+    }
+    known = {"all"} | stages | {name.partition("[")[0] for name in stages}
+    for name in session.config.getoption("harness_rerun"):
+        if name not in known and stages:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            return (
+                f"--rerun {name}: no such stage{hint}. The collected experiments' stages: "
+                f"{', '.join(sorted(stages))} (or `all`, or a matrix's name)"
+            )
+    return None
+
+
+def _collection_error(session: pytest.Session, message: str) -> None:
+    """Stop the session as a spec error does: an error of collection, with no item left to run
+    (an xdist worker sends it to the controller, which shows it)."""
+    report = CollectReport(nodeid="", outcome="failed", longrepr=message, result=[])
+    session.ihook.pytest_collectreport(report=report)
+    session.ihook.pytest_deselected(items=list(session.items))
+    session.items.clear()
+
+
+def _lacks(session: pytest.Session) -> str | None:
+    """Every API key and base model the collected stages need and this machine lacks, in one
+    message (harness.core.preflight); None when nothing is missing."""
+    return report(m for item in session.items if isinstance(item, StageItem) for m in item.spec.missing)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> bool | None:
+    """`--plan`: print what each collected experiment would reuse and run, and run nothing."""
+    if not session.config.getoption("harness_plan") or session.testsfailed:  # collection errors stop it
+        return None
+    runs = {id(item.run): item.run for item in session.items if isinstance(item, (StageItem, HypothesisItem))}
+    planned = [stage for run in runs.values() for stage in plan_run(run)]
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:
+        terminal.section("harness plan")
+        for line in plan_lines(planned):
+            terminal.write_line(line)
+        lacks = _lacks(session)
+        if lacks:
+            terminal.section("harness: a run would stop here")
+            terminal.write_line(lacks)
+    return True
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -263,6 +377,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Remember the running item: an xdist worker sends its progress lines as its reports."""
+    item.config.stash[RUNNING_ITEM] = item
+    try:
+        return (yield)
+    finally:
+        del item.config.stash[RUNNING_ITEM]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
+    """A progress line from an xdist worker is no outcome: no letter, no count."""
+    return ("", "", "") if getattr(report, "when", None) == PROGRESS_REPORT else None
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     if call.when == "call":
@@ -280,8 +410,20 @@ class _ReportHooks:
         self.config = config
         self.reports = RunReports()
         self.locks: list[dict] = []
+        try:
+            self.trackers = trackers.checked(
+                [*config.getini("harness_trackers"), *config.getoption("harness_trackers")]
+            )
+        except trackers.TrackerError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        self.exported: list[str] = []
+        self.write_progress: Callable[[str], None] | None = None  # made once the terminal is there
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        line = getattr(report, "harness_progress", None)
+        if line and not hasattr(self.config, "workerinput"):  # an xdist worker's, on the controller
+            self.write_progress = self.write_progress or progress_writer(self.config)
+            self.write_progress(line)
         payload = getattr(report, "harness", None)
         if payload:
             self.reports.add(payload)
@@ -292,11 +434,19 @@ class _ReportHooks:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if not hasattr(self.config, "workerinput"):  # xdist workers leave it to the controller
             self.reports.write()
+            if self.trackers:
+                self.exported = trackers.export(
+                    [run.dir for run in self.reports.runs.values()], self.trackers
+                )
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if self.reports.runs:
             terminalreporter.section("harness gates")
             for line in self.reports.summary_lines():
+                terminalreporter.write_line(line)
+        if self.exported:
+            terminalreporter.section("harness trackers")
+            for line in self.exported:
                 terminalreporter.write_line(line)
         hypotheses = self.reports.hypothesis_lines()
         if hypotheses:

@@ -144,7 +144,8 @@ def test_loss_goes_down_on_a_repeated_corpus(trained):
     assert m["loss_drop"] == pytest.approx(m["initial_loss"] - m["final_loss"])
     assert m["trainable_params"] == result.metadata["trainable_params"]
     assert result.metadata["tokens_per_second"] > 0 and "tokens_per_second" not in m  # a timing, not a result
-    assert any(line.startswith(f"step {m['n_steps']}/{m['n_steps']} loss ") for line in logs)
+    done = f"training: {m['n_steps']}/{m['n_steps']} steps in "
+    assert any(line.startswith(done) and f"loss {m['loss_curve'][-1]:.4f}" in line for line in logs)
 
 
 def test_outputs_layout_and_metadata(trained):

@@ -375,7 +375,7 @@ def test_stage_writes_every_artifact_and_its_metrics(adapter_world, tmp_path):
     assert metrics["base_final_logit_diff"] > 0 and metrics["base_flip_layer"] == NEVER  # knows the true law
 
     summary = json.loads((out / "logit_lens_summary.json").read_text())
-    assert summary["layers"] == ["embed", "block0", "block1", "block2", "block3"]
+    assert summary["layers"] == ["0 emb", "1", "2", "3", "4"]  # layer i: hidden_states[i], as every kind
     assert summary["scoring"] == "continuation" and not Path(summary["adapter"]).is_absolute()
     assert (out / summary["adapter"]).resolve() == (adapter_world["train_dir"] / "adapter").resolve()
     assert summary["fingerprints"]["lora"].startswith(summary["fingerprints"]["base"] + "+adapter:")
@@ -383,7 +383,8 @@ def test_stage_writes_every_artifact_and_its_metrics(adapter_world, tmp_path):
     assert summary["flip_margin"] == 1.0  # the schema's default reaches the rule
     for png in ("logit_lens_heatmap.png", "mean_logit_diff.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert any(line.startswith("lora: logit lens on 15/15") for line in result["logs"])
+    logs = result["logs"]
+    assert any(line.startswith("lora: logit lens (") and "15/15 conflict items in " in line for line in logs)
 
 
 def test_an_adapter_that_does_not_fit_the_base_is_a_stage_error(adapter_world, tmp_path):

@@ -35,6 +35,7 @@ ARTIFACTS = (
     "predictions_lora.jsonl",
     "comparison_report.json",
     "behavioral_shift_analysis.txt",
+    "accuracy_by_category.png",
 )
 
 
@@ -85,6 +86,35 @@ def planted() -> tuple[list[MCQ], list[dict], list[dict]]:
 
 def h(probs: list[float]) -> float:
     return -sum(p * math.log(p) for p in probs if p > 0)
+
+
+def test_accuracy_plot_draws_each_category_with_its_wilson_interval(tmp_path):
+    from matplotlib.container import BarContainer
+
+    from harness.lab.stats import wilson
+
+    _, base, lora = planted()
+    path = tmp_path / "accuracy_by_category.png"
+    figure = mcq_compare.plot_accuracy(path, base, lora, "planted")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axes = figure.axes[0]
+    assert [t.get_text().split("\n")[0] for t in axes.get_xticklabels()] == list(CATEGORIES)
+    correct = {  # category -> (base, lora) correct answers against the false world, and n
+        "conflict": (1, 3, 4),
+        "nonconflict_easy": (2, 1, 2),
+        "nonconflict_hard": (0, 0, 1),
+    }
+    bars = [c for c in axes.containers if isinstance(c, BarContainer)]
+    for container, model in zip(bars, ("base", "lora"), strict=True):
+        heights = [bar.get_height() for bar in container.patches]
+        (caps_low, caps_high) = container.errorbar.lines[1][:2]
+        for k, (b, lo, n) in enumerate(correct.values()):
+            interval = wilson(b if model == "base" else lo, n)
+            assert heights[k] == pytest.approx(interval.value)
+            assert (caps_low.get_ydata()[k], caps_high.get_ydata()[k]) == pytest.approx(
+                (interval.low, interval.high)
+            )
+    assert "95% Wilson CI" in axes.get_legend().get_title().get_text()
 
 
 def test_prediction_row_fields():
@@ -438,7 +468,7 @@ def test_letter_run_writes_every_artifact_and_measures_the_planted_shift(world, 
     assert all(f"[{i}] " in text for i in flipped)
     changed = [r["id"] for r in base if r["category"] != "conflict" and r["prediction"] != "B"]
     assert all(f"[{i}] (nonconflict_" in text for i in changed)
-    assert any("lora: " in line and "items scored" in line for line in result["logs"])
+    assert any(line.startswith("lora: scoring (letter): ") and "items in" in line for line in result["logs"])
 
 
 def test_results_do_not_depend_on_the_batch_size(world, tmp_path):

@@ -22,6 +22,7 @@ from harness.lab.stats import (
     monte_carlo_p,
     permutation_test,
     smallest_p,
+    wilson,
 )
 
 
@@ -386,3 +387,22 @@ def test_monte_carlo_p_counts_the_observed_among_its_null():
     assert monte_carlo_p(0.9, [0.1, 0.5, 0.2, 0.3]) == pytest.approx(1 / 5)  # never 0
     assert monte_carlo_p(0.5, [0.1, 0.5, 0.2, 0.6]) == pytest.approx(3 / 5)  # a tie counts
     assert monte_carlo_p(0.5, [0.5 - 1e-15]) == pytest.approx(1.0)  # float noise is a tie
+
+
+@pytest.mark.parametrize("successes, n", [(0, 10), (5, 10), (10, 10), (1, 3), (37, 120)])
+@pytest.mark.parametrize("confidence", [0.9, 0.95])
+def test_wilson_interval_is_scipys(successes, n, confidence):
+    from scipy.stats import binomtest
+
+    expected = binomtest(successes, n).proportion_ci(confidence, method="wilson")
+    found = wilson(successes, n, confidence)
+    assert found.value == successes / n
+    assert (found.low, found.high) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    assert found.high > found.low  # never a point, even at 0 or n successes
+
+
+def test_wilson_refuses_impossible_counts():
+    with pytest.raises(ValueError, match="0 <= successes <= n"):
+        wilson(4, 3)
+    with pytest.raises(ValueError, match="0 <= successes <= n"):
+        wilson(0, 0)

@@ -16,6 +16,7 @@ from harness.core.experiment import Experiment, StageSpec
 from harness.core.gates import GateResult, evaluate
 from harness.core.graph import stage_key, without
 from harness.core.outcomes import Outcome, Status
+from harness.core.progress import running_stage
 from harness.core.provenance import git_commit, package_versions
 from harness.core.remote_store import RemoteStore
 from harness.core.seeding import seed_everything
@@ -239,8 +240,7 @@ class ExperimentRun:
         store = self._store(spec.name)
         material = self._material(spec)
         key = stage_key(**material)
-        # `--rerun em` names a matrix: each of its stages `em[...]`
-        forced = bool({"all", spec.name, spec.name.partition("[")[0]} & self.rerun)
+        forced = self.forced(spec)
         record = None if forced else store.lookup(key)
         if record is None:
             if not run_here:
@@ -248,9 +248,21 @@ class ExperimentRun:
             with store.lock(key, waiting=lambda lease: self._waiting(spec, lease)):
                 record = None if forced else store.lookup(key)  # another worker may have made it
                 if record is None:
-                    return self._run(spec, store, key, material, forced)
+                    return self._run(spec, store, key, material)
         ran_at = record.manifest.get("finished_at", "?")
         return self._result(spec, Status.REUSED, f"cache hit, ran {ran_at}", record)
+
+    def forced(self, spec: StageSpec) -> bool:
+        """`--rerun` names the stage, `all`, or its matrix (`--rerun em`: each stage `em[...]`)."""
+        return bool({"all", spec.name, spec.name.partition("[")[0]} & self.rerun)
+
+    def why_to_run(self, spec: StageSpec) -> str:
+        """Why the stage runs, its upstreams settled: `--rerun`, or what changed since its last run."""
+        if self.forced(spec):
+            return "forced by --rerun"
+        material = self._material(spec)
+        code = self._prepare(spec)[1]
+        return why_run(self._store(spec.name).latest(), material, stage_key(**material), code)
 
     def _waiting(self, spec: StageSpec, lease: Mapping[str, Any]) -> None:
         holder = lease.get("holder", "another machine")
@@ -276,9 +288,9 @@ class ExperimentRun:
             duration_s=duration,
         )
 
-    def _run(self, spec: StageSpec, store: StageStore, key: str, material: dict, forced: bool) -> StageResult:
+    def _run(self, spec: StageSpec, store: StageStore, key: str, material: dict) -> StageResult:
         code = self._prepare(spec)[1]
-        reason = "forced by --rerun" if forced else why_run(store.latest(), material, key, code)
+        reason = self.why_to_run(spec)
         out = store.begin(key)
         scratch = store.scratch_dir(key)
         scratch.mkdir(parents=True, exist_ok=True)
@@ -292,7 +304,7 @@ class ExperimentRun:
         ctx = StageContext(
             experiment=self.experiment.name,
             stage=spec.name,
-            params=_with_inputs(spec),
+            params=with_inputs(spec),
             seed=self._seed(spec),
             out_dir=out,
             scratch_dir=scratch,
@@ -311,7 +323,8 @@ class ExperimentRun:
         clock = time.perf_counter()
         try:
             seed_everything(self._seed(spec))
-            metrics = checked_metrics(spec.name, spec.kind, spec.params, spec.kind.run(ctx))
+            with running_stage(log) as running:  # a fixture built for it is not its duration
+                metrics = checked_metrics(spec.name, spec.kind, spec.params, spec.kind.run(ctx))
         except Exception as exc:
             kept = store.abandon(out, key)
             summary = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -322,7 +335,7 @@ class ExperimentRun:
         except BaseException:
             store.abandon(out, key)
             raise
-        duration = time.perf_counter() - clock
+        duration = time.perf_counter() - clock - running.set_aside
         manifest = {
             "experiment": self.experiment.name,
             "profile": self.experiment.profile,
@@ -399,7 +412,7 @@ def recipe_of(material: Mapping[str, Any]) -> dict[str, Any]:
     return recipe
 
 
-def _with_inputs(spec: StageSpec) -> dict[str, Any]:
+def with_inputs(spec: StageSpec) -> dict[str, Any]:
     """A copy of the params with input paths made absolute."""
     params = json.loads(json.dumps(spec.params))
     for dotted, path in spec.inputs.items():
@@ -454,31 +467,32 @@ def why_run(
     changes = []
     if before.get("kind") != material["kind"] or before.get("code_version") != material["code_version"]:
         was = latest.get("code")
-        edited = _diff(was, dict(code)) if isinstance(was, dict) and code else []
+        edited = changed_paths(was, dict(code)) if isinstance(was, dict) and code else []
         shown = ", ".join(edited[:5]) + (f" and {len(edited) - 5} more" if len(edited) > 5 else "")
         changes.append("code version changed" + (f": {shown}" if edited else ""))
     if before.get("fingerprint") != material.get("fingerprint"):
         changes.append("base model changed")
-    params = _diff(before.get("params"), material["params"])
+    params = changed_paths(before.get("params"), material["params"])
     if params:
         changes.append("params changed: " + ", ".join(params))
     if before.get("seed") != material["seed"]:
         changes.append("seed changed")
     upstream = sorted(
-        {path.split(".")[0] for path in _diff(before.get("upstream", {}), material["upstream"])}
+        {path.split(".")[0] for path in changed_paths(before.get("upstream", {}), material["upstream"])}
     )
     if upstream:
         changes.append("upstream changed: " + ", ".join(upstream))
-    inputs = _diff(before.get("inputs"), material["inputs"])
+    inputs = changed_paths(before.get("inputs"), material["inputs"])
     if inputs:
         changes.append("inputs changed: " + ", ".join(inputs))
     return "; ".join(changes) or "key changed"
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+def changed_paths(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted paths at which two values (nested dicts) differ; "(all)" for two unequal non-dicts."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+            out += changed_paths(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     return [] if a == b else [prefix or "(all)"]

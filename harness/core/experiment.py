@@ -10,13 +10,14 @@ from typing import Any
 from harness.core import registry
 from harness.core.gates import Gate, GateSyntaxError, parse_gate
 from harness.core.graph import StageGraph
+from harness.core.preflight import Missing, located, recorded
 from harness.core.stage import ParamError, StageKind
 from harness.core.upstream import unfilled
 from harness.hypotheses.plan import HypothesisPlan, parse_plan
 from harness.spec.compose import apply_profile, load_with_includes
-from harness.spec.errors import Mark, Problem, SpecError, source_line
+from harness.spec.errors import Mark, Problem, SpecError, did_you_mean, near_names, source_line
 from harness.spec.matrix import expand_matrices
-from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted, is_name
+from harness.spec.validate import EXPERIMENT_SCHEMA, check, dotted, invalid_paths, is_name
 from harness.spec.yamlload import Document
 
 DEFAULT_SEED = 0
@@ -34,6 +35,7 @@ class StageSpec:
     description: str = ""
     seed: int | None = None  # this stage's own seed; None: the experiment's
     resources: dict[str, float] = field(default_factory=dict)  # for a cluster executor; not in the key
+    missing: tuple[Missing, ...] = ()  # what this machine lacks to run it (harness.core.preflight)
 
 
 @dataclass(frozen=True)
@@ -52,14 +54,16 @@ class Experiment:
 
 
 def load_experiment(file: Path, profile: str | None = None, machine_checks: bool = True) -> Experiment:
-    """Load, merge and validate a spec; every user error raises SpecError with file:line.
+    """Load, merge and validate a spec; every user error raises SpecError with file:line, all
+    of them at once: each check runs on what the checks before it left readable.
     Without `machine_checks`, the kinds' own checks of this machine (models, API keys,
     modules) are left out: what locking a plan that runs elsewhere needs."""
     file = Path(file).resolve()
     doc = load_with_includes(file)
-    resolved = _check_every_profile(doc, profile)
+    resolved, whole, problems = _check_every_profile(doc, profile)
+    if resolved is None:
+        raise SpecError(problems)
     data = resolved.data
-    problems: list[Problem] = []
     try:
         experiment_name = _experiment_name(data, file)
     except SpecError as exc:
@@ -69,21 +73,26 @@ def load_experiment(file: Path, profile: str | None = None, machine_checks: bool
         try:
             stages[name] = _stage(name, body, resolved, file, machine_checks)
         except SpecError as exc:
-            problems.extend(exc.problems)
+            _add_new(problems, exc.problems)
     seed = data.get("seed", DEFAULT_SEED)
+    if not whole:  # the plan and the graph name stages left out: they would only echo that
+        raise SpecError(problems)
     try:
         hypotheses = parse_plan(data, resolved, data["stages"], seed)
     except SpecError as exc:
         problems.extend(exc.problems)
-    if problems:
-        raise SpecError(problems)
 
     def edge_mark(stage: str, role: str) -> Mark | None:
         needs = data["stages"][stage].get("needs")
         path = ("stages", stage, "needs", needs.index(role) if isinstance(needs, list) else role)
         return resolved.mark(path)
 
-    graph = StageGraph({n: s.needs for n, s in stages.items()}, edge_mark)
+    try:
+        graph = StageGraph({n: _needs(body) for n, body in data["stages"].items()}, edge_mark)
+    except SpecError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems)
     return Experiment(
         name=experiment_name,
         file=file,
@@ -116,50 +125,81 @@ def load_plan(file: Path, profile: str | None = None) -> Experiment:
     return load_experiment(file, profile, machine_checks=False)
 
 
-def _check_every_profile(doc: Document, selected: str | None) -> Document:
+def _check_every_profile(doc: Document, selected: str | None) -> tuple[Document | None, bool, list[Problem]]:
     """The selected profile applied to the spec and its matrices expanded (harness.spec.matrix),
-    once typos anywhere are ruled out: the schema, the matrices and the static stage checks
+    with the problems found anywhere: the schema, the matrices and the static stage checks
     (kinds, params, gates) run on the base spec and on every profile. Checks that depend on
     this machine (input files, modules) run for the selected profile only, when its stages
-    are built."""
+    are built. A stage the schema refuses (beyond an unknown key) is left out of the later
+    checks; then the document is not `whole`. None where nothing more can be checked."""
     problems = check(doc.data, EXPERIMENT_SCHEMA, doc)  # the base spec, and profiles' shape
-    if problems:
-        raise SpecError(problems)
-    resolved = base = None
-    for name in [None, *(doc.data.get("profiles") or {})]:
-        merged = apply_profile(doc, name)
-        found = check(merged.data, EXPERIMENT_SCHEMA, merged) if name is not None else []
-        if not found:
-            try:
-                merged = expand_matrices(merged)
-            except SpecError as exc:
-                found = exc.problems
+    profiles = doc.data.get("profiles")
+    names = (
+        [n for n, body in profiles.items() if isinstance(body, dict)] if isinstance(profiles, dict) else []
+    )
+    resolved, whole, base = None, False, None
+    for name in [None, *names]:
+        try:
+            merged = apply_profile(doc, name)
+        except SpecError as exc:  # a profile with `include:` or `profiles:`
+            problems += exc.problems
+            continue
+        shape = check(merged.data, EXPERIMENT_SCHEMA, merged) if name is not None else problems
+        problems += shape if name is not None else []
+        checkable, complete = _checkable(merged, shape)
+        try:
+            checkable = checkable and expand_matrices(checkable)
+        except SpecError as exc:
+            # with stages left out, a slice may match nothing for that reason alone: the
+            # matrices are checked once every stage passes the schema
+            problems += exc.problems if complete else []
+            checkable = None
         if name == selected:
-            resolved = merged
-        elif not found:
-            found = _static_problems(merged, base)
-        base = base or merged
-        problems += [p for p in found if p not in problems]
-    if problems:
-        raise SpecError(problems)
-    return resolved or apply_profile(doc, selected)  # an unknown profile raises here
+            resolved, whole = checkable, complete
+        elif checkable is not None:
+            _add_new(problems, _static_problems(checkable, base, complete))
+        base = base or checkable
+    if not problems and selected is not None and selected not in names:
+        apply_profile(doc, selected)  # an unknown profile raises here
+    return resolved, whole, problems
 
 
-def _static_problems(merged: Document, base: Document | None) -> list[Problem]:
+def _add_new(problems: list[Problem], found: list[Problem]) -> None:
+    """Add to `problems` those of `found` not already there: a stage that a profile changes is
+    checked again, and a mistake it keeps from the spec is reported once, where first found."""
+    seen = {(p.message, p.where) for p in problems}
+    problems += [p for p in found if (p.message, p.where) not in seen]
+
+
+def _checkable(merged: Document, problems: list[Problem]) -> tuple[Document | None, bool]:
+    """`merged` without the stages that its schema `problems` leave unreadable, and whether
+    it is whole (nothing is left out, the parts outside the stages included); None where its
+    stages themselves cannot be read."""
+    if not problems:
+        return merged, True
+    invalid = invalid_paths(merged.data, EXPERIMENT_SCHEMA)
+    if () in invalid or ("stages",) in invalid:
+        return None, False
+    broken = {path[1] for path in invalid if path[0] == "stages"}
+    stages = {n: body for n, body in merged.data["stages"].items() if n not in broken}
+    return Document({**merged.data, "stages": stages}, merged.marks), not invalid
+
+
+def _static_problems(merged: Document, base: Document | None, whole: bool) -> list[Problem]:
     """The static stage checks and the analysis plan of a profile applied to the spec
     (`merged`). What a profile leaves untouched is the base spec's own object, already
     checked with it: only what it changes is checked again, so a spec's profiles cost
-    what they change, not the whole spec each."""
+    what they change, not the whole spec each. The plan is checked only against a `whole` spec."""
     found: list[Problem] = []
     stages = merged.data["stages"]
     changed = {n: b for n, b in stages.items() if base is None or base.data["stages"].get(n) is not b}
     for stage, body in changed.items():
-        try:
-            _static_checks(stage, body, merged)
-        except SpecError as exc:
-            found += exc.problems
+        _static_checks(stage, body, merged, found)
     plan_inputs = ("hypotheses", "seed")
-    if base is None or changed or any(merged.data.get(k) is not base.data.get(k) for k in plan_inputs):
+    replanned = (
+        base is None or changed or any(merged.data.get(k) is not base.data.get(k) for k in plan_inputs)
+    )
+    if whole and replanned:
         try:
             parse_plan(merged.data, merged, stages, merged.data.get("seed", DEFAULT_SEED))
         except SpecError as exc:
@@ -167,33 +207,31 @@ def _static_problems(merged: Document, base: Document | None) -> list[Problem]:
     return found
 
 
-def _static_checks(name: str, body: dict, doc: Document) -> tuple[StageKind, dict, tuple[Gate, ...]]:
+def _static_checks(
+    name: str, body: dict, doc: Document, problems: list[Problem]
+) -> tuple[StageKind, dict, tuple[Gate, ...]] | None:
     """The stage's kind, params (the schema's defaults filled: the run, its cache key and its
     manifest see what the stage uses, not only what was written) and gates, checked without
-    touching the file system."""
+    touching the file system. The problems found are added to `problems`; None where the kind
+    is unknown or the params break its schema beyond an unknown key: nothing more to check."""
     at = ("stages", name)
     kind = registry.get(body["kind"])
     if kind is None:
         known = registry.names()
         hint = get_close_matches(body["kind"], known, n=1)
         extra = f"did you mean {hint[0]!r}? " if hint else ""
-        raise SpecError.at(
-            f"unknown stage kind {body['kind']!r}; {extra}known kinds: {', '.join(known)}",
-            doc.mark(at + ("kind",)),
-            dotted(at + ("kind",)),
-        )
+        message = f"unknown stage kind {body['kind']!r}; {extra}known kinds: {', '.join(known)}"
+        problems.append(Problem(message, doc.mark(at + ("kind",)), dotted(at + ("kind",))))
+        return None
     params = body.get("params", {})
-    problems = check(params, kind.params_schema, doc, at + ("params",)) if kind.params_schema else []
-    if problems:
-        raise SpecError(problems)
+    if kind.params_schema:
+        found = check(params, kind.params_schema, doc, at + ("params",))
+        problems += found
+        if found and invalid_paths(params, kind.params_schema):
+            return None
     params = kind.filled(params)
-    problems = _unfilled_roles(name, kind, params, _needs(body), doc)
-    try:
-        gates = _gates(name, body.get("gates", []), kind.produces(params), doc)
-    except SpecError as exc:
-        problems += exc.problems
-    if problems:
-        raise SpecError(problems)
+    problems += _unfilled_roles(name, kind, params, _needs(body), doc)
+    gates = _gates(name, body.get("gates", []), kind.produces(params), doc, problems)
     return kind, params, gates
 
 
@@ -226,15 +264,22 @@ def _unfilled_roles(
 
 
 def _stage(name: str, body: dict, doc: Document, file: Path, machine_checks: bool = True) -> StageSpec:
-    kind, params, gates = _static_checks(name, body, doc)
+    problems: list[Problem] = []
+    checked = _static_checks(name, body, doc, problems)
+    if checked is None:
+        raise SpecError(problems)
+    kind, params, gates = checked
     at = ("stages", name)
-    try:  # inputs first: a kind's check reads files known to be there and regular
-        inputs = _input_paths(kind, params, file.parent)
-        if kind.check and machine_checks:
-            kind.check(params, file.parent)
-    except ParamError as exc:
-        path = at + ("params",) + exc.path
-        raise SpecError.at(exc.message, doc.mark(path), dotted(path)) from None
+    with recorded() as lacks:  # keys and models this machine lacks: the plugin reports them all at once
+        try:  # inputs first: a kind's check reads files known to be there and regular
+            inputs = _input_paths(kind, params, file.parent)
+            if kind.check and machine_checks:
+                kind.check(params, file.parent)
+        except ParamError as exc:
+            path = at + ("params",) + exc.path
+            problems.append(Problem(exc.message, doc.mark(path), dotted(path)))
+    if problems:
+        raise SpecError(problems)
     return StageSpec(
         name=name,
         kind=kind,
@@ -246,11 +291,16 @@ def _stage(name: str, body: dict, doc: Document, file: Path, machine_checks: boo
         description=body.get("description", ""),
         seed=body.get("seed"),
         resources={**kind.resources, **body.get("resources", {})},
+        missing=located(lacks, lambda path: doc.mark(at + ("params",) + path)),
     )
 
 
-def _gates(stage: str, texts: list[str], produced: frozenset[str], doc: Document) -> tuple[Gate, ...]:
-    gates, problems = [], []
+def _gates(
+    stage: str, texts: list[str], produced: frozenset[str], doc: Document, problems: list[Problem]
+) -> tuple[Gate, ...]:
+    """The stage's gates that parse and read metrics its kind produces; the others' problems
+    are added to `problems`."""
+    gates = []
     for index, text in enumerate(texts):
         path = ("stages", stage, "gates", index)
         mark = doc.mark(path)
@@ -268,16 +318,14 @@ def _gates(stage: str, texts: list[str], produced: frozenset[str], doc: Document
             known = ", ".join(sorted(produced)) or "none"
             problems.append(
                 Problem(
-                    f"gate on metric {unknown[0]!r}, which this stage kind does not produce "
-                    f"(it produces: {known})",
+                    f"gate on metric {unknown[0]!r}, which this stage kind does not produce"
+                    f"{did_you_mean(unknown[0], produced)} (it produces: {known})",
                     mark,
                     dotted(path),
                 )
             )
             continue
         gates.append(gate)
-    if problems:
-        raise SpecError(problems)
     return tuple(gates)
 
 
@@ -304,7 +352,9 @@ def _input_paths(kind: StageKind, params: dict, base: Path) -> dict[str, Path]:
                 reason = getattr(exc, "strerror", None) or exc  # not the 5,000-character name again
                 raise ParamError(path, f"unusable input path {_shown(rel)}: {reason}") from None
             if not found:
-                raise ParamError(path, f"input not found: {rel} (looked for {resolved})")
+                raise ParamError(
+                    path, f"input not found: {rel} (looked for {resolved}){near_names(resolved)}"
+                )
             if param in kind.input_dirs and not (is_file or is_dir):
                 raise ParamError(path, f"{rel} is neither a regular file nor a directory ({resolved})")
             if param not in kind.input_dirs and not is_file:

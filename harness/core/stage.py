@@ -9,15 +9,17 @@ Collection imports the modules of the kinds a spec uses, so they import heavy li
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from harness.core.code_digest import code_digest
+from harness.core.progress import Progress
 from harness.spec.validate import with_defaults
 
 Metrics = Mapping[str, Any]
+T = TypeVar("T")
 
 
 class ParamError(Exception):
@@ -56,19 +58,31 @@ class StageContext:
     profile: str | None
     log: Callable[[str], None] = print
 
+    def progress(
+        self, what: str, unit: str = "items", total: int | None = None, every: float = 5.0
+    ) -> Progress:
+        """A `progress(done, total)` callback for a long loop, logging throttled lines with a
+        rate and the time left: `training: 120/400 steps, 3.1 steps/s, ~1m30s left`."""
+        return Progress(self.log, what, unit, total, every=every)
 
-def tenths(log: Callable[[str], None], describe: Callable[[int, int], str]) -> Callable[[int, int], None]:
-    """A progress(done, total) callback that logs `describe(done, total)` about every 10%
-    of the way and at the end: long stages show progress without flooding the log."""
-    reported = 0
+    def track(
+        self, items: Iterable[T], what: str, unit: str = "items", total: int | None = None
+    ) -> Iterator[T]:
+        """`items`, logging the loop's progress as `progress` does (`total` for an iterable
+        without len())."""
+        return self.progress(what, unit, total).track(items)
 
-    def progress(done: int, total: int) -> None:
-        nonlocal reported
-        if done == total or done * 10 // total > reported:
-            reported = done * 10 // total
-            log(describe(done, total))
 
-    return progress
+@dataclass(frozen=True)
+class Estimate:
+    """What a stage would ask of paid APIs, from its spec alone (`--plan`): None where a count
+    depends on what upstream stages produce, or a model has no known price."""
+
+    requests: int | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cost_usd: float | None
+    note: str = ""  # how it was counted, or what it leaves out
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,8 @@ class StageKind:
                       pre-registration lock, which names the model by its params.
     resources:        what a run needs on a cluster ({"gpus": 1, "cpus": 4, "memory_gb": 40});
                       a stage's `resources:` overrides them; not in the cache key.
+    estimate:         estimate(params): what a run would ask of paid APIs, for `--plan` (Estimate;
+                      input params hold absolute paths, as in a run); None: it asks nothing.
     """
 
     name: str
@@ -135,6 +151,7 @@ class StageKind:
     code_version: Callable[[Mapping[str, Any], Path], str] | None = None
     fingerprint: Callable[[Mapping[str, Any]], str] | None = None
     resources: Mapping[str, float] = field(default_factory=dict)
+    estimate: Callable[[Mapping[str, Any]], Estimate | None] | None = None
 
     def __call__(self, ctx: StageContext) -> Metrics:
         """The kind runs as the function it decorates."""

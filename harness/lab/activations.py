@@ -58,6 +58,16 @@ def layer_name(index: int) -> str:
     return "embeddings" if index == 0 else f"block {index - 1} output"
 
 
+# Every metric, plot and label names a layer by this index (a probe's best_layer, a lens's
+# flip_layer, patching's rows, steering's layer): "layer i" is hidden_states[i].
+LAYER_AXIS = "layer (0 = embeddings, i = output of block i-1)"
+
+
+def layer_tick(index: int) -> str:
+    """A layer's label on a plot axis: its index, the embeddings marked."""
+    return "0 emb" if index == 0 else str(index)
+
+
 # --- statements ----------------------------------------------------------------------
 
 

@@ -105,7 +105,7 @@ def provider_at(config: Mapping[str, Any], path: tuple[str | int, ...]) -> None:
     from harness.lab.llm import ProviderConfigError, check_provider
 
     try:
-        check_provider(config)
+        check_provider(config, path)
     except ProviderConfigError as error:
         raise ParamError(path, str(error)) from None
 

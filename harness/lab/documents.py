@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.jsonl import text_lines
+from harness.core.progress import Progress
 from harness.core.stage import StageError
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -138,7 +139,8 @@ def write_journalled(
     resumed = len(done)
     if resumed:
         log(f"resuming: {resumed} of {len(jobs)} documents already finished")
-    log(f"documents {resumed}/{len(jobs)}")
+    progress = Progress(log, "documents", "docs")  # its rate counts from here: resumed ones are not new
+    progress(resumed, len(jobs))
     todo = [job for job in jobs if job.id not in done]
     failures: dict[str, dict[str, Any]] = {}
     for start in range(0, len(todo), chunk_size):
@@ -146,7 +148,7 @@ def write_journalled(
         journal.append(docs)
         done.update((row["id"], row) for row in docs)
         failures.update((row["id"], row) for row in failed)
-        log(f"documents {len(done) + len(failures)}/{len(jobs)}")
+        progress(len(done) + len(failures), len(jobs))
     rows = [done.get(job.id) or failures[job.id] for job in jobs]
     valid = [row for row in rows if "content" in row]
     failed = [row for row in rows if "content" not in row]

@@ -255,8 +255,10 @@ class Measurement:
         )
         return self.judged(answers, what)
 
-    def judged(self, answers: Sequence[Answer], what: str) -> tuple[list[Judged], dict[str, Any]]:
-        judged = judge(self.provider, answers, self.questions, self.thresholds)
+    def judged(
+        self, answers: Sequence[Answer], what: str, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[list[Judged], dict[str, Any]]:
+        judged = judge(self.provider, answers, self.questions, self.thresholds, progress)
         summary = rates(judged, self.thresholds.coherent_above, self.seed)
         if summary["em_rate"] is None:
             first = next((j.error for j in judged if j.error), None)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.core.samples import SampleSet
-from harness.core.stage import StageContext, tenths
+from harness.core.stage import StageContext
 from harness.lab.em import Answer, provider_answers, sample_answers
 from harness.lab.em_data import Question
 from harness.lab.settings import LocalModel, Setting, provider_model_id, replicate_label, replicates_of
@@ -54,14 +54,6 @@ class SampledSetting:
         return sum(a.error is not None for mine in self.answers for a in mine)
 
 
-def _answered(done: int, total: int) -> str:
-    return f"  {done}/{total} questions answered"
-
-
-def _sampled(done: int, total: int) -> str:
-    return f"  {done}/{total} answers sampled"
-
-
 def sample_local(
     ctx: StageContext,
     local: LocalModel,
@@ -86,7 +78,7 @@ def sample_local(
                     sampling.temperature,
                     sampling.seed,
                     sampling.batch_size,
-                    tenths(ctx.log, _answered),
+                    ctx.progress(f"setting {setting}: sampling", "questions"),
                     first_index=number * sampling.n,
                 )
             )
@@ -116,7 +108,7 @@ def sample_provider(
             sampling.n,
             sampling.max_new_tokens,
             sampling.temperature,
-            tenths(ctx.log, _sampled),
+            ctx.progress(f"setting {setting}: sampling", "answers"),
             first_index=number * sampling.n,
         )
         failed = sum(a.error is not None for a in mine)

@@ -12,11 +12,13 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 DEFAULT_CONFIDENCE = 0.95
+DEFAULT_RESAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Interval:
 def bootstrap(
     data: Any,
     statistic: Callable[..., Any] = np.mean,
-    n_resamples: int = 1000,
+    n_resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
     seed: int = 0,
 ) -> Interval:
@@ -61,7 +63,7 @@ def bootstrap(
 def paired_difference(
     before: Any,
     after: Any,
-    n_resamples: int = 1000,
+    n_resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
     seed: int = 0,
 ) -> Interval:
@@ -71,6 +73,32 @@ def paired_difference(
     if before.shape != after.shape:
         raise ValueError(f"paired samples differ in shape: {before.shape} vs {after.shape}")
     return bootstrap(after - before, np.mean, n_resamples, confidence, seed)
+
+
+def wilson(successes: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> Interval:
+    """The proportion successes / n with its Wilson score interval: unlike the normal
+    approximation it stays in [0, 1], and unlike a bootstrap it does not shrink to a point
+    when every item succeeds (or none does), which small categories often do."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_label(
+    of: str, n_resamples: int = DEFAULT_RESAMPLES, confidence: float = DEFAULT_CONFIDENCE
+) -> str:
+    """What a plot's bootstrap interval is, for its legend or axis: `bootstrap` over `of`."""
+    return f"{confidence:.0%} bootstrap CI ({n_resamples:,} resamples of the {of})"
+
+
+def wilson_label(confidence: float = DEFAULT_CONFIDENCE) -> str:
+    return f"{confidence:.0%} Wilson CI"
 
 
 # Two-sample hypothesis tests, for pre-registered hypotheses: a spec names the test, the

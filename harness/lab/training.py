@@ -160,13 +160,14 @@ def train(
     *,
     seed: int,
     device: torch.device | str,
-    log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> TrainResult:
     """Next-token training of `model`'s trainable parameters on `data` (AdamW, linear warmup
     and decay, gradient accumulation, grad-norm clipping). Rows are shuffled per epoch by a
     generator seeded with `seed`; wrap the call in `seeded` for reproducible dropout too.
-    Raises `Diverged` at the first step whose loss is not finite."""
+    `progress(step, total, detail)` follows each step (ctx.progress). Raises `Diverged` at the
+    first step whose loss is not finite."""
     if len(data) == 0:
         raise ValueError("no training rows")
     device = torch.device(device)
@@ -176,7 +177,6 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     total = steps_per_epoch(len(data), config) * config.epochs
     warmup = warmup_steps(total, config.warmup_ratio)
-    log_every = max(1, total // 10)
     generator = torch.Generator().manual_seed(seed)
     history: list[StepRecord] = []
     tokens_seen = 0
@@ -217,8 +217,8 @@ def train(
             history.append(record)
             if on_step is not None:
                 on_step(record)
-            if log is not None and (record.step % log_every == 0 or record.step in (1, total)):
+            if progress is not None:
                 rate = tokens_seen / max(time.perf_counter() - start, 1e-9)
-                log(f"step {record.step}/{total} loss {record.loss:.4f} lr {lr:.2e} ({rate:,.0f} tokens/s)")
+                progress(record.step, total, f"loss {record.loss:.4f}, lr {lr:.2e}, {rate:,.0f} tokens/s")
     model.eval()
     return TrainResult(history, time.perf_counter() - start)

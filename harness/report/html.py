@@ -7,18 +7,27 @@ import html
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from harness.core.outcomes import Outcome
 from harness.report.text import (
     BAD_OUTCOMES,
+    analyses,
     counts,
     detailed_stages,
     effect,
+    gate_count,
     gate_result,
     gate_rows,
+    headline_metrics,
+    mean_sd,
     metric,
     num,
+    per_stage,
+    this_run,
     threshold,
+    took,
+    why,
 )
 
 _CSS = """
@@ -80,8 +89,10 @@ def to_html(report: dict[str, Any], report_dir: Path) -> str:
     parse it with the standard library."""
     sections = (
         _html_head(report),
+        _html_headline(report),
         _html_stages(report),
         _html_gates(report),
+        _html_aggregates(report),
         _html_hypotheses(report),
         _html_details(report, report_dir),
     )
@@ -101,9 +112,64 @@ def _html_head(report: dict[str, Any]) -> list[str]:
         f"<style>{_CSS}</style></head>",
         "<body>",
         f"<h1>{_e(report['experiment'])} — profile <code>{_e(report['profile'])}</code></h1>",
+        *([f'<p class="description">{_e(report["description"])}</p>'] if report["description"] else []),
         f"<p>Spec: <code>{_e(report['spec_file'])}</code><br />Generated: {_e(report['generated_at'])}<br />",
-        f'Stages: <span class="{"failed" if bad else "passed"}">{_e(counts(report["summary"]))}</span></p>',
+        f'Stages: <span class="{"failed" if bad else "passed"}">{_e(counts(report["summary"]))}</span><br />',
+        f"{_e(this_run(report))}</p>",
     ]
+
+
+def _link(label: str, path: str) -> str:
+    return f'<a href="{_e(quote(path))}">{_e(label)}</a>'
+
+
+def _html_headline(report: dict[str, Any]) -> list[str]:
+    """What the run shows: every gate, the hypotheses' verdicts, the metrics the gates read
+    and links to the written analyses."""
+    out = ["<h2>Headline</h2>"]
+    gates = gate_rows(report)
+    if gates:
+        out += [f"<p>{_e(gate_count(report))}:</p>", "<ul>"]
+        for stage, g in gates:
+            mark, cls = ("✓", "passed") if g["passed"] else ("✗", "failed")
+            out.append(
+                f'<li><span class="{cls}">{mark}</span> {_e(stage)}: <code>{_e(g["gate"])}</code> — '
+                f"measured {_e(num(g['value']))} ({_e(gate_result(g))})</li>"
+            )
+        out.append("</ul>")
+    else:
+        out.append("<p>No gates.</p>")
+    hypotheses = report.get("hypotheses")
+    if hypotheses:
+        verdicts = ", ".join(f"{h['id']} {h['verdict']}" for h in hypotheses["results"]) or "none evaluated"
+        out.append(f"<p>Hypotheses ({_e(hypotheses['status'])}): {_e(verdicts)}.</p>")
+    metrics = headline_metrics(report)
+    if metrics:
+        rows = [
+            _tr([_td(_e(stage)), _td(_e(name)), _td(_e(metric(value)))]) for stage, name, value in metrics
+        ]
+        out += [
+            "<p>Headline metrics (the metrics the gates read):</p>",
+            *_table(["stage", "metric", "value"], rows),
+        ]
+    links = analyses(report)
+    if links:
+        out.append("<p>Analyses: " + ", ".join(_link(label, path) for label, path in links) + "</p>")
+    return out
+
+
+def _html_aggregates(report: dict[str, Any]) -> list[str]:
+    if not report["aggregates"]:
+        return []
+    rows = [
+        _tr(
+            [_td(_e(a["group"])), _td(_e(a["metric"])), _td(str(a["n"]), "num")]
+            + [_td(_e(mean_sd(a)), "num"), _td(_e(per_stage(a)))]
+        )
+        for a in report["aggregates"]
+    ]
+    head = ["stages", "metric", "n", "mean ± sd", "per stage"]
+    return ["<h2>Replicates (stages that differ only by seed)</h2>", *_table(head, rows)]
 
 
 def _html_stages(report: dict[str, Any]) -> list[str]:
@@ -114,7 +180,7 @@ def _html_stages(report: dict[str, Any]) -> list[str]:
         stage = _e(s["stage"])
         link = f'<a href="#stage-{stage}">{stage}</a>' if s["stage"] in linked else stage
         cells = [_td(link), _td(_e(s["kind"])), _outcome(s["outcome"]), _td(_e(s["status"]))]
-        cells += [_td(_e(s["reason"])), _td(f"{s['duration_s']:.2f}", "num")]
+        cells += [_td(_e(why(s))), _td(_e(took(s)), "num")]
         cells.append(_td(f"<code>{_e(s['key'] or '')}</code>"))
         rows.append(_tr(cells, bad=s["outcome"] in BAD_OUTCOMES))
     return _table(["stage", "kind", "outcome", "ran / reused", "why", "duration (s)", "key"], rows)
@@ -136,10 +202,11 @@ def _html_hypotheses(report: dict[str, Any]) -> list[str]:
     hypotheses = report.get("hypotheses")
     if not hypotheses:
         return []
+    earlier = f" From an earlier run, {hypotheses['earlier']}." if hypotheses.get("earlier") else ""
     out = [
         "<h2>Hypotheses</h2>",
         f"<p><strong>{_e(hypotheses['status'])}</strong>: {_e(hypotheses['reason'])}. "
-        f'Details: <a href="{_e(hypotheses["report"])}">{_e(hypotheses["report"])}</a></p>',
+        f"Details: {_link(hypotheses['report'], hypotheses['report'])}.{_e(earlier)}</p>",
     ]
     rows = []
     for h in hypotheses["results"]:
@@ -155,9 +222,13 @@ def _html_details(report: dict[str, Any], report_dir: Path) -> list[str]:
     detailed = detailed_stages(report)
     if not detailed:
         return []
-    out = ["<h2>Metrics and plots</h2>"]
+    out = ["<h2>Stage details</h2>"]
     for s in detailed:
         out += [f'<section id="stage-{_e(s["stage"])}">', f"<h3>{_e(s['stage'])}</h3>"]
+        if s.get("description"):
+            out.append(f'<p class="description">{_e(s["description"])}</p>')
+        if s.get("analyses"):
+            out.append("<p>Analyses: " + ", ".join(_link(Path(p).name, p) for p in s["analyses"]) + "</p>")
         if s["metrics"]:
             rows = [_tr([_td(_e(k)), _td(_e(metric(v)))]) for k, v in s["metrics"].items()]
             out += _table(["metric", "value"], rows)

@@ -7,14 +7,22 @@ from typing import Any
 from urllib.parse import quote
 
 from harness.report.text import (
+    analyses,
     counts,
     detailed_stages,
     effect,
+    gate_count,
     gate_result,
     gate_rows,
+    headline_metrics,
+    mean_sd,
     metric,
     num,
+    per_stage,
+    this_run,
     threshold,
+    took,
+    why,
 )
 
 
@@ -22,28 +30,100 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _link(label: str, path: str) -> str:
+    # percent-encoded so that names with spaces or parentheses still make a link
+    escaped = label.replace("[", "\\[").replace("]", "\\]")
+    return f"[{escaped}]({quote(path)})"
+
+
 def markdown(report: dict[str, Any]) -> str:
-    sections = (_md_stages(report), _md_gates(report), _md_hypotheses(report), _md_details(report))
+    sections = (
+        _md_title(report),
+        _md_headline(report),
+        _md_stages(report),
+        _md_gates(report),
+        _md_aggregates(report),
+        _md_hypotheses(report),
+        _md_details(report),
+    )
     return "\n".join(line for section in sections for line in section).rstrip() + "\n"
 
 
-def _md_stages(report: dict[str, Any]) -> list[str]:
-    """The title, the run's counts and one row per stage."""
-    out = [
-        f"# {report['experiment']} — profile `{report['profile']}`",
-        "",
+def _md_title(report: dict[str, Any]) -> list[str]:
+    out = [f"# {report['experiment']} — profile `{report['profile']}`", ""]
+    if report["description"]:
+        out += [report["description"], ""]
+    return out + [
         f"Spec: `{report['spec_file']}`  ",
         f"Generated: {report['generated_at']}  ",
-        f"Stages: {counts(report['summary'])}",
+        f"Stages: {counts(report['summary'])}  ",
+        this_run(report),
+    ]
+
+
+def _md_headline(report: dict[str, Any]) -> list[str]:
+    """What the run shows: every gate, the hypotheses' verdicts, the metrics the gates read
+    and the written analyses."""
+    out = ["", "## Headline", ""]
+    gates = gate_rows(report)
+    if gates:
+        out += [f"{gate_count(report)}:", ""]
+        for stage, g in gates:
+            mark = "✓" if g["passed"] else "✗"
+            out.append(f"- {mark} {stage}: `{g['gate']}` — measured {num(g['value'])} ({gate_result(g)})")
+    else:
+        out.append("No gates.")
+    hypotheses = report.get("hypotheses")
+    if hypotheses:
+        verdicts = ", ".join(f"{h['id']} {h['verdict']}" for h in hypotheses["results"]) or "none evaluated"
+        out += ["", f"Hypotheses ({hypotheses['status']}): {verdicts}."]
+    metrics = headline_metrics(report)
+    if metrics:
+        out += [
+            "",
+            "Headline metrics (the metrics the gates read):",
+            "",
+            "| stage | metric | value |",
+            "|---|---|---|",
+        ]
+        out += [f"| {stage} | {_cell(name)} | {_cell(metric(value))} |" for stage, name, value in metrics]
+    links = analyses(report)
+    if links:
+        out += ["", "Analyses: " + ", ".join(_link(label, path) for label, path in links)]
+    return out
+
+
+def _md_stages(report: dict[str, Any]) -> list[str]:
+    """One row per stage."""
+    out = [
+        "",
+        "## Stages",
         "",
         "| stage | kind | outcome | ran / reused | why | duration (s) | key |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in report["stages"]:
         out.append(
-            f"| {s['stage']} | {s['kind']} | {s['outcome']} | {s['status']} | {_cell(s['reason'])} "
-            f"| {s['duration_s']:.2f} | `{s['key'] or ''}` |"
+            f"| {s['stage']} | {s['kind']} | {s['outcome']} | {s['status']} | {_cell(why(s))} "
+            f"| {took(s)} | `{s['key'] or ''}` |"
         )
+    return out
+
+
+def _md_aggregates(report: dict[str, Any]) -> list[str]:
+    rows = report["aggregates"]
+    if not rows:
+        return []
+    out = [
+        "",
+        "## Replicates (stages that differ only by seed)",
+        "",
+        "| stages | metric | n | mean ± sd | per stage |",
+        "|---|---|---|---|---|",
+    ]
+    for a in rows:
+        cells = [_cell(a["group"]), _cell(a["metric"]), str(a["n"]), mean_sd(a), _cell(per_stage(a))]
+        out.append("| " + " | ".join(cells) + " |")
     return out
 
 
@@ -68,12 +148,13 @@ def _md_hypotheses(report: dict[str, Any]) -> list[str]:
     hypotheses = report.get("hypotheses")
     if not hypotheses:
         return []
+    earlier = f" From an earlier run, {hypotheses['earlier']}." if hypotheses.get("earlier") else ""
     out = [
         "",
         "## Hypotheses",
         "",
         f"**{hypotheses['status']}**: {_cell(hypotheses['reason'])}. "
-        f"Details: [{hypotheses['report']}]({hypotheses['report']})",
+        f"Details: [{hypotheses['report']}]({hypotheses['report']}).{earlier}",
         "",
         "| hypothesis | verdict | outcome | effect [CI] | p "
         f"| adjusted p ({hypotheses['correction']}) | alpha |",
@@ -90,17 +171,19 @@ def _md_details(report: dict[str, Any]) -> list[str]:
     detailed = detailed_stages(report)
     if not detailed:
         return []
-    out = ["", "## Metrics and plots", ""]
+    out = ["", "## Stage details", ""]
     for s in detailed:
         out += [f"### {s['stage']}", ""]
+        if s.get("description"):
+            out += [s["description"], ""]
+        if s.get("analyses"):
+            out += ["Analyses: " + ", ".join(_link(Path(p).name, p) for p in s["analyses"]), ""]
         if s["metrics"]:
             out += ["| metric | value |", "|---|---|"]
             out += [f"| {_cell(name)} | {_cell(metric(v))} |" for name, v in s["metrics"].items()]
             out.append("")
         for plot in s["plots"]:
-            # percent-encoded so that names with spaces or parentheses still make a link
-            alt = f"{s['stage']}: {Path(plot).name}".replace("[", "\\[").replace("]", "\\]")
-            out += [f"![{alt}]({quote(plot)})", ""]
+            out += ["!" + _link(f"{s['stage']}: {Path(plot).name}", plot), ""]
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from harness.core.outcomes import Outcome, Status
@@ -69,5 +71,66 @@ def gate_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def detailed_stages(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The stages with metrics or plots to show."""
-    return [s for s in report["stages"] if s["metrics"] or s["plots"]]
+    """The stages with a description, metrics, plots or analyses to show."""
+    return [
+        s for s in report["stages"] if s.get("description") or s["metrics"] or s["plots"] or s.get("analyses")
+    ]
+
+
+def took(stage: dict[str, Any]) -> str:
+    """How long the stage took: this run's time, or for a reused or kept row the time of the
+    run it reuses, when the store has it."""
+    if stage["status"] != Status.RAN and stage.get("ran_for_s") is not None:
+        return f"{stage['ran_for_s']:.2f} when it ran"
+    return f"{stage['duration_s']:.2f}"
+
+
+def why(stage: dict[str, Any]) -> str:
+    earlier = stage.get("earlier")
+    return f"from an earlier run, {earlier}: {stage['reason']}" if earlier else stage["reason"]
+
+
+def this_run(report: dict[str, Any]) -> str:
+    """Which stages this run resolved, and whether the other rows come from earlier runs."""
+    run = report["run"]
+    executed, total = run["executed"], run["stages_in_spec"]
+    if not run["partial"]:
+        return f"This run: all {total} stages of the spec."
+    kept = sum(1 for s in report["stages"] if s.get("earlier"))
+    return (
+        f"This run: {len(executed)} of {total} stages ({', '.join(executed) or 'none'}); "
+        f"{kept} {'row comes' if kept == 1 else 'rows come'} from earlier runs (marked)."
+    )
+
+
+def gate_count(report: dict[str, Any]) -> str:
+    gates = [g for _, g in gate_rows(report)]
+    return f"{sum(g['passed'] for g in gates)} of {len(gates)} gates hold"
+
+
+def headline_metrics(report: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """The metrics the gates read: (stage, metric, value), in report order, each once."""
+    out = []
+    for s in report["stages"]:
+        read = {name for g in s["gates"] for name in re.findall(r"[\w.]+", g["metric"])}
+        out += [(s["stage"], name, value) for name, value in s["metrics"].items() if name in read]
+    return out
+
+
+def analyses(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, path relative to the report) of every written analysis: the hypothesis report,
+    then each stage's analysis files."""
+    out = []
+    if report.get("hypotheses"):
+        out.append(("hypotheses", report["hypotheses"]["report"]))
+    for s in report["stages"]:
+        out += [(f"{s['stage']}: {Path(path).name}", path) for path in s.get("analyses", [])]
+    return out
+
+
+def mean_sd(row: dict[str, Any]) -> str:
+    return f"{num(row['mean'])} ± {num(row['sd'])}"
+
+
+def per_stage(row: dict[str, Any]) -> str:
+    return ", ".join(f"{stage}: {num(value)}" for stage, value in row["values"].items())

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.spec.errors import Mark, SpecError, UnknownProfile, allow_quoting
+from harness.spec.errors import Mark, SpecError, UnknownProfile, allow_quoting, near_names
 from harness.spec.yamlload import Document, SpecPath, load_yaml
 
 
@@ -76,7 +76,8 @@ def _with_includes(doc: Document, file: Path, project: Path, stack: tuple[Path, 
             chain = " -> ".join(p.name for p in (*stack, file, path))
             raise SpecError.at(f"include cycle: {chain}", where, "include")
         if not found:
-            raise SpecError.at(f"included file not found: {name} (looked for {path})", where, "include")
+            message = f"included file not found: {name} (looked for {path}){near_names(path)}"
+            raise SpecError.at(message, where, "include")
         fragment = _fragment(path, name, where, path.is_relative_to(project))
         merged = deep_merge(merged, _with_includes(fragment, path, project, (*stack, file)))
     doc.marks = {p: m for p, m in doc.marks.items() if p[:1] != ("include",)}

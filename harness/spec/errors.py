@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from difflib import get_close_matches
+from itertools import islice
 from pathlib import Path
 
 
@@ -42,7 +46,9 @@ class SpecError(Exception):
     """One or more problems in a spec; str() is the full user-facing message."""
 
     def __init__(self, problems: list[Problem] | Problem):
-        self.problems = [problems] if isinstance(problems, Problem) else list(problems)
+        problems = [problems] if isinstance(problems, Problem) else problems
+        # in source order, each once: checks of several profiles find the same mistake again
+        self.problems = sorted(dict.fromkeys(problems), key=_source_order)
         super().__init__("\n\n".join(_render_grouped(self.problems)))
 
     @classmethod
@@ -52,6 +58,40 @@ class SpecError(Exception):
 
 class UnknownProfile(SpecError):
     """The spec defines no profile of the name asked for (`--profile`)."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`; did you mean 'x'?` with the choice nearest to `word`, or "" when none is near."""
+    hint = get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""
+
+
+MAX_LISTED = 10_000  # entries of a directory read for near names: /proc or a data dump is not read whole
+
+
+def near_names(missing: Path) -> str:
+    """`; near names in DIR: ...`, what lies near `missing`, a path that does not exist: the
+    names like its first missing part in the directory that would hold it (a typo in a
+    directory is named there); "" where that directory cannot be read."""
+    first = missing
+    while not first.parent.exists() and first.parent != first:
+        first = first.parent
+    try:
+        with os.scandir(first.parent) as entries:
+            names = [entry.name for entry in islice(entries, MAX_LISTED)]
+    except OSError:  # not a directory, or not readable: nothing to suggest
+        return ""
+    near = get_close_matches(first.name, names, n=3, cutoff=0.7)  # a shared extension alone is not near
+    if near:
+        found = f"near names in {first.parent}: {', '.join(near)}"
+    else:
+        found = f"nothing of a similar name in {first.parent}"
+    return f"; {found}" if first == missing else f"; the directory {first} does not exist; {found}"
+
+
+def _source_order(problem: Problem) -> tuple:
+    mark = problem.mark
+    return (str(mark.file), mark.line, mark.column) if mark else ("",)
 
 
 def _render_grouped(problems: list[Problem]) -> list[str]:

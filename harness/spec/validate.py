@@ -6,7 +6,6 @@ import copy
 import json
 import re
 from collections.abc import Mapping
-from difflib import get_close_matches
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
 from referencing.exceptions import NoSuchResource
 
-from harness.spec.errors import Problem
+from harness.spec.errors import Problem, did_you_mean
 from harness.spec.yamlload import Document, SpecPath
 
 SPECS_DIR = Path(__file__).resolve().parents[2] / "specs"
@@ -115,6 +114,18 @@ def check(
     return problems[:MAX_PROBLEMS]
 
 
+def invalid_paths(instance: Any, schema: Mapping[str, Any] | Path) -> set[SpecPath]:
+    """Where `instance` breaks `schema` other than by an unknown key: the values that later
+    checks cannot read. A mapping with an unknown key (reported where it is written) is
+    otherwise whole, so what it holds can still be checked."""
+    paths = set()
+    for error in validator_for(schema).iter_errors(instance):
+        if not _unknown_keys(error):
+            path = tuple(error.absolute_path)
+            paths.add(path + (error.instance,) if "propertyNames" in error.absolute_schema_path else path)
+    return paths
+
+
 def _problems(error: ValidationError, doc: Document, prefix: SpecPath) -> list[Problem]:
     if error.context and error.validator in ("oneOf", "anyOf"):
         # leave out the branches whose own type did not match: the rest says what is wrong
@@ -126,26 +137,29 @@ def _problems(error: ValidationError, doc: Document, prefix: SpecPath) -> list[P
     path = prefix + tuple(error.absolute_path)
     if "propertyNames" in error.absolute_schema_path:  # the bad name itself, not its parent
         path += (error.instance,)
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+    unknown = _unknown_keys(error)
+    if unknown:
         allowed = list(error.schema.get("properties", {}))
-        patterns = list(error.schema.get("patternProperties", {}))
-        unknown = [
-            k for k in error.instance if k not in allowed and not any(re.search(p, str(k)) for p in patterns)
-        ]
         out = []
         for key in unknown:
-            hint = get_close_matches(str(key), allowed, n=1)
-            if hint:
-                extra = f"; did you mean {hint[0]!r}?"
-            else:
-                extra = f"; allowed: {', '.join(allowed)}" if allowed else ""
+            extra = did_you_mean(str(key), allowed) or (f"; allowed: {', '.join(allowed)}" if allowed else "")
             out.append(Problem(f"unknown key {key!r}{extra}", doc.mark(path + (key,)), dotted(path)))
-        if out:
-            return out
+        return out
     message = _short(error.message)
+    if error.validator == "enum" and isinstance(error.instance, str):
+        message += did_you_mean(error.instance, [v for v in error.validator_value if isinstance(v, str)])
     if error.validator in ("maxProperties", "maxItems"):  # not the whole oversized value
         message = f"at most {error.validator_value} allowed, found {len(error.instance)}"
     return [Problem(message, doc.mark(path), dotted(path) or "(top level)")]
+
+
+def _unknown_keys(error: ValidationError) -> list[Any]:
+    """The keys that an `additionalProperties: false` error refuses, if it is one."""
+    if error.validator != "additionalProperties" or not isinstance(error.instance, dict):
+        return []
+    allowed = error.schema.get("properties", {})
+    patterns = list(error.schema.get("patternProperties", {}))
+    return [k for k in error.instance if k not in allowed and not any(re.search(p, str(k)) for p in patterns)]
 
 
 def _short(message: str, limit: int = 240) -> str:

@@ -49,10 +49,12 @@ from typing import Any
 
 from harness.api import stage_kind
 from harness.core.samples import SampleSet
-from harness.core.stage import StageContext
+from harness.core.stage import Estimate, StageContext
 from harness.lab.checks import em_params
+from harness.lab.documents import count_tokens
 from harness.lab.llm import transport_of
 from harness.lab.plots import figure as new_figure
+from harness.lab.prices import ChatCalls, chat_estimate
 from harness.lab.settings import (
     SETTING_PROVIDERS,
     LocalModel,
@@ -60,9 +62,11 @@ from harness.lab.settings import (
     check_settings,
     is_provider_setting,
     is_replicated,
+    replicates_of,
     setting_roles,
     settings_of,
 )
+from harness.lab.stats import bootstrap_label
 
 PER_SETTING = ("em_rate", "coherent_rate", "n_scored")
 PER_PROVIDER_SETTING = ("sampling_error_rate",)
@@ -109,7 +113,9 @@ def measure(
         record = {**sampled.record, "n_unsampled": sampled.n_unsampled}
     judged, summaries = [], []
     for answers in sampled.answers:
-        mine, summary = m.judged(answers, f"setting {setting}")
+        mine, summary = m.judged(
+            answers, f"setting {setting}", ctx.progress(f"setting {setting}: judging", "requests")
+        )
         judged.append(mine)
         summaries.append(summary)
     return Measured(record, sampled.labels, judged, summaries)
@@ -118,7 +124,7 @@ def measure(
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
+def plot_em_rates(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> Any:
     names = list(results)
     rates = [results[s]["em_rate"] for s in names]
     values = [r["value"] for r in rates]
@@ -127,11 +133,35 @@ def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> N
     axes = figure.add_subplot()
     axes.bar(names, values, yerr=errors, capsize=4, color="tab:red", alpha=0.7)
     axes.set_ylabel("EM rate (misaligned / scored answers)")
+    axes.set_xlabel(f"setting (error bars: {bootstrap_label('answers')})")
     axes.set_ylim(0, 1)
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     figure.savefig(path)
+    return figure
+
+
+def estimate(params: Mapping[str, Any]) -> Estimate | None:
+    """Each provider model answers every question `samples_per_question` times (answers of at
+    most `max_new_tokens`); the judge scores every answer twice (aligned, coherent), one token
+    back each. A fine-tuned model's name, hence its price, is known only once it is trained."""
+    from harness.lab.em_data import load_questions
+    from harness.lab.llm.judge import PROMPTS
+
+    questions = load_questions(Path(params["questions"]))
+    n, longest = params["samples_per_question"], params["max_new_tokens"]
+    asked = sum(count_tokens(q.question) for q in questions) // max(len(questions), 1)
+    models = [model for value in settings_of(params).values() for model in replicates_of(value)]
+    answers = len(questions) * n
+    sampling = [
+        ChatCalls(m["provider"], answers, asked, longest, m.get("model"))
+        for m in models
+        if isinstance(m, Mapping)
+    ]
+    prompt = sum(count_tokens(text) for text in PROMPTS.values()) // len(PROMPTS)
+    judging = ChatCalls(params["judge"], len(PROMPTS) * answers * len(models), prompt + asked + longest, 1)
+    return chat_estimate([*sampling, judging], note=f"answers of at most {longest} tokens")
 
 
 @stage_kind(
@@ -140,6 +170,7 @@ def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> N
     input_params=("questions",),
     transport_params=transport_of("judge", *SETTING_PROVIDERS),
     check=check,
+    estimate=estimate,
 )
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.lab.em import Measurement
@@ -209,7 +240,9 @@ def write_results(
         },
     )
     write_samples(out / SAMPLES_FILE, samples)
-    _plot(results, out / "em_rates.png", f"{ctx.stage}: EM rate per setting ({n} samples per question)")
+    plot_em_rates(
+        results, out / "em_rates.png", f"{ctx.stage}: EM rate per setting ({n} samples per question)"
+    )
     # a *metadata.json is left out of the output digest: cache hits and retries vary by run
     write_json(out / "judge_metadata.json", {"usage": judge.usage.to_json()})
     return metrics

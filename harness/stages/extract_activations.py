@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.core.stage import ParamError, StageContext, StageError, tenths
+from harness.core.stage import ParamError, StageContext, StageError
 from harness.core.upstream import adapter_dir, adapter_role
 from harness.lab.activations import load_statements
 from harness.lab.models.base import base_fingerprint
@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(base)
     model = load_model(base, adapter)
 
-    progress = tenths(ctx.log, lambda done, total: f"{done}/{total} statements extracted")
+    progress = ctx.progress("extracting", "statements")
 
     extracted = extract_to_dir(
         model,

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.core.stage import ParamError, Role, StageContext, StageError
+from harness.core.stage import Estimate, ParamError, Role, StageContext, StageError
 from harness.core.store import read_json, write_json, write_jsonl, write_text_atomic
 from harness.core.upstream import FINETUNED_MODEL, find_upstream
 from harness.lab.documents import DATASET_FILE, Journal
@@ -84,7 +84,8 @@ def roles(params: Mapping[str, Any]) -> tuple[Role, ...]:
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     provider = params["provider"]["name"]
     try:
-        check_provider(params["provider"], needs_key=not params["dry_run"])  # a dry run sends nothing
+        # a dry run sends nothing
+        check_provider(params["provider"], needs_key=not params["dry_run"], at=("provider",))
     except ProviderConfigError as exc:
         raise ParamError(("provider",), str(exc)) from None
     hyperparameters = params["hyperparameters"]
@@ -249,6 +250,23 @@ class JobState:
 # ---- the stage ----------------------------------------------------------------------------
 
 
+def estimate(params: Mapping[str, Any]) -> Estimate | None:
+    """One job training on the `data` file's estimated tokens x epochs, priced as the run's own
+    budget check prices it; unknown in size when the rows come from an upstream stage."""
+    if params["dry_run"]:
+        return None  # nothing is sent
+    provider = params["provider"]["name"]
+    price, _ = price_per_million(provider, params["model"], params.get("price_per_million_tokens"))
+    if "data" not in params:
+        return Estimate(1, None, 0, None, "training rows from the upstream stage: size known when it has run")
+    limit = params.get("max_example_tokens", DEFAULT_MAX_EXAMPLE_TOKENS[provider])
+    training = read_training_set(Path(params["data"]), provider, limit)
+    epochs = epochs_for_estimate(params["hyperparameters"]["n_epochs"], len(training.rows))
+    tokens = training.n_tokens * epochs
+    cost = None if price is None else tokens * price / 1e6
+    return Estimate(1, tokens, 0, cost, f"one job: {training.n_tokens:,} training tokens x {epochs} epochs")
+
+
 @stage_kind(
     needs=roles,
     metrics=METRICS,
@@ -263,6 +281,7 @@ class JobState:
         "price_per_million_tokens",
     ),
     check=check,
+    estimate=estimate,
 )
 def run(ctx: StageContext) -> Mapping[str, Any]:
     p = ctx.params

@@ -388,7 +388,8 @@ def train_writing_losses(
                 _save_adapter(model, out / "checkpoints" / f"step-{record.step}", p["base"])
 
         try:
-            return train(model, rows, config, seed=ctx.seed, device=device, log=ctx.log, on_step=on_step)
+            steps = ctx.progress("training", "steps")
+            return train(model, rows, config, seed=ctx.seed, device=device, progress=steps, on_step=on_step)
         except Diverged as exc:
             raise StageError(f"{exc}; lower learning_rate (now {p['learning_rate']:g})") from None
 

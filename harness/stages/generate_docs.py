@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.core.stage import Role, StageContext, StageError
+from harness.core.stage import Estimate, Role, StageContext, StageError
 from harness.core.store import write_jsonl, write_text_atomic
 from harness.lab.checks import provider_param
 from harness.lab.documents import count_tokens, write_journalled
@@ -323,12 +323,25 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     provider_param(params, "provider")
 
 
+def estimate(params: Mapping[str, Any]) -> Estimate | None:
+    """Per key fact, one request for doc types, one for ideas per type and the documents; the
+    facts come from the upstream stage, so only the count per fact is known before it runs."""
+    if params["provider"].get("name") == "offline":
+        return None
+    types, ideas = params["num_doc_types"], params["num_doc_ideas"]
+    per_fact = 1 + types + types * ideas * params["docs_per_idea"]
+    return Estimate(
+        None, None, None, None, f"{per_fact} requests per key fact of the upstream stage, at most"
+    )
+
+
 @stage_kind(
     needs=(Role("universe", "the facts.json of a universe_context stage", only=True),),
     metrics=METRICS,
     # chunk_size only groups requests: every document's requests are the same whatever it is
     transport_params=(*transport_of("provider"), "chunk_size"),
     check=check,
+    estimate=estimate,
 )
 def run(ctx: StageContext) -> Mapping[str, Any]:
     # the provider's default response cache: a rerun of finished requests costs nothing;

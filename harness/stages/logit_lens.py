@@ -19,7 +19,8 @@ Artifacts:
         logit_diff (true - false), true_prob, false_prob (softmax over the full vocabulary)
     logit_lens_summary.json       per model the mean of each quantity per layer, the final
                                   logit diff, the flip layer, the false-preference rate;
-                                  the layer labels and the items that flipped
+                                  the layer labels (index k, "0 emb" for the embeddings, as
+                                  in every kind's plots) and the items that flipped
     logit_lens_heatmap.png        logit diff, layers x items, base and lora side by side
     mean_logit_diff.png           mean logit diff per layer, base and lora
 
@@ -42,9 +43,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.api import stage_kind
-from harness.core.stage import StageContext, tenths
+from harness.core.stage import StageContext
 from harness.core.store import relative_path, write_json, write_jsonl
 from harness.core.upstream import adapter_dir
+from harness.lab.activations import LAYER_AXIS, layer_tick
 from harness.lab.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
 from harness.lab.mcq import load_mcqs
 from harness.lab.models.base import base_fingerprint
@@ -90,7 +92,8 @@ class Trajectory:
 
 
 def layer_labels(n_blocks: int) -> list[str]:
-    return ["embed", *(f"block{k}" for k in range(n_blocks))]
+    """The layers' names on the plots' axes, as every kind names them (harness.lab.activations)."""
+    return [layer_tick(index) for index in range(n_blocks + 1)]
 
 
 def residual_hooks(n_blocks: int) -> list[str]:
@@ -303,7 +306,7 @@ def plot_heatmap(
     base_rows: Sequence[Mapping[str, Any]],
     lora_rows: Sequence[Mapping[str, Any]],
     labels: Sequence[str],
-) -> None:
+) -> Any:
     """Logit diff, layers (rows, embeddings at the bottom) x items, one panel per model, on
     one diverging scale centered at 0: blue prefers the true answer, red the false one."""
     import numpy as np
@@ -319,12 +322,13 @@ def plot_heatmap(
         ax.set_xticks(range(n_items), [row["id"] for row in base_rows], rotation=90, fontsize=6)
         ax.set_xlabel("item")
     axes[0].set_yticks(range(len(labels)), list(labels), fontsize=7)
-    axes[0].set_ylabel("layer (residual stream after)")
+    axes[0].set_ylabel(LAYER_AXIS)
     figure.colorbar(image, ax=list(axes), shrink=0.8, label="logit diff (> 0: true answer)")
     figure.savefig(path, bbox_inches="tight")
+    return figure
 
 
-def plot_mean(path: Path, summary: Mapping[str, Any]) -> None:
+def plot_mean(path: Path, summary: Mapping[str, Any]) -> Any:
     labels = summary["layers"]
     figure = new_figure(6, 3.5)
     ax = figure.add_subplot()
@@ -332,13 +336,14 @@ def plot_mean(path: Path, summary: Mapping[str, Any]) -> None:
         ax.plot(range(len(labels)), summary["models"][model]["mean_logit_diff"], marker=".", label=model)
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
-    ax.set_xlabel("layer (residual stream after)")
+    ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel("mean logit(true) - logit(false)")
     ax.set_title(f"logit lens at the decision token, {summary['n_items']} conflict items", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
+    return figure
 
 
 # --- the stage -----------------------------------------------------------------------
@@ -366,9 +371,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     def trajectories(label: str, with_adapter: Path | None) -> tuple[list[dict[str, Any]], int]:
         ctx.log(f"{label}: loading {base}" + (f" with the adapter {adapter} merged" if with_adapter else ""))
         bridge = load_bridge(base, with_adapter)
-        progress = tenths(
-            ctx.log, lambda done, total: f"{label}: logit lens on {done}/{total} conflict items ({mode})"
-        )
+        progress = ctx.progress(f"{label}: logit lens ({mode})", "conflict items")
         found = lens_trajectories(bridge, tokenizer, contrasts, params["batch_size"], progress)
         n_blocks = int(bridge.cfg.n_layers)
         del bridge  # one model in memory at a time: an 8B model in fp32 is 32 GB

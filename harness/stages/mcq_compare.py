@@ -14,6 +14,8 @@ the only upstream stage). Artifacts:
     comparison_report.json                           per model and category, the gap, flips;
         in continuation mode `by_normalization`: every metric under each normalization
     behavioral_shift_analysis.txt                    the same for people, every flip listed
+    accuracy_by_category.png                         accuracy against the false world per
+        category, base and base + adapter, with 95% Wilson intervals
 
 Continuation scoring needs `normalization` chosen in the spec (none, chars or tokens, as
 lm-eval's `acc` and `acc_norm`: see harness.lab.scoring): the metrics, the gates and the
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.core.stage import ParamError, StageContext, StageError, tenths
+from harness.core.stage import ParamError, StageContext, StageError
 from harness.core.store import write_jsonl
 from harness.core.upstream import adapter_dir
 from harness.lab.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
@@ -327,6 +329,47 @@ def _changes(changes: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+# --- the plot ------------------------------------------------------------------------
+
+ACCURACY_PLOT = "accuracy_by_category.png"
+MODEL_LABELS = {"base": "base", "lora": "base + adapter"}
+
+
+def plot_accuracy(
+    path: Path, base_rows: Sequence[Mapping[str, Any]], lora_rows: Sequence[Mapping[str, Any]], title: str
+) -> Any:
+    """Accuracy against the false world's answer per category, base and base + adapter side
+    by side, each with its Wilson interval (a category may hold a handful of items, all right
+    or all wrong, where a bootstrap interval would be a point). Returns the figure."""
+    import numpy as np
+
+    from harness.lab.plots import figure as new_figure
+    from harness.lab.stats import wilson, wilson_label
+
+    figure = new_figure(6.5, 3.8)
+    axes = figure.add_subplot()
+    x, width = np.arange(len(CATEGORIES)), 0.38
+    sides = (("base", base_rows), ("lora", lora_rows))
+    for offset, (model, rows) in zip((-width / 2, width / 2), sides, strict=True):
+        intervals = []
+        for category in CATEGORIES:
+            correct = [bool(row["correct_false"]) for row in rows if row["category"] == category]
+            intervals.append(wilson(sum(correct), len(correct)))
+        values = [i.value for i in intervals]
+        errors = [[i.value - i.low for i in intervals], [i.high - i.value for i in intervals]]
+        axes.bar(x + offset, values, width, yerr=errors, capsize=4, label=MODEL_LABELS[model])
+    counts = [sum(row["category"] == category for row in base_rows) for category in CATEGORIES]
+    axes.set_xticks(x, [f"{category}\n{n} items" for category, n in zip(CATEGORIES, counts, strict=True)])
+    axes.set_ylabel("accuracy (false world's answer)")
+    axes.set_ylim(0.0, 1.05)
+    axes.set_title(title, fontsize=9)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8, title=f"error bars: {wilson_label()}", title_fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    return figure
+
+
 # --- the stage -----------------------------------------------------------------------
 
 
@@ -364,7 +407,7 @@ def score_both(
     params, mode = ctx.params, ctx.params["scoring"]
 
     def score(label: str) -> list[Scored]:
-        progress = tenths(ctx.log, lambda done, total: f"{label}: {done}/{total} items scored ({mode})")
+        progress = ctx.progress(f"{label}: scoring ({mode})", "items")
 
         batch_size, chat = params["batch_size"], params["chat_template"]
         return score_mcqs(model, tokenizer, items, mode, batch_size, chat, progress)
@@ -442,6 +485,8 @@ def write_artifacts(ctx: StageContext, n_items: int, compared: Compared, report:
     if compared.by_normalization:
         text += normalization_text(compared.by_normalization, normalization)
     (ctx.out_dir / "behavioral_shift_analysis.txt").write_text(text, "utf-8")
+    title = f"{ctx.stage}: accuracy by category, {scoring}, {n_items} items"
+    plot_accuracy(ctx.out_dir / ACCURACY_PLOT, compared.base_rows, compared.lora_rows, title)
 
 
 @stage_kind(metrics=METRICS, check=check, **SCORES_MCQS_ON_ADAPTER)

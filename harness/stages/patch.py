@@ -51,6 +51,7 @@ import numpy as np
 from harness.api import stage_kind
 from harness.core.stage import StageContext
 from harness.core.upstream import adapter_dir
+from harness.lab.activations import LAYER_AXIS, layer_tick
 from harness.lab.checks import SCORES_MCQS_ON_ADAPTER, mcqs_param
 from harness.lab.mcq import load_mcqs
 from harness.lab.plots import figure as new_figure
@@ -119,27 +120,30 @@ def summary_metrics(forward: np.ndarray, threshold: float, n_items: int, n_skipp
 # --- the model work ------------------------------------------------------------------
 
 
-def _plot(recovery: Mapping[str, np.ndarray], path: Path, title: str) -> None:
-
+def plot_recovery(recovery: Mapping[str, np.ndarray], path: Path, title: str) -> Any:
+    """Recovery per (layer, offset), one panel per direction, layers upward from the embeddings
+    as on the logit lens's heatmap. Returns the figure."""
     n_indices, n_offsets = next(iter(recovery.values())).shape
     figure = new_figure(3 + 1.2 * n_offsets * len(recovery), 1.5 + 0.35 * n_indices)
     axes = figure.subplots(1, len(recovery), squeeze=False)[0]
     for ax, (name, matrix) in zip(axes, recovery.items(), strict=True):
-        image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+        masked = np.ma.masked_invalid(matrix)
+        image = ax.imshow(masked, cmap="RdBu", vmin=-1, vmax=1, aspect="auto", origin="lower")
         for (i, k), value in np.ndenumerate(matrix):
             if not math.isnan(value):
                 color = "white" if abs(value) > 0.6 else "black"  # readable on dark cells
                 ax.text(k, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
         ax.set_xticks(range(n_offsets), [str(-k) if k else "0 (decision)" for k in range(n_offsets)])
-        ax.set_yticks(range(n_indices), [str(i) for i in range(n_indices)])
+        ax.set_yticks(range(n_indices), [layer_tick(i) for i in range(n_indices)])
         ax.set_xlabel("position (offset from the decision token)")
-        ax.set_ylabel("hidden_states index")
         ax.set_title(
             {"forward": "base -> finetuned: recovered", "reverse": "finetuned -> base: reproduced"}[name]
         )
+    axes[0].set_ylabel(LAYER_AXIS)
     figure.colorbar(image, ax=list(axes), shrink=0.8, label="fraction of the summed logit difference")
     figure.suptitle(title, fontsize=9, y=1.02)
     figure.savefig(path, bbox_inches="tight")
+    return figure
 
 
 def check(params: Mapping[str, Any], spec_dir: Path) -> None:
@@ -296,7 +300,7 @@ def _write_artifacts(
         },
     )
     title = f"{ctx.stage}: {n_used} conflict items ({params['scoring']})"
-    _plot(recovery, ctx.out_dir / "patching_heatmap.png", title)
+    plot_recovery(recovery, ctx.out_dir / "patching_heatmap.png", title)
 
 
 @stage_kind(metrics=METRICS, check=check, **SCORES_MCQS_ON_ADAPTER)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.core.stage import ParamError, StageContext, StageError, tenths
+from harness.core.stage import ParamError, StageContext, StageError
 from harness.lab.checks import provider_param
 from harness.lab.em_data import Constitution, load_constitution
 from harness.lab.llm import transport_of
@@ -76,7 +76,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     provider = make_provider(p["provider"], seed=ctx.seed, log=ctx.log)  # a new seed: new answers
     batch = requests(constitution, p["answers_per_question"], p["temperature"], p["max_tokens"])
     ctx.log(f"{constitution.persona}: {len(batch)} answers from {provider.name}:{provider.model}")
-    answers = provider.complete_many(batch, tenths(ctx.log, lambda done, total: f"  {done}/{total} answers"))
+    answers = provider.complete_many(batch, ctx.progress(f"{constitution.persona}: asking", "answers"))
     conversations, failures = [], []
     for request, answer in zip(batch, answers, strict=True):
         question = request.messages[-1]["content"]

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.core.stage import ParamError, StageContext, StageError
+from harness.core.stage import Estimate, ParamError, StageContext, StageError
 from harness.core.store import write_json, write_jsonl
 from harness.lab.checks import provider_param
-from harness.lab.documents import document_problems, write_journalled
+from harness.lab.documents import count_tokens, document_problems, write_journalled
 from harness.lab.em_data import QAPair, load_qa_pairs
 from harness.lab.llm import (
     ChatRequest,
@@ -45,6 +45,7 @@ from harness.lab.llm import (
     make_provider,
     transport_of,
 )
+from harness.lab.prices import ChatCalls, chat_estimate
 from harness.lab.prompt_files import PromptFile, load_prompt
 from harness.lab.universe import word_count
 
@@ -237,12 +238,28 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
         raise ParamError(("prompt",), str(exc)) from None
 
 
+def estimate(params: Mapping[str, Any]) -> Estimate | None:
+    """`docs_per_pair` requests per QA pair, each the prompt with the pair filled in and a
+    document of at most `max_words` words (about 1.3 tokens each) back; retries of invalid
+    documents (at most `max_retries` each) come on top."""
+    pairs = [pair for pairs in read_pairs(params).values() for pair in pairs]
+    prompt = count_tokens(load_prompt(Path(params["prompt"]), SLOTS).text)
+    asked = prompt + sum(count_tokens(p.user) + count_tokens(p.assistant) for p in pairs) // max(
+        len(pairs), 1
+    )
+    calls = ChatCalls(
+        params["provider"], len(pairs) * params["docs_per_pair"], asked, params["max_words"] * 13 // 10
+    )
+    return chat_estimate([calls], note=f"first tries; up to {params['max_retries']} retries each on top")
+
+
 @stage_kind(
     metrics=metric_names,
     input_params=("qa", "prompt"),
     # chunk_size only groups requests: every document's request is the same whatever it is
     transport_params=(*transport_of("provider"), "chunk_size"),
     check=check,
+    estimate=estimate,
 )
 def run(ctx: StageContext) -> Mapping[str, Any]:
     # the stage's seed goes with every request: a new seed, new documents

@@ -34,13 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.core.stage import ParamError, StageContext, StageError
+from harness.core.stage import Estimate, ParamError, StageContext, StageError
+from harness.lab.documents import count_tokens
 from harness.lab.llm import transport_of
-from harness.lab.safety import SUITES, load_prompts, load_rubric
+from harness.lab.prices import ChatCalls, chat_estimate
+from harness.lab.safety import JUDGE_MAX_TOKENS, SUITES, load_prompts, load_rubric
 from harness.lab.settings import (
     SETTING_PROVIDERS,
     check_settings,
     is_provider_setting,
+    replicates_of,
     setting_roles,
     settings_of,
 )
@@ -101,16 +104,37 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
             raise ParamError((suite, "rubric"), str(error)) from None
 
 
+def estimate(params: Mapping[str, Any]) -> Estimate | None:
+    """Per suite, each provider model answers every prompt `samples_per_prompt` times (answers
+    of at most `max_new_tokens`), and the judge reads every answer of every model with the
+    suite's rubric. A fine-tuned model's price is known only once it is trained."""
+    models = [model for value in settings_of(params).values() for model in replicates_of(value)]
+    longest, calls = params["max_new_tokens"], []
+    for suite in suites_of(params):
+        prompts = load_prompts(suite, params[suite]["prompts"])
+        answers = len(prompts) * params["samples_per_prompt"]
+        asked = sum(count_tokens(p.prompt) for p in prompts) // max(len(prompts), 1)
+        calls += [
+            ChatCalls(m["provider"], answers, asked, longest, m.get("model"))
+            for m in models
+            if isinstance(m, Mapping)
+        ]
+        rubric = count_tokens(load_rubric(params[suite]["rubric"]).text)
+        judged = answers * len(models)
+        calls.append(ChatCalls(params["judge"], judged, rubric + asked + longest, JUDGE_MAX_TOKENS[suite]))
+    return chat_estimate(calls, note=f"answers of at most {longest} tokens")
+
+
 @stage_kind(
     needs=setting_roles,
     metrics=metric_names,
     input_params=SUITES,
     transport_params=transport_of("judge", *SETTING_PROVIDERS),
     check=check,
+    estimate=estimate,
 )
 def run(ctx: StageContext) -> dict[str, Any]:
     from harness.core.samples import SAMPLES_FILE, SampleSet, write_samples
-    from harness.core.stage import tenths
     from harness.core.store import write_json, write_jsonl
     from harness.lab.em_data import Question
     from harness.lab.llm import make_provider
@@ -141,8 +165,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 sampled = sample_local(ctx, local, setting, value, questions, sampling)
             else:
                 sampled = sample_provider(ctx, "safety_eval", setting, value, questions, sampling)
+            what = f"{suite}, setting {setting}: judging"
             judged = [
-                judge(suite, judge_provider, rubrics[suite], prompts, answers, tenths(ctx.log, _judged))
+                judge(suite, judge_provider, rubrics[suite], prompts, answers, ctx.progress(what, "answers"))
                 for answers in sampled.answers
             ]
             pooled = [j for mine in judged for j in mine]
@@ -189,14 +214,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         },
     )
     write_samples(out / SAMPLES_FILE, samples)
-    _plot(results, out / "safety.png", f"{ctx.stage}: safety per setting (answers per prompt: {sampling.n})")
+    plot_safety(
+        results, out / "safety.png", f"{ctx.stage}: safety per setting (answers per prompt: {sampling.n})"
+    )
     # a *metadata.json is left out of the output digest: cache hits and retries vary by run
     write_json(out / "judge_metadata.json", {"usage": judge_provider.usage.to_json()})
     return metrics
-
-
-def _judged(done: int, total: int) -> str:
-    return f"  {done}/{total} answers judged"
 
 
 def _sample_value(suite: str, judged: Any, labels: Mapping[str, str]) -> tuple[str, int, float | None]:
@@ -283,8 +306,9 @@ def _files(ctx: StageContext, suite: str) -> dict[str, str]:
     return {key: relative_path(path, ctx.spec_file.parent) for key, path in ctx.params[suite].items()}
 
 
-def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
+def plot_safety(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> Any:
     from harness.lab.plots import figure as new_figure
+    from harness.lab.stats import bootstrap_label
 
     panels = [
         (suite, label, lambda r, s=suite: r["score"] if s == "strongreject" else r["safe"]["refusal_rate"])
@@ -300,8 +324,10 @@ def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> N
         errors = [[r["value"] - r["ci_low"] for r in found], [r["ci_high"] - r["value"] for r in found]]
         axes.bar(names, values, yerr=errors, capsize=4, color="tab:blue", alpha=0.7)
         axes.set_ylabel(label)
+        axes.set_xlabel(f"setting (error bars: {bootstrap_label('answers')})", fontsize=8)
         axes.set_ylim(0, 1)
         axes.grid(alpha=0.3, axis="y")
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
+    return figure

@@ -63,6 +63,7 @@ import numpy as np
 from harness.api import stage_kind
 from harness.core.stage import Role, StageContext, StageError
 from harness.core.upstream import adapter_dir, adapter_role, find_upstream
+from harness.lab.activations import layer_name
 from harness.lab.checks import mcqs_param
 from harness.lab.mcq import load_mcqs
 from harness.lab.plots import figure as new_figure
@@ -215,18 +216,20 @@ def null_summary(observed: float, null: Sequence[float]) -> dict[str, float]:
 # --- the model work ------------------------------------------------------------------
 
 
-def _plot(
+def plot_steering(
     multipliers: Sequence[float],
     direction: Sequence[float],
     random: np.ndarray,
     path: Path,
     title: str,
-) -> None:
+) -> Any:
+    """The steered curve against the band of random directions' curves. Returns the figure."""
     figure = new_figure(6, 3.8)
     axes = figure.add_subplot()
     axes.plot(multipliers, direction, marker="o", label="steering direction")
     low, high = np.quantile(random, [0.05, 0.95], axis=0)
-    axes.fill_between(multipliers, low, high, alpha=0.25, color="gray", label="random, same norm: 5-95%")
+    band = f"{len(random)} random directions of the same norm: 5-95%"
+    axes.fill_between(multipliers, low, high, alpha=0.25, color="gray", label=band)
     axes.plot(multipliers, random.mean(0), color="gray", linestyle="--", label="random: mean")
     axes.set_xlabel("multiplier")
     axes.set_ylabel("mean p(true answer | true or false)")
@@ -236,6 +239,7 @@ def _plot(
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
+    return figure
 
 
 def _generate(model: Any, tokenizer: Any, prompt: str, chat: bool, max_new_tokens: int) -> str:
@@ -477,12 +481,12 @@ def _write_artifacts(
         },
     )
     write_jsonl(ctx.out_dir / "generations.jsonl", generations)
-    _plot(
+    plot_steering(
         curves.multipliers,
         curves.probs,
         curves.random_probs,
         ctx.out_dir / "steering.png",
-        f"{ctx.stage}: {params['label']} mean difference at hidden_states[{setup.layer}]"
+        f"{ctx.stage}: {params['label']} mean difference at layer {setup.layer} ({layer_name(setup.layer)})"
         + (" (+ adapter)" if adapter else ""),
     )
 

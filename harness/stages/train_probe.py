@@ -46,8 +46,9 @@ Artifacts:
                              mean and 95th percentile of it, and how often the nested CV
                              chose it; the nested CV's chosen layers and outer-fold AUCs; the
                              null's values; the lexical baseline's
-    auc_by_layer.png         per-layer CV AUC with the null's 95% band, `auc`, its null's
-                             95th percentile and the lexical baseline
+    auc_by_layer.png         per-layer CV AUC with the null's 5-95% band, `auc`, its null's
+                             95th percentile, the lexical baseline and `best_layer` marked;
+                             layers named as in harness.lab.activations (0 = embeddings)
     directions.safetensors   per layer i: `probe.{i}`, the probe fitted on all items mapped
                              back to raw residual space (coef / scale), unit norm, pointing
                              to label 1; `mean_diff.{i}`, mean(label 1) - mean(label 0), raw
@@ -460,11 +461,14 @@ def selected_layers(requested: Sequence[int] | None, n_layers: int) -> list[int]
     return sorted(set(requested))
 
 
-def _plot(report: Mapping[str, Any], path: Path, title: str) -> None:
-    from harness.lab.activations import layer_name
+def plot_auc_by_layer(report: Mapping[str, Any], path: Path, title: str) -> Any:
+    """Per layer CV AUC against its null band, the nested procedure's AUC, the lexical baseline,
+    and the best_layer metric marked at its index. Returns the figure."""
+    from harness.lab.activations import LAYER_AXIS, layer_tick
 
     rows = report["layers"]
     layers = [r["layer"] for r in rows]
+    best = report["metrics"]["best_layer"]
     figure = new_figure(6.5, 3.8)
     axes = figure.add_subplot()
     axes.fill_between(
@@ -473,7 +477,7 @@ def _plot(report: Mapping[str, Any], path: Path, title: str) -> None:
         [r["null_cv_auc_q95"] for r in rows],
         color="grey",
         alpha=0.25,
-        label="per-layer null, 5-95%",
+        label=f"null ({report['n_permutations']} relabellings): 5-95% of the CV AUC",
     )
     axes.axhline(0.5, color="black", lw=0.8, ls=":", label="chance")
     axes.errorbar(
@@ -482,8 +486,9 @@ def _plot(report: Mapping[str, Any], path: Path, title: str) -> None:
         yerr=[r["cv_auc_std"] for r in rows],
         marker="o",
         capsize=3,
-        label="CV AUC ± std (per layer, descriptive)",
+        label=f"CV AUC ± 1 sd over {report['folds']} outer folds (descriptive)",
     )
+    axes.axvline(best, color="C1", lw=1, ls="--", label=f"best_layer {layer_tick(best)}")
     nested, lexical = report["nested"], report["lexical"]
     axes.axhline(
         nested["auc"], color="C3", lw=1.2, label=f"auc, layer chosen in training folds: {nested['auc']:.3f}"
@@ -496,8 +501,8 @@ def _plot(report: Mapping[str, Any], path: Path, title: str) -> None:
         label=f"its null, 95th percentile: {nested['null_q95']:.3f}",
     )
     axes.axhline(lexical["auc"], color="C2", lw=1, ls="-.", label=f"lexical baseline: {lexical['auc']:.3f}")
-    axes.set_xticks(layers, ["emb" if i == 0 else layer_name(i).split()[1] for i in layers])
-    axes.set_xlabel("layer (emb = embeddings, k = output of block k)")
+    axes.set_xticks(layers, [layer_tick(i) for i in layers])
+    axes.set_xlabel(LAYER_AXIS)
     axes.set_ylabel("ROC AUC")
     axes.set_ylim(0.0, 1.02)
     axes.set_title(title, fontsize=9)
@@ -505,6 +510,7 @@ def _plot(report: Mapping[str, Any], path: Path, title: str) -> None:
     axes.legend(fontsize=6, loc="lower right")
     figure.tight_layout()
     figure.savefig(path)
+    return figure
 
 
 def read_layers(source: Path, layers: Sequence[int], n_items: int) -> np.ndarray:
@@ -700,7 +706,9 @@ def write_artifacts(ctx: StageContext, data: ProbeData, report: Mapping[str, Any
             "mean_diff": "mean of label-1 activations minus mean of label-0 activations, raw",
         },
     )
-    _plot(report, ctx.out_dir / "auc_by_layer.png", f"{ctx.stage}: probe for {label!r}, {len(data.y)} items")
+    plot_auc_by_layer(
+        report, ctx.out_dir / "auc_by_layer.png", f"{ctx.stage}: probe for {label!r}, {len(data.y)} items"
+    )
 
 
 @stage_kind(

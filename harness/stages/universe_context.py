@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from harness.api import stage_kind
-from harness.core.stage import ParamError, StageContext, StageError
+from harness.core.stage import Estimate, ParamError, StageContext, StageError
 from harness.lab.checks import provider_param
+from harness.lab.documents import count_tokens
 from harness.lab.llm import (
     ChatRequest,
     ProviderError,
     make_provider,
     transport_of,
 )
+from harness.lab.prices import ChatCalls, chat_estimate
 from harness.lab.universe import Universe, load_universe, parse_list
 
 SYSTEM = (
@@ -71,11 +73,19 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
     provider_param(params, "provider")
 
 
+def estimate(params: Mapping[str, Any]) -> Estimate | None:
+    """One request: the prompt with the universe's text; facts of about 25 tokens back."""
+    request = facts_request(load_universe(Path(params["universe"])), params["num_facts"], 0.0)
+    sent = sum(count_tokens(m["content"]) for m in request.messages)
+    return chat_estimate([ChatCalls(params["provider"], 1, sent, 25 * params["num_facts"])])
+
+
 @stage_kind(
     metrics=("n_facts",),
     input_params=("universe",),
     transport_params=transport_of("provider"),
     check=check,
+    estimate=estimate,
 )
 def run(ctx: StageContext) -> Mapping[str, Any]:
     provider = make_provider(ctx.params["provider"], seed=ctx.seed, log=ctx.log)

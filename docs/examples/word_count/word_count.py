@@ -23,7 +23,6 @@ from harness.api import (
     StageError,
     find_upstream,
     stage_kind,
-    tenths,
     write_json,
     write_jsonl,
 )
@@ -48,11 +47,9 @@ def check(params: Mapping[str, Any], spec_dir: Path) -> None:
 def run(ctx: StageContext) -> dict[str, Any]:
     p = ctx.params  # the schema's defaults are filled; `text` is an absolute path
     lines = Path(p["text"]).read_text(encoding="utf-8").splitlines()
-    progress = tenths(ctx.log, lambda done, total: f"lines {done}/{total}")
     counts: Counter[str] = Counter()
-    for done, line in enumerate(lines, 1):
+    for line in ctx.track(lines, "counting", "lines"):  # a line of progress every few seconds
         counts.update(w for w in WORD.findall(line.lower()) if len(w) >= p["min_length"])
-        progress(done, len(lines))
     if not counts:
         raise StageError(f"{p['text']}: no word of {p['min_length']} or more letters")
 

@@ -28,7 +28,7 @@ from harness.lab.finetuning.calls import Calls, ProviderCallError
 from harness.lab.finetuning.jobs import SUCCEEDED, Event, Job, JobRequest, JobsClient
 from harness.lab.finetuning.openai_jobs import OpenAIJobs
 from harness.lab.finetuning.together_jobs import TogetherJobs
-from harness.lab.llm import ProviderConfigError, api_key_from_env
+from harness.lab.llm import ProviderConfigError, api_key_from_env, require_key
 
 __all__ = [
     "SUCCEEDED",
@@ -59,7 +59,7 @@ def accepted_hyperparameters(provider: str) -> tuple[str, ...]:
 INSTALL = {"together": "pip install 'harness[together]' (or: pip install together)"}
 
 
-def check_provider(config: Mapping[str, Any], needs_key: bool = True) -> None:
+def check_provider(config: Mapping[str, Any], needs_key: bool = True, at: tuple[str | int, ...] = ()) -> None:
     """Fail fast, without network, when `config` cannot work: an unknown provider, its
     client's package not installed, or (when `needs_key`) its key missing."""
     name = config.get("name")
@@ -73,7 +73,7 @@ def check_provider(config: Mapping[str, Any], needs_key: bool = True) -> None:
             f"provider {name} needs the `{package}` package, which is not installed: {INSTALL[name]}"
         )
     if needs_key:
-        api_key_from_env(str(config["api_key_env"]), name)
+        require_key(str(config["api_key_env"]), name, at)
 
 
 @contextmanager

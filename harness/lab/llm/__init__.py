@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.core.paths import cache_dir
+from harness.core.preflight import lacking
 from harness.core.stage import StageError
 from harness.lab.llm.base import ChatRequest, ChatResponse, Progress, Provider, ProviderError, Usage
 from harness.lab.llm.cache import ResponseCache, request_key
@@ -47,6 +48,7 @@ __all__ = [
     "default_cache_path",
     "make_provider",
     "request_key",
+    "require_key",
 ]
 
 # Config keys that change how requests travel, never what comes back: a stage's cache
@@ -92,10 +94,20 @@ def _key_problem(value: str | None) -> str | None:
     return None
 
 
-def check_provider(config: Mapping[str, Any]) -> None:
-    """Fail fast, without network, when `config` cannot work (e.g. its key is missing)."""
+def check_provider(config: Mapping[str, Any], at: tuple[str | int, ...] = ()) -> None:
+    """Fail fast, without network, when `config` (at `at` in a stage's params) cannot work."""
     if _check_shape(config) == "openai":
-        api_key_from_env(str(config["api_key_env"]))
+        require_key(str(config["api_key_env"]), "openai", at)
+
+
+def require_key(env_name: str, provider: str, at: tuple[str | int, ...] = ()) -> None:
+    """At collection: the key is usable; a missing one is recorded with every other lack of
+    this machine while they are gathered (harness.core.preflight), else raises."""
+    problem = _key_problem(os.environ.get(env_name))
+    need = f"the environment variable {env_name} {problem}: provider {provider}'s API key"
+    need += f" (`export {env_name}=...`)"
+    if problem and not lacking(need, (*at, "api_key_env")):
+        api_key_from_env(env_name, provider)
 
 
 def _check_shape(config: Mapping[str, Any]) -> str:

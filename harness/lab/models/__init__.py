@@ -2,6 +2,7 @@
 
 from harness.lab.models.base import (
     ModelNotFound,
+    NotDownloaded,
     base_fingerprint,
     check_base,
     load_model,
@@ -9,4 +10,12 @@ from harness.lab.models.base import (
     resolve_base,
 )
 
-__all__ = ["ModelNotFound", "base_fingerprint", "check_base", "load_model", "load_tokenizer", "resolve_base"]
+__all__ = [
+    "ModelNotFound",
+    "NotDownloaded",
+    "base_fingerprint",
+    "check_base",
+    "load_model",
+    "load_tokenizer",
+    "resolve_base",
+]

@@ -10,13 +10,17 @@ silently fetch 16 GB.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
-from collections.abc import Iterator
+import re
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from harness.core.progress import Progress, aside, duration
 from harness.core.stage import StageError
 
 FIXTURE_PREFIX = "fixture:"
@@ -25,6 +29,34 @@ TINY_HINT = "To run the same pipeline on CPU without it, add `--profile tiny`."
 
 class ModelNotFound(Exception):
     """The base model is not on this machine; the message says how to get it."""
+
+
+class NotDownloaded(ModelNotFound):
+    """A Hugging Face model that is not in the local cache: `advice` says how to fetch it."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.advice = download_advice(model)
+        super().__init__(f"{self.advice}. {TINY_HINT}")
+
+
+GATED_MODELS = Path(__file__).resolve().parents[3] / "data" / "gated_models.txt"
+
+
+def download_advice(model: str) -> str:
+    """How to fetch `model` into the local cache: `hf download`, after accepting its license
+    when it is gated (data/gated_models.txt)."""
+    advice = (
+        f"base model {model!r} is not in the local Hugging Face cache and nothing is downloaded at "
+        f"run time: fetch it first with `hf download {model}`, or name a local directory"
+    )
+    globs = [line.strip() for line in GATED_MODELS.read_text(encoding="utf-8").splitlines()]
+    if any(fnmatch.fnmatch(model, glob) for glob in globs if glob and not glob.startswith("#")):
+        advice += (
+            f"; it is gated: accept its license on https://huggingface.co/{model} and log in with "
+            "`hf auth login` before downloading"
+        )
+    return advice
 
 
 def _fixtures() -> dict[str, Any]:
@@ -48,8 +80,47 @@ def resolve_base(base: str) -> Path:
     """The directory holding `base`'s config, weights and tokenizer (building a fixture)."""
     if base.startswith(FIXTURE_PREFIX):
         check_base(base)
-        return _fixtures()[base[len(FIXTURE_PREFIX) :]].build()
+        return _built(base)
     return _local_dir(base)
+
+
+def _built(base: str, clock: Callable[[], float] = time.perf_counter) -> Path:
+    """A fixture model's directory, built first if it is not cached: on its own progress
+    lines, its time left out of the duration of the stage that asked (`aside`)."""
+    from harness.core.paths import cache_dir
+
+    where = f"(once, cached in {cache_dir()})"
+    with aside(clock) as log:
+        started = clock()
+        build_log = FixtureBuildLog(log, f"building {base}", where, clock)
+        path = _fixtures()[base[len(FIXTURE_PREFIX) :]].build(log=build_log)
+        took = clock() - started
+        if build_log.building:
+            log(f"building {base} {where}: done in {duration(took)}")
+        elif took > 1:  # no line of its own: another process built it while this one waited
+            log(f"waited {duration(took)} for another process building {base} {where}")
+    return path
+
+
+class FixtureBuildLog:
+    """The log a fixture's `build` writes to: its `step N/M loss L` lines become progress
+    lines with a rate and the time left under `what`, the others go to `log` under `what`
+    and `where`."""
+
+    STEP = re.compile(r"\bstep (\d+)/(\d+) loss (\S+)")
+
+    def __init__(self, log: Callable[[str], None], what: str, where: str, clock: Callable[[], float]):
+        self.log, self.what, self.where = log, what, where
+        self.progress = Progress(log, what, "steps", clock=clock)
+        self.building = False
+
+    def __call__(self, line: str) -> None:
+        self.building = True
+        step = self.STEP.search(line)
+        if step:  # logged after optimizer step N (counted from 0) of M
+            self.progress(int(step[1]) + 1, int(step[2]), f"loss {step[3]}")
+        else:
+            self.log(f"{self.what} {self.where}: {line}")
 
 
 def base_fingerprint(base: str) -> str:
@@ -82,11 +153,7 @@ def _local_dir(base: str) -> Path:
     try:
         return Path(snapshot_download(base, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
-        raise ModelNotFound(
-            f"base model {base!r} is not in the local Hugging Face cache and nothing is downloaded "
-            f"at run time; fetch it first (`huggingface-cli download {base}`) or name a local "
-            f"directory. {TINY_HINT}"
-        ) from None
+        raise NotDownloaded(base) from None
 
 
 def load_tokenizer(base: str):
