@@ -118,8 +118,11 @@ def test_two_keys_of_one_stage_from_the_store_history(world, capsys):
 
 
 def _manifests(world: pytest.Pytester) -> list:
+    """The train stage's manifests, oldest first (two may finish within one second)."""
     paths = (world.path / "runs/exp/default/train").glob("*/manifest.json")
-    return sorted(paths, key=lambda p: json.loads(p.read_text())["finished_at"])
+    return sorted(
+        paths, key=lambda p: (json.loads(p.read_text())["finished_at"], p.parent.stat().st_mtime_ns)
+    )
 
 
 def test_runs_of_two_git_commits(world, capsys):

@@ -111,7 +111,7 @@ def latest_side(run: RunDir, label: str) -> Side:
 def key_sides(run: RunDir, stage: str, keys: list[str] | None) -> tuple[Side, Side]:
     """Two keys of one stage (unique prefixes will do); without keys, its two latest runs."""
     store = run.store(stage)
-    history = sorted(store.records(), key=lambda r: r.manifest.get("finished_at", ""))
+    history = sorted(store.records(), key=made_when)
     if keys is None:
         if len(history) < 2:
             raise StageError(f"{store.dir} holds {len(history)} complete run(s): nothing to compare")
@@ -120,6 +120,12 @@ def key_sides(run: RunDir, stage: str, keys: list[str] | None) -> tuple[Side, Si
         chosen = [_by_key(history, key, store.dir) for key in keys]
     a, b = (Side(f"{stage} {r.manifest['key']}", {stage: r}, run.gates) for r in chosen)
     return a, b
+
+
+def made_when(record: Record) -> tuple[str, int]:
+    """When a run was made: its manifest's time (whole seconds), then its directory's
+    modification time, which orders two runs finished within one second."""
+    return record.manifest.get("finished_at", ""), record.dir.stat().st_mtime_ns
 
 
 def _by_key(history: list[Record], key: str, where: Path) -> Record:
@@ -143,7 +149,7 @@ def commit_side(run: RunDir, commit: str) -> Side:
             if str((r.manifest.get("git") or {}).get("commit", "")).startswith(full)
         ]
         if made:
-            records[store.dir.name] = max(made, key=lambda r: r.manifest.get("finished_at", ""))
+            records[store.dir.name] = max(made, key=made_when)
     if not records:
         raise StageError(f"{run.dir}: no stage has a run made at commit {commit!r}")
     return Side(f"commit {full[:12]}", records, run.gates)
