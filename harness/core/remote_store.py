@@ -130,9 +130,9 @@ class RemoteStore:
 
     def manifests(self, stage: StageStore) -> dict[str, dict[str, Any]]:
         """The manifests of the stage's complete runs in the store, by key."""
-        found = {}
-        for path in self.fs.find(self.remote(stage.rel), maxdepth=2):
-            key, _, name = path[len(self.remote(stage.rel)) + 1 :].partition("/")
+        found, root = {}, self.remote(stage.rel)
+        for path in self.fs.find(root, maxdepth=2):
+            key, _, name = path[len(root) + 1 :].partition("/")
             if name == MANIFEST:
                 manifest = json.loads(self.fs.cat_file(path))
                 if manifest.get("complete") and manifest.get("key") == key:
