@@ -116,6 +116,7 @@ def stage_kind(
             fingerprint=_base_weights(base) if loads_base else None,
             resources=dict(resources or {}),
             estimate=estimate,
+            base=base if loads_base else None,
         )
 
     return declare

@@ -33,6 +33,7 @@ from harness.core.plan import plan_lines, plan_run
 from harness.core.preflight import report
 from harness.core.remote_store import RemoteStoreError
 from harness.core.store_clean import clean_store
+from harness.rehearsal import DEFAULT_SCALE, prepare_environment
 from harness.report import trackers
 from harness.report.runs import RunReports
 
@@ -80,6 +81,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="print, for every collected stage, whether it would be reused or run and why, and what the "
         "stages that would run ask of paid APIs (requests, tokens, cost); runs nothing",
+    )
+    group.addoption(
+        "--rehearse",
+        dest="harness_rehearse",
+        action="store_true",
+        default=False,
+        help="rehearse the profile on CPU: base models replaced by random stand-ins of their family, API "
+        "providers by a scripted local server, sizes scaled by --rehearse-scale; every stage runs, gates "
+        "and hypotheses are reported, not required; stored apart (<profile>.rehearsal)",
+    )
+    group.addoption(
+        "--rehearse-scale",
+        dest="harness_rehearse_scale",
+        metavar="FACTOR",
+        type=float,
+        default=DEFAULT_SCALE,
+        help=f"with --rehearse: the factor on the sizes a kind marks (documents, samples, epochs; "
+        f"default {DEFAULT_SCALE})",
     )
     group.addoption(
         "--lock-hypotheses",
@@ -190,6 +209,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("harness_relock") and not config.getoption("harness_lock_hypotheses"):
         raise pytest.UsageError("--relock only goes with --lock-hypotheses")
+    if config.getoption("harness_rehearse"):
+        if config.getoption("harness_lock_hypotheses"):
+            raise pytest.UsageError("--lock-hypotheses locks the real plan: run it without --rehearse")
+        if not 0 < config.getoption("harness_rehearse_scale") <= 1:
+            raise pytest.UsageError("--rehearse-scale takes a factor in (0, 1], e.g. 0.1")
+        prepare_environment()
     config.pluginmanager.register(_ReportHooks(config), "harness-reports")
     if config.getoption("harness_plan") and getattr(config.option, "dist", "no") != "no":
         config.option.dist = "no"  # the plan is this process's: no xdist worker runs a stage

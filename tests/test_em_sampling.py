@@ -142,3 +142,25 @@ def test_em_eval_records_the_sampling_parameters(opinionated_model, tmp_path):
     recorded = json.loads((tmp_path / "em_results.json").read_text())["sampling"]
     assert recorded == sampling_parameters(0.9, 4)
     assert recorded["repetition_penalty"] == 1.0 and recorded["top_p"] == 1.0 and recorded["do_sample"]
+
+
+def test_greedy_answers_share_batches_and_equal_those_decoded_one_question_at_a_time(opinionated_model):
+    """Greedy decoding draws nothing: questions of different lengths share a left-padded batch
+    (a safety suite's one answer per prompt is not decoded one prompt at a time)."""
+    model, tokenizer = load_model(opinionated_model), load_tokenizer(opinionated_model)
+    questions = [
+        Question("short", "gravity is"),
+        Question("long", "the law of gravity is one eighth and the distance doubles"),
+        Question("mid", "planets pull sailors"),
+    ]
+    calls: list[tuple[int, int]] = []
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    together = sample_answers(model, tokenizer, questions, 1, 6, 0.0, seed=1, batch_size=16)
+    batches = {rows for rows, _ in calls}
+    calls.clear()
+    alone = [a for q in questions for a in sample_answers(model, tokenizer, [q], 1, 6, 0.0, seed=1)]
+    assert batches == {3}  # every step of the one generate call decodes the three questions
+    assert [(a.question_id, a.sample_index) for a in together] == [("short", 0), ("long", 0), ("mid", 0)]
+    assert [a.text for a in together] == [a.text for a in alone]

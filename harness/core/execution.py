@@ -38,14 +38,15 @@ class StageResult:
     gates: list[GateResult] = field(default_factory=list)
     duration_s: float = 0.0
     error: BaseException | None = None
+    gates_required: bool = True  # False in a rehearsal: its gates are reported, never fail or abort
 
     @property
     def abort(self) -> GateResult | None:
-        return next((g for g in self.gates if g.aborted), None)
+        return next((g for g in self.gates if g.aborted), None) if self.gates_required else None
 
     @property
     def failed_gates(self) -> list[GateResult]:
-        return [g for g in self.gates if not g.passed]
+        return [g for g in self.gates if not g.passed] if self.gates_required else []
 
     @property
     def outcome(self) -> Outcome:
@@ -78,7 +79,7 @@ class StageResult:
                     "threshold": g.gate.threshold,
                     "abort": f"{g.gate.abort_op} {g.gate.abort_threshold:g}" if g.gate.abort_op else None,
                     "passed": g.passed,
-                    "aborted": g.aborted,
+                    "aborted": g.aborted and self.gates_required,
                     "problem": g.problem,
                     "where": g.gate.where,
                 }
@@ -115,6 +116,7 @@ class ExperimentRun:
         self._prepared: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}
         self._submitted: dict[str, Any] = {}  # stage -> the executor's handle
         self.started = False
+        self.announced = False
 
     def take_fresh(self) -> list[StageResult]:
         """Results resolved since the last call (a stage plus the upstreams it pulled in)."""
@@ -122,6 +124,10 @@ class ExperimentRun:
         return fresh
 
     def resolve(self, name: str) -> StageResult:
+        if not self.announced and self.experiment.rewrite:  # what a rehearsal replaced, before it runs
+            for line in self.experiment.rewrite.lines():
+                self.progress(f"[{self.experiment.name}] {line}")
+        self.announced = True
         if not self.started and self.executor is not None:
             self.submit_ahead()
         if name not in self.results:
@@ -159,6 +165,7 @@ class ExperimentRun:
                 return None
         finished = result.status in (Status.RAN, Status.REUSED)
         result.gates = [evaluate(g, result.metrics) for g in spec.gates] if finished else []
+        result.gates_required = self.experiment.rewrite is None
         return result
 
     def submit_ahead(self) -> int:
@@ -325,6 +332,12 @@ class ExperimentRun:
             seed_everything(self._seed(spec))
             with running_stage(log) as running:  # a fixture built for it is not its duration
                 metrics = checked_metrics(spec.name, spec.kind, spec.params, spec.kind.run(ctx))
+            unwritten = spec.kind.missing_files(out)
+            if unwritten:  # a run is complete with every file its kind declares, or not stored
+                raise StageError(
+                    f"stage {spec.name!r} ({spec.kind.name}) finished without writing "
+                    f"{', '.join(unwritten)}, which its kind declares (x-files of its schema)"
+                )
         except Exception as exc:
             kept = store.abandon(out, key)
             summary = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

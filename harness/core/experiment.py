@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from harness.core import registry
 from harness.core.gates import Gate, GateSyntaxError, parse_gate
@@ -38,6 +38,21 @@ class StageSpec:
     missing: tuple[Missing, ...] = ()  # what this machine lacks to run it (harness.core.preflight)
 
 
+class Rewrite(Protocol):
+    """What replaces parts of a profile's stages before they are built, without editing the
+    spec: a rehearsal's stand-ins (harness.rehearsal). Its runs are stored apart, under the
+    profile's directory name and `label` (`default.rehearsal`: a dot no profile name holds);
+    `record()` (what it replaced) goes into the reports, `lines()` onto the terminal."""
+
+    label: str
+
+    def __call__(self, stage: str, kind: StageKind, params: dict[str, Any]) -> dict[str, Any]: ...
+
+    def record(self) -> dict[str, Any]: ...
+
+    def lines(self) -> list[str]: ...
+
+
 @dataclass(frozen=True)
 class Experiment:
     name: str
@@ -47,17 +62,22 @@ class Experiment:
     stages: dict[str, StageSpec]  # in run order
     description: str = ""
     hypotheses: HypothesisPlan | None = None
+    rewrite: Rewrite | None = None  # a rehearsal: gates and hypotheses reported, not required
 
     @property
     def profile_dir(self) -> str:
-        return self.profile or "default"
+        profile = self.profile or "default"
+        return f"{profile}.{self.rewrite.label}" if self.rewrite else profile
 
 
-def load_experiment(file: Path, profile: str | None = None, machine_checks: bool = True) -> Experiment:
+def load_experiment(
+    file: Path, profile: str | None = None, machine_checks: bool = True, rewrite: Rewrite | None = None
+) -> Experiment:
     """Load, merge and validate a spec; every user error raises SpecError with file:line, all
     of them at once: each check runs on what the checks before it left readable.
     Without `machine_checks`, the kinds' own checks of this machine (models, API keys,
-    modules) are left out: what locking a plan that runs elsewhere needs."""
+    modules) are left out: what locking a plan that runs elsewhere needs. `rewrite` changes
+    each stage's params (defaults filled) before the machine checks see them."""
     file = Path(file).resolve()
     doc = load_with_includes(file)
     resolved, whole, problems = _check_every_profile(doc, profile)
@@ -71,7 +91,7 @@ def load_experiment(file: Path, profile: str | None = None, machine_checks: bool
     stages: dict[str, StageSpec] = {}
     for name, body in data["stages"].items():
         try:
-            stages[name] = _stage(name, body, resolved, file, machine_checks)
+            stages[name] = _stage(name, body, resolved, file, machine_checks, rewrite)
         except SpecError as exc:
             _add_new(problems, exc.problems)
     seed = data.get("seed", DEFAULT_SEED)
@@ -101,6 +121,7 @@ def load_experiment(file: Path, profile: str | None = None, machine_checks: bool
         stages={n: stages[n] for n in graph.order},
         description=data.get("description", ""),
         hypotheses=hypotheses,
+        rewrite=rewrite,
     )
 
 
@@ -263,7 +284,14 @@ def _unfilled_roles(
     return problems
 
 
-def _stage(name: str, body: dict, doc: Document, file: Path, machine_checks: bool = True) -> StageSpec:
+def _stage(
+    name: str,
+    body: dict,
+    doc: Document,
+    file: Path,
+    machine_checks: bool = True,
+    rewrite: Rewrite | None = None,
+) -> StageSpec:
     problems: list[Problem] = []
     checked = _static_checks(name, body, doc, problems)
     if checked is None:
@@ -272,6 +300,7 @@ def _stage(name: str, body: dict, doc: Document, file: Path, machine_checks: boo
     at = ("stages", name)
     with recorded() as lacks:  # keys and models this machine lacks: the plugin reports them all at once
         try:  # inputs first: a kind's check reads files known to be there and regular
+            params = rewrite(name, kind, params) if rewrite else params
             inputs = _input_paths(kind, params, file.parent)
             if kind.check and machine_checks:
                 kind.check(params, file.parent)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from harness.core.code_digest import code_digest
 from harness.core.progress import Progress
-from harness.spec.validate import with_defaults
+from harness.spec.validate import load_schema, with_defaults
 
 Metrics = Mapping[str, Any]
 T = TypeVar("T")
@@ -136,6 +136,7 @@ class StageKind:
                       a stage's `resources:` overrides them; not in the cache key.
     estimate:         estimate(params): what a run would ask of paid APIs, for `--plan` (Estimate;
                       input params hold absolute paths, as in a run); None: it asks nothing.
+    base:             the param naming the base model a stage loads (a rehearsal replaces it).
     """
 
     name: str
@@ -152,6 +153,7 @@ class StageKind:
     fingerprint: Callable[[Mapping[str, Any]], str] | None = None
     resources: Mapping[str, float] = field(default_factory=dict)
     estimate: Callable[[Mapping[str, Any]], Estimate | None] | None = None
+    base: str | None = None
 
     def __call__(self, ctx: StageContext) -> Metrics:
         """The kind runs as the function it decorates."""
@@ -164,6 +166,13 @@ class StageKind:
     def produces(self, params: Mapping[str, Any]) -> frozenset[str]:
         names = self.metrics(params) if callable(self.metrics) else self.metrics
         return frozenset(names)
+
+    def missing_files(self, out: Path) -> list[str]:
+        """The files every run of the kind writes (its schema's `x-files`, globs relative to
+        the stage's directory) that `out` lacks."""
+        schema = self.params_schema
+        schema = load_schema(schema) if isinstance(schema, Path) else schema or {}
+        return [glob for glob in schema.get("x-files", ()) if not any(out.glob(glob))]
 
     def roles(self, params: Mapping[str, Any]) -> tuple[Role, ...]:
         """The upstream roles a stage of this kind with these params reads."""

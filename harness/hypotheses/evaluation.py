@@ -36,6 +36,7 @@ from harness.core.outcomes import Outcome
 from harness.core.samples import SAMPLES_FILE, SampleSet, parse_set
 from harness.core.store import read_json
 from harness.hypotheses.lock import (
+    EXPLORATORY,
     HypothesisError,
     LockBasis,
     Registration,
@@ -320,13 +321,18 @@ class HypothesisFamily:
         spec_file: Path,
         profile: str,
         resolve: Callable[[str], Any],
+        rehearsal: bool = False,
     ):
         self.plan = plan
         self.spec_file = spec_file
         self.profile = profile
         self.resolve = resolve
         self.basis = basis
-        self.registration = registration(basis, spec_file, profile)
+        self.registration = (
+            Registration(EXPLORATORY, "a rehearsal (--rehearse): random stand-in models, scripted answers")
+            if rehearsal
+            else registration(basis, spec_file, profile)
+        )
         self._evaluations: dict[str, Evaluation] | None = None
 
     def evaluate(self) -> dict[str, Evaluation]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.stage import ParamError, StageError
+from harness.lab.llm import resolve_base_url
 
 INSTALL = "pip install -e '.[evals]'"
 Z95 = 1.959963984540054
@@ -272,7 +273,7 @@ def provider_lm(provider: Mapping[str, Any], model: str, seed: int, max_gen_toks
     request header only."""
     from lm_eval.models.openai_completions import LocalChatCompletion
 
-    base_url = (provider.get("base_url") or "https://api.openai.com/v1").rstrip("/")
+    base_url = (resolve_base_url(provider.get("base_url")) or "https://api.openai.com/v1").rstrip("/")
     return LocalChatCompletion(
         model=model,
         base_url=f"{base_url}/chat/completions",

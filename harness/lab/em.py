@@ -106,6 +106,8 @@ def sample_answers(
     """`n` sampled answers per question, numbered from `first_index`, reproducible under
     `seed` and `batch_size` (the batches split one question's samples and draw in turn, so
     another batch size draws other random numbers), drawn as `sampling_parameters` say.
+    Greedy answers (temperature 0) draw nothing: there up to `batch_size` questions share a
+    batch, left-padded, so one answer per question is not decoded one question at a time.
     The question is the user turn of the chat template, or with `chat_template=False` the
     text the model continues (a base model without a template)."""
     import torch
@@ -114,28 +116,41 @@ def sample_answers(
 
     sampling = sampling_parameters(temperature, max_new_tokens)
     device = next(model.parameters()).device
+    prompts = [
+        render(tokenizer, [{"role": "user", "content": q.question}], generation_prompt=True)
+        if chat_template
+        else q.question
+        for q in questions
+    ]
+    encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    # each generate call: (question number, copies) per group of rows
+    if sampling["do_sample"]:  # one question per call, its samples split into batches
+        calls = [[(number, size)] for number in range(len(questions)) for size in _batches(n, batch_size)]
+    else:  # greedy: nothing is drawn, so questions share a call
+        step = max(1, batch_size // n)
+        starts = range(0, len(questions), step)
+        calls = [[(i, n) for i in range(start, min(start + step, len(questions)))] for start in starts]
     answers: list[Answer] = []
+    drawn = [0] * len(questions)  # answers so far per question: their index
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for number, question in enumerate(questions):
-            torch.manual_seed(seed * 1_000_003 + number)
-            turn = [{"role": "user", "content": question.question}]
-            prompt = render(tokenizer, turn, generation_prompt=True) if chat_template else question.question
-            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-            index = first_index
-            for size in _batches(n, batch_size):
-                with torch.inference_mode():
-                    out = model.generate(
-                        input_ids=ids.expand(size, -1),
-                        attention_mask=torch.ones_like(ids).expand(size, -1),
-                        pad_token_id=tokenizer.pad_token_id,
-                        **sampling,
-                    )
-                for row in out[:, ids.shape[1] :]:
-                    text = tokenizer.decode(row, skip_special_tokens=True).strip()
-                    answers.append(Answer(question.id, index, text))
-                    index += 1
-            if progress:
-                progress(number + 1, len(questions))
+        for call in calls:
+            number = call[0][0]
+            if sampling["do_sample"] and drawn[number] == 0:
+                torch.manual_seed(seed * 1_000_003 + number)
+            rows = [encoded[i] for i, copies in call for _ in range(copies)]
+            width = max(map(len, rows))
+            pad = tokenizer.pad_token_id
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, **sampling)
+            texts = iter(tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, width:])
+            for i, copies in call:
+                for _ in range(copies):
+                    answers.append(Answer(questions[i].id, first_index + drawn[i], next(texts)))
+                    drawn[i] += 1
+                if progress and drawn[i] == n:
+                    progress(i + 1, len(questions))
     return answers
 
 

@@ -188,9 +188,12 @@ def train(
             n_labels = max(1, sum(int((data.labels[idx, 1:] != IGNORE).sum()) for idx in group))
             step_loss = 0.0
             for idx in group:
-                input_ids = data.input_ids[idx].to(device)
-                attention_mask = data.attention_mask[idx].to(device)
-                labels = data.labels[idx].to(device)
+                # rows are right-padded to max_length: a micro-batch is cut to its longest row,
+                # so short chats do not pay for max_length (the pads are masked either way)
+                width = int(data.attention_mask[idx].sum(dim=1).max())
+                input_ids = data.input_ids[idx, :width].to(device)
+                attention_mask = data.attention_mask[idx, :width].to(device)
+                labels = data.labels[idx, :width].to(device)
                 with _autocast(device, config.autocast_dtype):
                     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
                 loss = (

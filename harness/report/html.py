@@ -24,6 +24,7 @@ from harness.report.text import (
     metric,
     num,
     per_stage,
+    rehearsal,
     this_run,
     threshold,
     took,
@@ -103,6 +104,7 @@ def _html_head(report: dict[str, Any]) -> list[str]:
     """The document's head, the title and the run's counts."""
     title = f"{report['experiment']} — profile {report['profile']}"
     bad = any(report["summary"].get(o) for o in BAD_OUTCOMES)
+    rehearsed = rehearsal(report)
     return [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -112,6 +114,7 @@ def _html_head(report: dict[str, Any]) -> list[str]:
         f"<style>{_CSS}</style></head>",
         "<body>",
         f"<h1>{_e(report['experiment'])} — profile <code>{_e(report['profile'])}</code></h1>",
+        *([f'<p class="failed">{"<br />".join(map(_e, rehearsed))}</p>'] if rehearsed else []),
         *([f'<p class="description">{_e(report["description"])}</p>'] if report["description"] else []),
         f"<p>Spec: <code>{_e(report['spec_file'])}</code><br />Generated: {_e(report['generated_at'])}<br />",
         f'Stages: <span class="{"failed" if bad else "passed"}">{_e(counts(report["summary"]))}</span><br />',

@@ -19,6 +19,7 @@ from harness.report.text import (
     metric,
     num,
     per_stage,
+    rehearsal,
     this_run,
     threshold,
     took,
@@ -51,6 +52,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _md_title(report: dict[str, Any]) -> list[str]:
     out = [f"# {report['experiment']} — profile `{report['profile']}`", ""]
+    if report.get("rehearsal"):
+        out += [f"> {line}  " for line in rehearsal(report)] + [""]
     if report["description"]:
         out += [report["description"], ""]
     return out + [

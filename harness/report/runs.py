@@ -45,10 +45,13 @@ NOT_CHECKED = "not checked"
 def spec_outline(experiment: Experiment) -> dict[str, Any]:
     """What a report takes from the spec: the descriptions, and every stage in run order
     (what tells a partial run from a whole one)."""
-    return {
+    outline = {
         "description": experiment.description,
         "stages": {name: spec.description for name, spec in experiment.stages.items()},
     }
+    if experiment.rewrite:  # a rehearsal: what it replaced heads every report
+        outline["rehearsal"] = experiment.rewrite.record()
+    return outline
 
 
 @dataclass
@@ -121,6 +124,8 @@ class Run:
             "stages": stages,
             "aggregates": aggregates(stages),
         }
+        if spec.get("rehearsal"):
+            out["rehearsal"] = spec["rehearsal"]
         if self.plan:
             registration = self.plan["registration"]
             out["hypotheses"] = {

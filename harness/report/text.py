@@ -103,6 +103,22 @@ def this_run(report: dict[str, Any]) -> str:
     )
 
 
+def rehearsal(report: dict[str, Any]) -> list[str]:
+    """What a rehearsal replaced (harness.rehearsal), in words; none for a real run."""
+    record = report.get("rehearsal")
+    if not record:
+        return []
+    lines = [
+        "REHEARSAL: random stand-in models and scripted API answers; its numbers mean nothing, and its "
+        "gates and hypotheses are reported, not required."
+    ]
+    for base, what in record["bases"].items():
+        lines.append(f"{base} -> {what['stand_in']} ({', '.join(what['stages'])})")
+    lines += [f"{p['stage']}.{p['param']}: {p['was']} -> scripted server" for p in record["providers"]]
+    sizes = ", ".join(f"{s['stage']}.{s['param']} {s['was']} -> {s['now']}" for s in record["sizes"])
+    return lines + ([f"sizes x{record['scale']:g}: {sizes}"] if sizes else [])
+
+
 def gate_count(report: dict[str, Any]) -> str:
     gates = [g for _, g in gate_rows(report)]
     return f"{sum(g['passed'] for g in gates)} of {len(gates)} gates hold"

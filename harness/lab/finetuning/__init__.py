@@ -28,7 +28,7 @@ from harness.lab.finetuning.calls import Calls, ProviderCallError
 from harness.lab.finetuning.jobs import SUCCEEDED, Event, Job, JobRequest, JobsClient
 from harness.lab.finetuning.openai_jobs import OpenAIJobs
 from harness.lab.finetuning.together_jobs import TogetherJobs
-from harness.lab.llm import ProviderConfigError, api_key_from_env, require_key
+from harness.lab.llm import ProviderConfigError, api_key_from_env, require_key, resolve_base_url
 
 __all__ = [
     "SUCCEEDED",
@@ -94,10 +94,11 @@ def open_client(config: Mapping[str, Any], log: Callable[[str], None] = print) -
 def _client(sdk: Any, class_name: str, config: Mapping[str, Any], key_env: str) -> Any:
     """The SDK's client, the key passed from the environment straight into it, its own
     retries off (Calls retries)."""
+    base_url = resolve_base_url(config.get("base_url"))  # first: a rehearsal's server sets its key
     try:
         return getattr(sdk, class_name)(
             api_key=api_key_from_env(key_env, config["name"]),
-            base_url=config.get("base_url"),  # None: the client's own default
+            base_url=base_url,  # None: the client's own default
             max_retries=0,
             timeout=float(config["timeout"]),
         )

@@ -49,6 +49,7 @@ __all__ = [
     "make_provider",
     "request_key",
     "require_key",
+    "resolve_base_url",
 ]
 
 # Config keys that change how requests travel, never what comes back: a stage's cache
@@ -119,6 +120,20 @@ def _check_shape(config: Mapping[str, Any]) -> str:
             if not config.get(required):
                 raise ProviderConfigError(f"provider openai needs `{required}`")
     return str(name)
+
+
+REHEARSAL_SCHEME = "rehearsal://"  # a rehearsal's stand-in endpoint: harness.fixtures.rehearsal_llm
+
+
+def resolve_base_url(base_url: str | None) -> str | None:
+    """The URL a client connects to for a provider's `base_url`: a `rehearsal://` one is the
+    scripted server this process starts (once) for a rehearsal; others are used as written.
+    Only clients see the resolved URL: cache keys keep `rehearsal://...`, whatever the port."""
+    if base_url is None or not base_url.startswith(REHEARSAL_SCHEME):
+        return base_url
+    from harness.fixtures.rehearsal_llm import endpoint
+
+    return endpoint()
 
 
 def default_cache_path() -> Path:

@@ -53,7 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from harness.lab.llm import ProviderConfigError, api_key_from_env
+from harness.lab.llm import ProviderConfigError, api_key_from_env, resolve_base_url
 from harness.lab.llm.base import ChatRequest, ChatResponse, Progress, ProviderError, Usage
 from harness.lab.llm.cache import ResponseCache, key_payload, payload_key
 from harness.lab.llm.ratelimit import RateLimiter
@@ -205,10 +205,11 @@ class OpenAIProvider:
 
     def _client(self) -> openai.AsyncOpenAI:
         """This batch's client, the key passed from the environment straight into it."""
+        base_url = resolve_base_url(self.base_url)  # first: a rehearsal's server sets its key
         try:
             return openai.AsyncOpenAI(
                 api_key=api_key_from_env(self.api_key_env),
-                base_url=self.base_url,  # None: the client's own fallbacks
+                base_url=base_url,  # None: the client's own fallbacks
                 max_retries=0,
                 timeout=self.timeout,
             )

@@ -1,7 +1,9 @@
 """Resolve a spec's `base:` to a directory of weights, and load it.
 
 `base` is one of:
-- `fixture:<name>`: a model built by code (`fixture:tiny-world`, `fixture:tiny-chat`), cached by recipe hash;
+- `fixture:<name>`: a model built by code (`fixture:tiny-world`, `fixture:tiny-chat`, and the
+  random stand-ins of rehearsals `fixture:llama3-stand-in`, `fixture:qwen2-stand-in`), cached
+  by recipe hash;
 - a local directory holding a `save_pretrained` model and tokenizer;
 - a Hugging Face id (`meta-llama/Llama-3.1-8B-Instruct`) already in the local HF cache.
 Nothing is downloaded: this machine may have no network, and a run should not
@@ -60,9 +62,9 @@ def download_advice(model: str) -> str:
 
 
 def _fixtures() -> dict[str, Any]:
-    from harness.fixtures import tiny_chat, tiny_world
+    from harness.fixtures import stand_ins, tiny_chat, tiny_world
 
-    return {"tiny-world": tiny_world, "tiny-chat": tiny_chat}
+    return {"tiny-world": tiny_world, "tiny-chat": tiny_chat, **stand_ins.STAND_INS}
 
 
 def check_base(base: str) -> None:
