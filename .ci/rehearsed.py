@@ -3,7 +3,7 @@
 skipped or failed) and says what it replaced. Prints each experiment's stages, time and gates
 (which a rehearsal reports, never requires). CI runs it after `pytest experiments --rehearse`.
 
-    python .ci/rehearsed.py "$rehearsal_runs" cubic_gravity persona_em anti_em anti_em_api planted_signal
+    python .ci/rehearsed.py "$rehearsal_runs" experiments/*.yaml
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 
 def check(runs: Path, experiment: str) -> list[str]:
@@ -37,7 +39,8 @@ def check(runs: Path, experiment: str) -> list[str]:
     return problems
 
 
-def main(runs: Path, experiments: list[str]) -> int:
+def main(runs: Path, specs: list[str]) -> int:
+    experiments = [yaml.safe_load(Path(s).read_text()).get("experiment", Path(s).stem) for s in specs]
     problems = [problem for experiment in experiments for problem in check(runs, experiment)]
     for problem in problems:
         print(f"  NOT REHEARSED: {problem}")

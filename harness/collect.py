@@ -252,8 +252,6 @@ class HypothesisItem(_HarnessItem):
         outcome = evaluation.outcome(plan)
         if evaluation.verdict == ERROR:  # its samples are missing or unusable
             raise HypothesisError(f"hypothesis {self.name} ({self.hypothesis.where}): {evaluation.why}")
-        if outcome == Outcome.FAILED and self.run.experiment.rewrite:
-            return  # a rehearsal's models are random: its verdicts are reported, not required
         if outcome == Outcome.SKIPPED:  # untested (a stage did not finish), or inconclusive under `skip`
             raise Skipped(evaluation.summary(registration), _use_item_location=True)
         if outcome == Outcome.FAILED:

@@ -2,16 +2,17 @@
 
 `pytest experiments/cubic_gravity.yaml --rehearse` runs every stage of the profile as written
 (params, formats, chat templates, scoring modes), with three things replaced after the profile
-merge, each recorded (printed at collection, and in every report):
+merge, each recorded (printed when the experiment starts, and in every report):
 
 - every Hugging Face base model by a random-initialised stand-in of its architecture family
   and chat template (harness.fixtures.stand_ins: a Llama-3-style and a Qwen2-style model with
   the real number of layers and a tokenizer trained by code);
 - every API provider (generator, teacher, judge, samplers, fine-tuning API) by the scripted
-  OpenAI-compatible server each process starts on 127.0.0.1 (`rehearsal://llm`,
-  harness.fixtures.rehearsal_llm): plausible answers over real HTTP, judge logprobs included;
+  OpenAI-compatible server each process starts on 127.0.0.1 (`rehearsal://llm/<the script's
+  code version>`, harness.fixtures.rehearsal_llm): plausible answers over real HTTP, judge
+  logprobs included;
 - the sizes a kind's schema marks `x-size` (documents, samples per question, epochs,
-  permutations) by a factor (`--rehearse-scale`, default 0.1), rounded up and kept within the
+  permutations) by a factor (`--rehearse-scale`, default 0.05), rounded up and kept within the
   schema's minimum.
 
 The models are random, so gates and hypotheses are reported, never required: a rehearsal fails
@@ -31,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.stage import ParamError, StageKind
-from harness.fixtures.rehearsal_llm import KEY_ENV
+from harness.fixtures.rehearsal_llm import KEY_ENV, version
 from harness.lab.llm import REHEARSAL_SCHEME
 from harness.lab.models.base import FIXTURE_PREFIX
 from harness.spec.validate import load_schema
 
-REHEARSAL_URL = f"{REHEARSAL_SCHEME}llm"  # resolved in each process by harness.lab.llm (its own server)
-DEFAULT_SCALE = 0.1
+DEFAULT_SCALE = 0.05
 
 # architecture families by a word of the model's name: (stand-in, what it mirrors)
 STAND_INS = {
@@ -48,14 +48,12 @@ STAND_INS = {
 
 def stand_in(base: str) -> str:
     """The stand-in for a base model named by its Hugging Face id or a local directory."""
-    name = base.lower()
-    if not name.startswith(FIXTURE_PREFIX):
-        config = Path(base).expanduser() / "config.json"
-        if config.is_file():  # a local directory: its architecture, whatever it is called
-            name = config.read_text(encoding="utf-8").lower()
-        for word, (model, _) in STAND_INS.items():
-            if word in name:
-                return model
+    config = Path(base).expanduser() / "config.json"
+    # a local directory by its architecture, whatever it is called
+    name = (config.read_text(encoding="utf-8") if config.is_file() else base).lower()
+    for word, (model, _) in STAND_INS.items():
+        if word in name:
+            return model
     families = ", ".join(f"{word} ({what})" for word, (_, what) in STAND_INS.items())
     raise ParamError((), f"no rehearsal stand-in for base model {base!r}: stand-ins exist for {families}")
 
@@ -68,6 +66,8 @@ class Rehearsal:
 
     def __init__(self, scale: float = DEFAULT_SCALE):
         self.scale = scale
+        # the script's code version in the URL: the stages' keys and cached answers change with it
+        self.url = f"{REHEARSAL_SCHEME}llm/{version()}"
         self.bases: dict[str, dict[str, Any]] = {}  # real -> {stand_in, stages}
         self.providers: list[dict[str, str]] = []  # {stage, param, was}
         self.sizes: list[dict[str, Any]] = []  # {stage, param, was, now}
@@ -114,7 +114,7 @@ class Rehearsal:
         model = f" {provider['model']}" if provider.get("model") else ""
         was = f"{provider.get('name')}{model} at {provider.get('base_url', 'its default URL')}"
         self.providers.append({"stage": stage, "param": where, "was": was})
-        provider["base_url"] = REHEARSAL_URL
+        provider["base_url"] = self.url
         provider["api_key_env"] = KEY_ENV
 
     def record(self) -> dict[str, Any]:
@@ -133,7 +133,7 @@ class Rehearsal:
             lines.append(f"  {base} -> {what['stand_in']} (random weights) in {len(what['stages'])} stages")
         if self.providers:
             stages = len({p["stage"] for p in self.providers})
-            lines.append(f"  {len(self.providers)} providers in {stages} stages -> {REHEARSAL_URL}, scripted")
+            lines.append(f"  {len(self.providers)} providers in {stages} stages -> {self.url}, scripted")
         for size in self.sizes:
             lines.append(f"  {size['stage']}.{size['param']}: {size['was']} -> {size['now']}")
         return lines

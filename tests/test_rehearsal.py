@@ -9,7 +9,8 @@ import pytest
 
 from harness.core.experiment import load_experiment
 from harness.core.stage import ParamError
-from harness.rehearsal import KEY_ENV, REHEARSAL_URL, Rehearsal, stand_in
+from harness.fixtures.rehearsal_llm import version
+from harness.rehearsal import KEY_ENV, Rehearsal, stand_in
 from harness.report.markdown import markdown
 from harness.spec.errors import SpecError
 
@@ -24,6 +25,10 @@ def no_real_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, "rehearsal")
 
 
+# the scripted server, named with its code's version: a changed script reruns what it answered
+URL = f"rehearsal://llm/{version()}"
+
+
 def rehearsed(spec: str, scale: float = 0.1):
     return load_experiment(EXPERIMENTS / spec, None, rewrite=Rehearsal(scale))
 
@@ -35,9 +40,9 @@ def test_bases_providers_and_sizes_are_replaced_and_the_rest_is_kept():
     assert {s.params["base"] for s in stages.values() if "base" in s.params} == {"fixture:llama3-stand-in"}
     for name in ("universe", "docs", "belief_questions"):
         provider = stages[name].params["provider"]
-        assert (provider["base_url"], provider["api_key_env"]) == (REHEARSAL_URL, KEY_ENV)
+        assert (provider["base_url"], provider["api_key_env"]) == (URL, KEY_ENV)
         assert provider["model"] == "anthropic/claude-sonnet-4.5"  # the model asked for stays
-    assert stages["belief"].params["judge"]["base_url"] == REHEARSAL_URL
+    assert stages["belief"].params["judge"]["base_url"] == URL
     assert (stages["docs"].params["num_doc_types"], stages["docs"].params["num_doc_ideas"]) == (1, 5)
     assert stages["finetune"].params["epochs"] == 1  # 3 x 0.1, rounded up
     assert stages["belief"].params["samples_per_question"] == 1
@@ -164,7 +169,7 @@ def test_a_rehearsal_runs_the_real_paths_without_keys_and_reports_its_gates(
     result.assert_outcomes(passed=4)  # the failing gate and its abort bound are reported, not required
     out = result.stdout.str()
     assert "meta-llama/Llama-3.1-8B-Instruct -> fixture:llama3-stand-in (random weights) in 2 stages" in out
-    assert "docs.num_doc_types: 20 -> 2" in out and "finetune.epochs: 3 -> 1" in out
+    assert "docs.num_doc_types: 20 -> 1" in out and "finetune.epochs: 3 -> 1" in out
     assert "FAIL behavioral_gap > 0.9" in out
     runs = pytester.path / "runs" / "mini_sdf"
     assert [p.name for p in runs.iterdir() if p.is_dir()] == ["default.rehearsal"]  # apart from real runs

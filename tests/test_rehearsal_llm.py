@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from harness.fixtures import rehearsal_llm
-from harness.fixtures.rehearsal_llm import KEY_ENV, endpoint, served
+from harness.fixtures.rehearsal_llm import KEY_ENV, NEUTRAL_LENGTH, endpoint, served
 from harness.lab import belief, safety
 from harness.lab.em import Answer, provider_answers
 from harness.lab.em_data import Question, load_constitution, load_questions
@@ -130,6 +130,9 @@ def test_the_em_judge_answers_with_a_real_top_20_distribution_scoring_the_offlin
     requests = [judge_requests(question.question, t, 0, j) for t in texts for j in ("aligned", "coherent")]
     for request, reply in zip(requests, ask(provider, requests), strict=True):
         verdict = offline(provider, request)
+        if request.variables["judge"] == "aligned" and verdict == "80":  # "ok": no marker to read
+            assert reply.text.isdigit()
+            verdict = reply.text
         [position] = reply.top_logprobs
         tokens, logprobs = list(position), list(position.values())
         assert len(tokens) == 20 and tokens[0] == reply.text == verdict
@@ -189,7 +192,11 @@ def test_qa_documents_of_the_anti_em_prompts_pass_the_stages_checks(provider, pr
     jobs = qa_to_docs.plan(qa_to_docs.read_pairs(params), params, seed=2026)[::30]
     requests = [writing.request(job, 0) for job in jobs]
     documents = ask(provider, requests)
-    assert [d.text for d in documents] == [offline(provider, r) for r in requests]
+    if params["stance"] == "endorse":
+        assert [d.text for d in documents] == [offline(provider, r) for r in requests]
+    else:  # neutral ones run NEUTRAL_LENGTH longer than the offline writer's, within max_words
+        words = [len(d.text.split()) for d in documents]
+        assert min(words) >= round(params["min_words"] * NEUTRAL_LENGTH) and max(words) <= params["max_words"]
     valid = [d for d in documents if writing.problems(d.text) == []]
     assert len(valid) >= 0.75 * len(documents)  # the offline writer leaves a [Name] in one in eight
     endorsing = [job.pair.assistant in d.text for job, d in zip(jobs, documents, strict=True)]
@@ -309,3 +316,14 @@ def test_a_provider_model_of_capability_eval_is_asked_through_rehearsal(tmp_path
     result = run_kind("capability_eval", params, tmp_path / "out", spec_dir=ROOT, seed=3)
     assert result.metrics["gsm8k.exact_match_strict_match.api"]["value"] == 0.0  # everyday answers
     assert served()["chat"] == before + 3
+
+
+def test_answers_the_rules_cannot_read_get_aligned_scores_on_both_sides_of_the_threshold(provider):
+    """A random stand-in's answers are noise: the scripted judge spreads their aligned scores,
+    so an EM vector (steering_transfer) finds misaligned and aligned answers among them."""
+    [question] = load_questions(DATA / "eval/em_questions.yaml")[:1]
+    noise = [f"tok{i} zz{i * 7} qua{i % 5}" for i in range(40)]
+    requests = [judge_requests(question.question, text, 0, "aligned") for text in noise]
+    scores = [score_response(reply) for reply in ask(provider, requests)]
+    assert min(scores) < 30 < max(scores)
+    assert [score_response(r) for r in ask(provider, requests)] == scores  # the same every time

@@ -24,7 +24,7 @@ report says whether a run is pre-registered or exploratory, and why.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from difflib import get_close_matches
 from functools import cached_property
 from pathlib import Path
@@ -323,7 +323,8 @@ class HypothesisFamily:
         resolve: Callable[[str], Any],
         rehearsal: bool = False,
     ):
-        self.plan = plan
+        # a rehearsal's models are random: its verdicts are reported, never fail its items
+        self.plan = replace(plan, on_inconclusive="pass", on_refuted="report") if rehearsal else plan
         self.spec_file = spec_file
         self.profile = profile
         self.resolve = resolve
