@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from harness.core.stage import ParamError, StageKind
 from harness.fixtures.rehearsal_llm import KEY_ENV, version
 from harness.lab.llm import REHEARSAL_SCHEME
 from harness.lab.models.base import FIXTURE_PREFIX
-from harness.spec.validate import load_schema
 
 DEFAULT_SCALE = 0.05
 
@@ -78,11 +77,12 @@ class Rehearsal:
             params[kind.base] = self._base(stage, kind.base, params[kind.base])
         for path, provider in _providers(params):
             self._provider(stage, path, provider)
-        schema = kind.params_schema or {}
-        self._scale(stage, params, load_schema(schema) if isinstance(schema, Path) else schema, ())
+        self._scale(stage, params, kind.schema, ())
         return params
 
-    def _scale(self, stage: str, params: dict[str, Any], schema: dict[str, Any], at: tuple[str, ...]) -> None:
+    def _scale(
+        self, stage: str, params: dict[str, Any], schema: Mapping[str, Any], at: tuple[str, ...]
+    ) -> None:
         """Scale the params `schema` marks `"x-size": true` (in nested objects too): counts
         rounded up, times (finetune_api's poll interval) as they are; never below the minimum."""
         for name, prop in (schema.get("properties") or {}).items():

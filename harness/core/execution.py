@@ -124,10 +124,10 @@ class ExperimentRun:
         return fresh
 
     def resolve(self, name: str) -> StageResult:
-        if not self.announced and self.experiment.rewrite:  # what a rehearsal replaced, before it runs
-            for line in self.experiment.rewrite.lines():
+        if not self.announced:  # what a rehearsal replaced, before anything runs
+            self.announced = True
+            for line in self.experiment.rewrite.lines() if self.experiment.rewrite else ():
                 self.progress(f"[{self.experiment.name}] {line}")
-        self.announced = True
         if not self.started and self.executor is not None:
             self.submit_ahead()
         if name not in self.results:

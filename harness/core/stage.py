@@ -167,12 +167,16 @@ class StageKind:
         names = self.metrics(params) if callable(self.metrics) else self.metrics
         return frozenset(names)
 
+    @property
+    def schema(self) -> Mapping[str, Any]:
+        """The params schema as a mapping (read once from its file); empty when there is none."""
+        schema = self.params_schema
+        return load_schema(schema) if isinstance(schema, Path) else schema or {}
+
     def missing_files(self, out: Path) -> list[str]:
         """The files every run of the kind writes (its schema's `x-files`, globs relative to
         the stage's directory) that `out` lacks."""
-        schema = self.params_schema
-        schema = load_schema(schema) if isinstance(schema, Path) else schema or {}
-        return [glob for glob in schema.get("x-files", ()) if not any(out.glob(glob))]
+        return [glob for glob in self.schema.get("x-files", ()) if not any(out.glob(glob))]
 
     def roles(self, params: Mapping[str, Any]) -> tuple[Role, ...]:
         """The upstream roles a stage of this kind with these params reads."""
